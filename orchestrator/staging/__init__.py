@@ -1,0 +1,76 @@
+"""Dataset staging: put a validated NeRF-synthetic scene in the host's content-addressed cache.
+
+`stage_dataset` is what the runner calls; it returns the remote path of the scene directory,
+already validated by `remote_payload check-data` so no GPU work starts on bad data.
+Generated datasets are made on the host (`python -m ngp_train synth`); mirrored datasets are
+fetched by the host from the fastest mirror (issue #7).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import DatasetInvalid, StagingError
+
+if TYPE_CHECKING:
+    from ..config import DatasetConfig
+    from ..transport.base import Transport
+
+StageProgress = Callable[[str, int, "int | None"], None]   # (message, done_bytes, total_bytes)
+
+
+def content_key(obj: Any) -> str:
+    """First 16 hex of the sha256 of the canonical JSON of `obj`."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def payload_cmd(python: str, payload_dir: str, args: str) -> str:
+    return f"PYTHONPATH={shlex.quote(payload_dir)} {shlex.quote(python)} -m {args}"
+
+
+def check_remote(transport: "Transport", scene_dir: str, *, python: str, payload_dir: str) -> None:
+    """Run `remote_payload check-data` on the host; raise DatasetInvalid with its one line."""
+    res = transport.run(payload_cmd(python, payload_dir, f"remote_payload check-data {shlex.quote(scene_dir)}"),
+                        check=False, timeout_s=600)
+    if res.exit_code == 2:
+        line = (res.stderr.strip() or res.stdout.strip() or "invalid dataset").splitlines()[-1]
+        raise DatasetInvalid(f"dataset at {scene_dir} is not usable: {line}",
+                             hint="fix or replace the dataset; nothing was trained")
+    if res.exit_code != 0:
+        raise StagingError(f"check-data failed on the host (exit {res.exit_code}): "
+                           f"{(res.stderr or res.stdout).strip()[-300:]}")
+
+
+def stage_generated(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
+                    payload_dir: str) -> str:
+    gen = dataset.generate
+    assert gen is not None
+    spec = {"scene": scene, "size": gen.size, "seed": gen.seed, "kind": "generate"}
+    base = f"{transport.root}/cache/datasets/{content_key(spec)}"
+    scene_dir = f"{base}/{scene}"
+    done = transport.read_text(f"{base}/.complete")
+    if done is None:
+        tmp = f"{base}/.tmp-{scene}"
+        cmd = (f"rm -rf {shlex.quote(tmp)} && mkdir -p {shlex.quote(base)} && "
+               + payload_cmd(python, payload_dir,
+                             f"ngp_train synth --out {shlex.quote(tmp)} --scene {shlex.quote(scene)} "
+                             f"--size {int(gen.size)} --seed {int(gen.seed)}")
+               + f" && rm -rf {shlex.quote(scene_dir)} && mv {shlex.quote(tmp)} {shlex.quote(scene_dir)}")
+        res = transport.run(cmd, check=False, timeout_s=1800)
+        if res.exit_code != 0:
+            raise StagingError(f"generating scene {scene!r} on the host failed (exit {res.exit_code}): "
+                               f"{(res.stderr or res.stdout).strip()[-300:]}")
+        transport.write_text(f"{base}/.complete", json.dumps(spec))
+    check_remote(transport, scene_dir, python=python, payload_dir=payload_dir)
+    return scene_dir
+
+
+def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
+                  payload_dir: str, progress: StageProgress | None = None) -> str:
+    """Make `scene` of `dataset` available on the host; return the remote scene directory."""
+    if dataset.generate is not None:
+        return stage_generated(transport, dataset, scene, python=python, payload_dir=payload_dir)
+    raise StagingError(f"dataset {dataset.name!r}: mirrored datasets are not supported yet",
+                       hint="use a `generate:` dataset")
