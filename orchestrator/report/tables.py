@@ -71,7 +71,7 @@ def reference_frame(data: ReportData) -> "pd.DataFrame":
         for (gpu, backend), g in ours.groupby(["gpu", "backend"], sort=True):
             by_scene = g.groupby("scene")["psnr"].mean()
             steps = sorted(set(int(s) for s in g["steps"]))
-            row = {"method": f"ours ({backend})", "gpu": gpu,
+            row = {"method": f"ours ({gpu}, {backend})", "gpu": gpu,
                    "budget": "/".join(str(s) for s in steps) + " steps", "background": "white"}
             row.update({s: by_scene.get(s) for s in scenes})
             row.update({"average": by_scene.mean(), "source": "this report"})
