@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 RESULT_COLUMNS = ("run", "job", "scene", "gpu", "backend", "steps", "status", "psnr", "ssim",
                   "train_s", "cost", "currency", "cost_per_db")
 NUMERIC = ("psnr", "ssim", "train_s", "cost", "cost_per_db")
-DECIMALS = {"psnr": 2, "ssim": 4, "train_s": 1, "cost": 4, "cost_per_db": 5,
-            "estimate_s": 1, "actual_s": 1, "seconds_error_pct": 1, "estimate_cost": 4,
-            "actual_cost": 4, "cost_error_pct": 1}
+DECIMALS = {"psnr": 2, "ssim": 4, "train_s": 1, "estimate_s": 1, "actual_s": 1,
+            "seconds_error_pct": 1, "cost_error_pct": 1, "average": 2}
+MONEY = ("cost", "cost_per_db", "estimate_cost", "actual_cost")
 
 
 def results_frame(data: ReportData, *, with_mean: bool = True) -> "pd.DataFrame":
@@ -106,6 +106,8 @@ def fmt(value: Any, column: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
+        if column in MONEY and 0 < abs(value) < 1:     # small sums: 3 significant digits
+            return f"{value:.{max(2, 2 - math.floor(math.log10(abs(value))))}f}"
         return f"{value:.{DECIMALS.get(column, 2)}f}"
     return str(value)
 
