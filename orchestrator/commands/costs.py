@@ -1,0 +1,63 @@
+"""`orchestrate costs [--by provider|gpu|run|day] [--run RUN…] [--json]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..costs import GROUPINGS, spend, totals
+from ..ledger import Ledger
+
+NAME = "costs"
+HELP = "spend by provider, GPU, run or day (GPU and storage apart; failed launches counted)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--by", choices=GROUPINGS, default=None,
+                        help="one grouping (default: all four)")
+    parser.add_argument("--run", dest="runs", action="append", default=None, metavar="RUN",
+                        help="only these run ids (repeatable)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _money(v: float) -> str:
+    return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    groupings = [args.by] if args.by else list(GROUPINGS)
+    ledger = Ledger.open()
+    try:
+        tables = {by: spend(ledger, by, runs=args.runs) for by in groupings}
+    finally:
+        ledger.close()
+    all_rows = tables[groupings[0]]
+    if args.json:
+        payload = {"by": {by: [r.as_dict() for r in rows] for by, rows in tables.items()},
+                   "total": totals(all_rows)}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not all_rows:
+        console.print("No billed instances in the ledger yet.")
+        return 0
+    for by, rows in tables.items():
+        t = Table(title=f"spend by {by}", title_justify="left")
+        for col in (by, "currency", "GPU", "storage", "total", "GPU h", "instances",
+                    "failed launches"):
+            t.add_column(col, justify="left" if col in (by, "currency") else "right")
+        for r in rows:
+            t.add_row(r.key, r.currency, _money(r.gpu_cost), _money(r.storage_cost),
+                      _money(r.total) + (" (accruing)" if r.accruing else ""),
+                      f"{r.gpu_hours:.2f}", str(r.instances),
+                      f"{r.failed_launches}" + (f" ({_money(r.failed_cost)})" if r.failed_cost else ""))
+        console.print(t)
+    console.print("total: " + ", ".join(f"{_money(v)} {c}" for c, v in sorted(totals(all_rows).items())))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return run(args)
