@@ -1,0 +1,186 @@
+"""The HTTP plumbing the cloud provider clients share (vast.ai, RunPod, Lambda).
+
+Money rules for API calls:
+- Every call has a deadline (`deadline_s`, measured with time.monotonic()); nothing waits forever.
+- Only idempotent calls are retried (reads, destroy, setting a state): a create that timed out
+  may have succeeded, so it is never sent twice. The caller searches by label instead.
+- 429 and 5xx replies and connection failures are retried with exponential backoff (honouring
+  Retry-After when the server sends one), still within the deadline.
+- The API key never appears in an error or a log line: messages pass through `redact`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ..errors import ConfigError, ProviderError
+from ..secrets import read_secret, redact
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    deadline_s: float = 60.0          # total time one logical call may take, retries included
+    attempt_timeout_s: float = 20.0   # one HTTP round trip
+    max_attempts: int = 6
+    backoff_s: float = 0.2            # first pause; doubles each attempt
+    max_backoff_s: float = 5.0
+
+
+def host_attr(host: Any, name: str, default: Any = None) -> Any:
+    """A field of the host's config (a HostConfig dataclass, or a dict in tools and tests)."""
+    if isinstance(host, dict):
+        value = host.get(name, default)
+    else:
+        value = getattr(host, name, default)
+    return default if value is None else value
+
+
+def api_key_for(host: Any, provider: str, default_env: str) -> str:
+    """Read the provider's API key from the host's `api_key_env` / `api_key_file` (by reference only)."""
+    env = host_attr(host, "api_key_env")
+    file = host_attr(host, "api_key_file")
+    if not env and not file:
+        env = default_env
+    return read_secret(env=env, file=file, what=f"{provider} API key")
+
+
+class ApiClient:
+    """One provider's HTTP API: base URL, auth header, retries for idempotent calls."""
+
+    def __init__(self, provider: str, api_base: str, *, headers: dict[str, str] | None = None,
+                 policy: RetryPolicy | None = None) -> None:
+        if not api_base.startswith(("http://", "https://")):
+            raise ConfigError(f"{provider}: api_base {api_base!r} is not an http(s) URL",
+                              hint="use e.g. https://console.vast.ai or http://127.0.0.1:PORT")
+        self.provider = provider
+        self.api_base = api_base.rstrip("/")
+        self.policy = policy or RetryPolicy()
+        self._client = httpx.Client(base_url=self.api_base, headers=headers or {},
+                                    timeout=self.policy.attempt_timeout_s, follow_redirects=False)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+                idempotent: bool | None = None, instance_id: str | None = None,
+                accept_statuses: tuple[int, ...] = ()) -> httpx.Response:
+        """Send one call; retry it only when `idempotent` (default: GET/DELETE).
+
+        Returns the response for 2xx and `accept_statuses`; raises ProviderError otherwise
+        (the provider's own message, redacted, with the HTTP status)."""
+        if idempotent is None:
+            idempotent = method.upper() in ("GET", "DELETE", "HEAD")
+        pol = self.policy
+        deadline = time.monotonic() + pol.deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            timeout = max(0.5, min(pol.attempt_timeout_s, remaining))
+            try:
+                resp = self._client.request(method, path, json=json, params=params, timeout=timeout)
+            except httpx.HTTPError as exc:
+                what = type(exc).__name__
+                if not idempotent:
+                    raise ProviderError(
+                        f"{self.provider}: {method} {path} got no reply ({what}); the call may have "
+                        f"taken effect", provider=self.provider, instance_id=instance_id,
+                        hint="the instance list is searched by label before anything is retried") from None
+                if not self._may_retry(attempt, deadline, None):
+                    raise ProviderError(f"{self.provider}: {method} {path} failed after {attempt} "
+                                        f"attempts ({what}: {redact(str(exc))})",
+                                        provider=self.provider, instance_id=instance_id) from None
+                self._pause(attempt, deadline, None)
+                continue
+            if resp.status_code < 300 or resp.status_code in accept_statuses:
+                return resp
+            if resp.status_code in RETRY_STATUSES and idempotent and self._may_retry(attempt, deadline, resp):
+                log.info("%s: %s %s -> HTTP %d, retrying", self.provider, method, path, resp.status_code)
+                self._pause(attempt, deadline, resp)
+                continue
+            raise self.error_for(resp, method, path, instance_id)
+
+    def error_for(self, resp: httpx.Response, method: str, path: str,
+                  instance_id: str | None) -> ProviderError:
+        detail = error_detail(resp)
+        hint = None
+        if resp.status_code in (401, 403):
+            hint = "check the API key (api_key_env / api_key_file) and its permissions"
+        return ProviderError(redact(f"{self.provider}: {method} {path} -> HTTP {resp.status_code}: {detail}"),
+                             provider=self.provider, instance_id=instance_id,
+                             status=resp.status_code, hint=hint)
+
+    def _may_retry(self, attempt: int, deadline: float, resp: httpx.Response | None) -> bool:
+        return attempt < self.policy.max_attempts and time.monotonic() + self._delay(attempt, resp) < deadline
+
+    def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
+        pol = self.policy
+        delay = min(pol.max_backoff_s, pol.backoff_s * (2 ** (attempt - 1)))
+        if resp is not None:
+            try:
+                delay = max(delay, min(pol.max_backoff_s, float(resp.headers.get("retry-after", "0"))))
+            except ValueError:
+                pass
+        return delay
+
+    def _pause(self, attempt: int, deadline: float, resp: httpx.Response | None) -> None:
+        time.sleep(max(0.0, min(self._delay(attempt, resp), deadline - time.monotonic())))
+
+
+def error_detail(resp: httpx.Response) -> str:
+    """The provider's own words from an error reply, whatever shape it has (short, one line)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return " ".join(resp.text.split())[:200] or resp.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):   # Lambda: {"error": {"code", "message", "suggestion"}}
+            return " ".join(str(err.get(k)) for k in ("code", "message") if err.get(k))[:200]
+        for key in ("msg", "message", "error", "detail"):
+            if body.get(key):
+                return str(body[key])[:200]
+        if isinstance(body.get("errors"), list) and body["errors"]:
+            first = body["errors"][0]
+            return str(first.get("message", first) if isinstance(first, dict) else first)[:200]
+    return str(body)[:200]
+
+
+def json_body(resp: httpx.Response, provider: str) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        raise ProviderError(f"{provider}: reply is not JSON (HTTP {resp.status_code}): "
+                            f"{' '.join(resp.text.split())[:120]}", provider=provider,
+                            status=resp.status_code) from None
+
+
+def num(value: Any) -> float | None:
+    """A numeric field; None for missing, null, non-numbers and the -1 'unknown' marker."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if f < 0 else f
+
+
+def wait_until(predicate: Any, *, timeout_s: float, poll_s: float = 1.0, what: str = "condition") -> Any:
+    """Call `predicate()` until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise ProviderError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))

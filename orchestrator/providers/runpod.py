@@ -1,0 +1,212 @@
+"""RunPod: a thin client of its GraphQL API (https://api.runpod.io/graphql, bearer key).
+
+Facts this client is built on (runpod-python and the API docs; reference provider-apis.md):
+- Errors arrive with HTTP 200 in `errors[]` and `data.<field>` null ("no capacity" is one of
+  them); only 401 is an HTTP status.
+- `desiredStatus` is intent, not observation: RUNNING with a null `runtime` is still booting.
+  `EXITED` is stopped, with the volume still billed.
+- SSH: the `runtime.ports[]` entry with privatePort 22, type tcp, isIpPublic → ip:publicPort.
+  `runtime` and `runtime.ports` may be null; mappings change on every resume.
+- `podTerminate` returns a scalar (select no fields). Price fields may be null.
+Billing (reference provider-apis.md): per second; volume $0.20/GB-month while stopped.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import CapacityError, InstanceNotFound, ProviderError
+from ..secrets import redact
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_BASE = "https://api.runpod.io"
+DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+VOLUME_STOPPED_USD_PER_GB_MONTH = 0.20
+HOURS_PER_MONTH = 730.0
+
+POD_FIELDS = ("id name desiredStatus costPerHr gpuCount imageName machine { gpuDisplayName } "
+              "runtime { uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } }")
+Q_POD = "query Pod($input: PodFilter) { pod(input: $input) { %s } }" % POD_FIELDS
+Q_PODS = "query Pods { myself { pods { %s } } }" % POD_FIELDS
+Q_GPUS = ("query GpuTypes { gpuTypes { id displayName memoryInGb securePrice communityPrice "
+          "lowestPrice(input: {gpuCount: 1}) { minimumBidPrice uninterruptablePrice stockStatus } } }")
+M_CREATE = ("mutation Create($input: PodFindAndDeployOnDemandInput) { "
+            "podFindAndDeployOnDemand(input: $input) { id desiredStatus costPerHr } }")
+M_STOP = "mutation Stop($input: PodStopInput!) { podStop(input: $input) { id desiredStatus } }"
+M_RESUME = "mutation Resume($input: PodResumeInput!) { podResume(input: $input) { id desiredStatus } }"
+M_TERMINATE = "mutation Terminate($input: PodTerminateInput!) { podTerminate(input: $input) }"
+
+CAPACITY_WORDS = ("no longer any instances available", "not enough", "no capacity",
+                  "not available", "out of stock")
+
+
+def ssh_endpoint(runtime: Any, user: str = "root") -> Endpoint | None:
+    if not isinstance(runtime, dict) or not isinstance(runtime.get("ports"), list):
+        return None
+    for p in runtime["ports"]:
+        if not isinstance(p, dict):
+            continue
+        if (p.get("privatePort") == 22 and str(p.get("type", "")).lower() == "tcp"
+                and p.get("isIpPublic") is True):
+            ip = (p.get("ip") or "").strip() if isinstance(p.get("ip"), str) else ""
+            port = num(p.get("publicPort"))
+            if ip and port and 0 < port < 65536:
+                return Endpoint(ip, int(port), user)
+    return None
+
+
+def parse_pod(d: dict[str, Any], user: str = "root") -> InstanceInfo:
+    desired = str(d.get("desiredStatus") or "").upper()
+    runtime = d.get("runtime")
+    endpoint = None
+    if desired == "RUNNING":
+        if isinstance(runtime, dict):
+            state = InstanceState.RUNNING
+            endpoint = ssh_endpoint(runtime, user)
+        else:
+            state = InstanceState.BOOTING
+    elif desired == "EXITED":
+        state = InstanceState.STOPPED
+    elif desired == "TERMINATED":
+        state = InstanceState.TERMINATED
+    elif desired == "CREATED":
+        state = InstanceState.PENDING
+    elif desired == "DEAD":
+        state = InstanceState.ERROR
+    else:
+        state = InstanceState.UNKNOWN
+    machine = d.get("machine") if isinstance(d.get("machine"), dict) else {}
+    raw = desired + ("" if runtime else " (no runtime)")
+    return InstanceInfo(instance_id=str(d.get("id")), state=state, label=d.get("name") or "",
+                        endpoint=endpoint, gpu=machine.get("gpuDisplayName") or "",
+                        price_per_hour=num(d.get("costPerHr")), currency="USD", raw_state=raw)
+
+
+def gpu_matches(gpu_type: dict[str, Any], wanted: str) -> bool:
+    w = wanted.strip().lower()
+    names = [str(gpu_type.get(k) or "").strip().lower() for k in ("id", "displayName")]
+    return any(n == w or n.endswith(" " + w) for n in names if n)
+
+
+def parse_gpu_offer(g: dict[str, Any]) -> Offer:
+    lowest = g.get("lowestPrice") if isinstance(g.get("lowestPrice"), dict) else {}
+    price = (num(lowest.get("uninterruptablePrice")) or num(g.get("communityPrice"))
+             or num(g.get("securePrice")))
+    stock = lowest.get("stockStatus")
+    return Offer(provider="runpod", gpu=str(g.get("displayName") or g.get("id") or ""),
+                 price_per_hour=price if price is not None else float("nan"), currency="USD",
+                 available=price is not None and bool(stock), offer_id=str(g.get("id") or ""))
+
+
+class RunPodProvider:
+    name = "runpod"
+    transport_kind = "ssh"
+
+    def __init__(self, host: Any, *, policy: RetryPolicy | None = None) -> None:
+        key = api_key_for(host, "RunPod", "RUNPOD_API_KEY")
+        self.api_base = str(host_attr(host, "api_base", DEFAULT_API_BASE)).rstrip("/")
+        self.api = ApiClient(self.name, self.api_base, headers={"Authorization": f"Bearer {key}"},
+                             policy=policy)
+        self.image = str(host_attr(host, "image", DEFAULT_IMAGE))
+        self.disk_gb = float(host_attr(host, "disk_gb", 20.0))
+        self.max_price_per_hour = host_attr(host, "max_price_per_hour")
+        self.user = str(host_attr(host, "user", "root"))
+        self.billing = BillingRules(
+            granularity_s=1.0,
+            storage_price_per_hour=self.disk_gb * VOLUME_STOPPED_USD_PER_GB_MONTH / HOURS_PER_MONTH)
+
+    def _gql(self, query: str, variables: dict[str, Any] | None, field: str, *,
+             idempotent: bool, instance_id: str | None = None) -> Any:
+        """One GraphQL call; returns data[field]. errors[] with HTTP 200 become ProviderError."""
+        resp = self.api.request("POST", "/graphql", json={"query": query, "variables": variables or {}},
+                                idempotent=idempotent, instance_id=instance_id)
+        body = json_body(resp, self.name)
+        if not isinstance(body, dict):
+            raise ProviderError(f"runpod: unexpected reply {str(body)[:120]}", provider=self.name)
+        errors = body.get("errors")
+        if errors:
+            first = errors[0] if isinstance(errors, list) and errors else errors
+            msg = str(first.get("message") if isinstance(first, dict) else first)
+            low = msg.lower()
+            if "not found" in low or "does not exist" in low:
+                raise InstanceNotFound(redact(f"runpod: {field}: {msg}"), provider=self.name,
+                                       instance_id=instance_id)
+            cls = CapacityError if any(w in low for w in CAPACITY_WORDS) else ProviderError
+            raise cls(redact(f"runpod: {field}: {msg}"), provider=self.name, instance_id=instance_id)
+        data = body.get("data")
+        return data.get(field) if isinstance(data, dict) else None
+
+    def offers(self, gpu: str) -> list[Offer]:
+        types = self._gql(Q_GPUS, None, "gpuTypes", idempotent=True) or []
+        found = [parse_gpu_offer(g) for g in types if isinstance(g, dict) and gpu_matches(g, gpu)]
+        if self.max_price_per_hour is not None:
+            found = [o for o in found if o.available and o.price_per_hour <= float(self.max_price_per_hour)]
+        return sorted(found, key=lambda o: (not o.available, o.price_per_hour if o.available else 0.0))
+
+    def create(self, spec: InstanceSpec) -> str:
+        gpu_type_id = spec.offer_id
+        if gpu_type_id is None:
+            avail = [o for o in self.offers(spec.gpu) if o.available]
+            if spec.max_price_per_hour is not None:
+                avail = [o for o in avail if o.price_per_hour <= spec.max_price_per_hour]
+            if not avail:
+                raise CapacityError(f"runpod: no {spec.gpu} available", provider=self.name,
+                                    hint="raise max_price_per_hour or pick another GPU")
+            gpu_type_id = avail[0].offer_id
+        env = [{"key": k, "value": v} for k, v in spec.env.items()]
+        if spec.ssh_public_key:
+            env.append({"key": "PUBLIC_KEY", "value": spec.ssh_public_key})
+        inp = {"cloudType": "ALL", "gpuCount": 1, "gpuTypeId": gpu_type_id, "name": spec.label,
+               "imageName": spec.image or self.image, "containerDiskInGb": 10,
+               "volumeInGb": int(round(spec.disk_gb)), "volumeMountPath": "/workspace",
+               "ports": "22/tcp", "supportPublicIp": True, "startSsh": True, "env": env}
+        if spec.onstart:
+            inp["dockerArgs"] = spec.onstart
+        # Never retried: the pod may exist even when the reply was lost.
+        pod = self._gql(M_CREATE, {"input": inp}, "podFindAndDeployOnDemand", idempotent=False)
+        if not isinstance(pod, dict) or not pod.get("id"):
+            raise CapacityError(f"runpod: no pod was created for {spec.gpu} (empty reply)",
+                                provider=self.name)
+        log.info("runpod: created pod %s (%s)", pod["id"], spec.label)
+        return str(pod["id"])
+
+    def start(self, instance_id: str) -> None:
+        self._gql(M_RESUME, {"input": {"podId": instance_id, "gpuCount": 1}}, "podResume",
+                  idempotent=True, instance_id=instance_id)
+
+    def stop(self, instance_id: str) -> None:
+        self._gql(M_STOP, {"input": {"podId": instance_id}}, "podStop", idempotent=True,
+                  instance_id=instance_id)
+
+    def destroy(self, instance_id: str) -> None:
+        """Terminate; a pod RunPod no longer knows counts as terminated."""
+        try:
+            self._gql(M_TERMINATE, {"input": {"podId": instance_id}}, "podTerminate",
+                      idempotent=True, instance_id=instance_id)
+        except InstanceNotFound:
+            return
+
+    def describe(self, instance_id: str) -> InstanceInfo:
+        pod = self._gql(Q_POD, {"input": {"podId": instance_id}}, "pod", idempotent=True,
+                        instance_id=instance_id)
+        if not isinstance(pod, dict):
+            raise InstanceNotFound(f"runpod: no pod {instance_id}", provider=self.name,
+                                   instance_id=instance_id)
+        return parse_pod(pod, self.user)
+
+    def list(self, label_prefix: str) -> list[InstanceInfo]:
+        me = self._gql(Q_PODS, None, "myself", idempotent=True)
+        pods = me.get("pods") if isinstance(me, dict) else None
+        return [parse_pod(p, self.user) for p in pods or []
+                if isinstance(p, dict) and str(p.get("name") or "").startswith(label_prefix)]
+
+    def self_stop_command(self, instance_id: str) -> str | None:
+        """RunPod puts `$RUNPOD_POD_ID` and a pod-scoped `$RUNPOD_API_KEY` in every pod, so the
+        pod can stop itself (podStop) without the user's key."""
+        query = 'mutation { podStop(input: {podId: \\"%s\\"}) { id desiredStatus } }' % instance_id
+        return ("curl -fsS --max-time 30 --retry 3 -X POST "
+                "-H \"Authorization: Bearer $RUNPOD_API_KEY\" -H 'Content-Type: application/json' "
+                f"-d '{{\"query\": \"{query}\"}}' '{self.api_base}/graphql'")

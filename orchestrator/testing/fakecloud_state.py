@@ -1,0 +1,344 @@
+"""The fake cloud's world: instances, its own clock and bill, fault switches, persistence.
+
+Provider-neutral: `fakecloud.py` renders these records in each provider's API shapes. Every
+instance that boots gets a real sshd (`SSHServer`) on a new loopback port; stopping it kills
+the sshd and its sessions. State is a JSON file in the state directory, so a restarted fake
+cloud still knows (and still bills) its instances.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .sshd import SSHServer, SSHServerError
+
+log = logging.getLogger(__name__)
+
+# Billing granularity per provider, as our clients declare it (see providers/*.py).
+GRANULARITY_S = {"vastai": 1.0, "runpod": 1.0, "lambda": 60.0}
+HOURS_PER_MONTH = 730.0
+STORAGE_USD_PER_GB_MONTH = {"vastai": 0.15, "runpod": 0.20, "lambda": 0.0}
+
+# What the fake rents out: provider -> list of (offer id / gpu type id, display GPU name, USD/h).
+DEFAULT_CATALOG: dict[str, list[tuple[str, str, float]]] = {
+    "vastai": [("7001", "RTX 4090", 0.44), ("7002", "H100 SXM", 2.13), ("7003", "RTX 3090", 0.40)],
+    "runpod": [("NVIDIA GeForce RTX 4090", "RTX 4090", 0.34), ("NVIDIA H100 80GB HBM3", "H100 SXM", 2.69)],
+    "lambda": [("gpu_1x_h100_pcie", "H100 PCIe", 3.29), ("gpu_1x_a10", "A10", 0.75)],
+}
+
+
+class FakeCloudError(Exception):
+    """A request the fake cloud refuses; rendered by the API layer in the provider's shape."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class Faults:
+    lose_create_replies: int = 0      # next N creates succeed, but the reply is never sent
+    lost_reply_delay_s: float = 0.0   # ...after hanging this long (a timeout rather than a drop)
+    boot_s: float = 0.3               # time from create/start to SSH (raise for "slow boot")
+    fail_next: int = 0                # next N API calls answer `fail_status`
+    fail_status: int = 503
+    fail_methods: list[str] = field(default_factory=list)   # empty = any method
+    never_ssh: int = 0                # next N created instances never get SSH
+    sold_out: bool = False            # no capacity anywhere
+
+
+@dataclass
+class Instance:
+    id: str
+    provider: str
+    label: str
+    gpu: str
+    offer_id: str
+    price_per_hour: float
+    storage_price_per_hour: float
+    status: str                       # booting | running | stopped | terminated
+    created_at: float
+    ready_at: float | None
+    scoped_key: str
+    never_ssh: bool = False
+    port: int | None = None
+    used_ports: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    extra_keys: list[str] = field(default_factory=list)
+    intervals: list[list[Any]] = field(default_factory=list)   # [kind, start, end|None]
+    ended_at: float | None = None
+
+    def open_interval(self, kind: str, t: float) -> None:
+        if not any(i[0] == kind and i[2] is None for i in self.intervals):
+            self.intervals.append([kind, t, None])
+
+    def close_intervals(self, t: float, kind: str | None = None) -> None:
+        for i in self.intervals:
+            if i[2] is None and (kind is None or i[0] == kind):
+                i[2] = t
+
+    def bill(self, now: float) -> dict[str, Any]:
+        g = GRANULARITY_S.get(self.provider, 1.0)
+        out: dict[str, Any] = {"provider": self.provider, "label": self.label, "status": self.status,
+                               "gpu_seconds": 0.0, "storage_seconds": 0.0, "gpu_cost": 0.0,
+                               "storage_cost": 0.0}
+        for kind, start, end in self.intervals:
+            seconds = max(0.0, (end if end is not None else now) - start)
+            billed = math.ceil(seconds / g - 1e-9) * g if seconds > 0 else 0.0
+            price = self.price_per_hour if kind == "gpu" else self.storage_price_per_hour
+            out[f"{kind}_seconds"] += seconds
+            out[f"{kind}_cost"] += billed * price / 3600.0
+        out["total"] = out["gpu_cost"] + out["storage_cost"]
+        return out
+
+
+class World:
+    """All fake-cloud state behind one lock. Times are the fake clock: time.time() + offset."""
+
+    def __init__(self, state_dir: Path, *, api_key: str | None = None,
+                 catalog: dict[str, list[tuple[str, str, float]]] | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.state_dir / "fakecloud.json"
+        self.lock = threading.RLock()
+        self.catalog = catalog or DEFAULT_CATALOG
+        self.instances: dict[str, Instance] = {}
+        self.faults = Faults()
+        self.clock_offset_s = 0.0
+        self.next_serial = 1
+        self.servers: dict[str, SSHServer] = {}
+        self.api_key = api_key or ""
+        self._load()
+        if not self.api_key:
+            self.api_key = "fk-" + secrets.token_hex(16)
+        self.account_key_path = self.state_dir / "account_ed25519"
+        self._ensure_account_key()
+        self.save()
+
+    # -- clock and persistence ------------------------------------------------------------
+    def now(self) -> float:
+        return time.time() + self.clock_offset_s
+
+    def _load(self) -> None:
+        if not self.state_path.exists():
+            return
+        data = json.loads(self.state_path.read_text())
+        self.clock_offset_s = float(data.get("clock_offset_s", 0.0))
+        self.next_serial = int(data.get("next_serial", 1))
+        self.api_key = self.api_key or data.get("api_key", "")
+        self.faults = Faults(**data.get("faults", {}))
+        for d in data.get("instances", []):
+            inst = Instance(**d)
+            if inst.status in ("booting", "running"):   # the host "rebooted" with us: new port
+                inst.status, inst.ready_at, inst.port = "booting", self.now() + self.faults.boot_s, None
+            self.instances[inst.id] = inst
+
+    def save(self) -> None:
+        with self.lock:
+            data = {"clock_offset_s": self.clock_offset_s, "next_serial": self.next_serial,
+                    "api_key": self.api_key, "faults": asdict(self.faults),
+                    "instances": [asdict(i) for i in self.instances.values()]}
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.state_path)
+
+    def _ensure_account_key(self) -> None:
+        if self.account_key_path.exists():
+            return
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fakecloud-account",
+                        "-f", str(self.account_key_path)], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+
+    @property
+    def account_public_key(self) -> str:
+        return Path(str(self.account_key_path) + ".pub").read_text().strip()
+
+    # -- catalog --------------------------------------------------------------------------
+    def offers(self, provider: str) -> list[tuple[str, str, float]]:
+        return [] if self.faults.sold_out else list(self.catalog.get(provider, []))
+
+    def find_offer(self, provider: str, offer_id: str) -> tuple[str, str, float] | None:
+        return next((o for o in self.offers(provider) if o[0] == offer_id), None)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def new_id(self, provider: str) -> str:
+        n = self.next_serial
+        self.next_serial += 1
+        if provider == "vastai":
+            return str(5_000_000 + n)
+        if provider == "runpod":
+            return f"pod{n:04d}" + secrets.token_hex(4)
+        return secrets.token_hex(16)
+
+    def create(self, provider: str, offer_id: str, label: str, *, disk_gb: float = 20.0,
+               env: dict[str, str] | None = None, extra_keys: list[str] | None = None) -> Instance:
+        with self.lock:
+            offer = self.find_offer(provider, offer_id)
+            if offer is None:
+                raise FakeCloudError(f"no capacity for {offer_id!r}", 400, "insufficient-capacity")
+            t = self.now()
+            never = self.faults.never_ssh > 0
+            if never:
+                self.faults.never_ssh -= 1
+            inst = Instance(id=self.new_id(provider), provider=provider, label=label, gpu=offer[1],
+                            offer_id=offer_id, price_per_hour=offer[2],
+                            storage_price_per_hour=disk_gb * STORAGE_USD_PER_GB_MONTH.get(provider, 0.0)
+                            / HOURS_PER_MONTH,
+                            status="booting", created_at=t, ready_at=t + self.faults.boot_s,
+                            scoped_key="ck-" + secrets.token_hex(12), never_ssh=never,
+                            env=dict(env or {}), extra_keys=list(extra_keys or []))
+            inst.open_interval("gpu", t)
+            self.instances[inst.id] = inst
+            self.save()
+            log.info("fakecloud: created %s %s (%s)", provider, inst.id, label)
+            return inst
+
+    def get(self, provider: str, instance_id: str, *, include_terminated: bool = False) -> Instance:
+        inst = self.instances.get(instance_id)
+        if inst is None or inst.provider != provider or (inst.status == "terminated" and not include_terminated):
+            raise FakeCloudError(f"instance {instance_id} not found", 404, "not-found")
+        return inst
+
+    def stop(self, provider: str, instance_id: str) -> Instance:
+        with self.lock:
+            inst = self.get(provider, instance_id)
+            if inst.status in ("booting", "running"):
+                self._kill_sshd(inst)
+                t = self.now()
+                inst.status, inst.ready_at = "stopped", None
+                inst.close_intervals(t, "gpu")
+                if inst.storage_price_per_hour > 0:
+                    inst.open_interval("storage", t)
+                self.save()
+            return inst
+
+    def start(self, provider: str, instance_id: str) -> Instance:
+        with self.lock:
+            inst = self.get(provider, instance_id)
+            if inst.status == "stopped":
+                t = self.now()
+                inst.status, inst.ready_at = "booting", t + self.faults.boot_s
+                inst.close_intervals(t, "storage")
+                inst.open_interval("gpu", t)
+                self.save()
+            return inst
+
+    def destroy(self, provider: str, instance_id: str) -> Instance:
+        with self.lock:
+            inst = self.get(provider, instance_id)
+            self._kill_sshd(inst)
+            t = self.now()
+            inst.status, inst.ready_at, inst.ended_at = "terminated", None, t
+            inst.close_intervals(t)
+            self.save()
+            log.info("fakecloud: destroyed %s %s", provider, instance_id)
+            return inst
+
+    def tick(self) -> None:
+        """Finish boots whose time has come: start a real sshd on a fresh port."""
+        with self.lock:
+            now = self.now()
+            changed = False
+            for inst in self.instances.values():
+                if inst.status == "booting" and inst.ready_at is not None and now >= inst.ready_at:
+                    inst.ready_at = None
+                    inst.status = "running"
+                    if not inst.never_ssh:
+                        try:
+                            self._start_sshd(inst)
+                        except (SSHServerError, OSError, subprocess.SubprocessError) as exc:
+                            log.warning("fakecloud: sshd for %s did not start: %s", inst.id, exc)
+                    changed = True
+            if changed:
+                self.save()
+
+    # -- sshd -----------------------------------------------------------------------------
+    def _start_sshd(self, inst: Instance) -> None:
+        env = {"CONTAINER_ID": inst.id, "CONTAINER_API_KEY": inst.scoped_key,
+               "RUNPOD_POD_ID": inst.id, "RUNPOD_API_KEY": inst.scoped_key, **inst.env}
+        set_env = " ".join(f"{k}={v}" for k, v in env.items() if " " not in v and '"' not in v)
+        srv = self.servers.get(inst.id)
+        if srv is None:
+            srv = SSHServer(base_dir=self.state_dir / "hosts" / inst.id, extra_config={"SetEnv": set_env})
+            srv._used_ports.update(inst.used_ports)    # a new port on every start, even across restarts
+            if srv.host_key_path.exists():              # keep the host key across fake-cloud restarts
+                srv._keys_made = True
+            srv._ensure_keys()
+            for key in [self.account_public_key, *inst.extra_keys]:
+                if key.strip() and key.strip() not in srv.authorized_keys_path.read_text():
+                    srv.authorize_key(key)
+            self.servers[inst.id] = srv
+        srv.start()
+        inst.port = srv.port
+        inst.used_ports.append(srv.port)
+
+    def _kill_sshd(self, inst: Instance) -> None:
+        srv = self.servers.pop(inst.id, None)
+        if srv is not None:
+            srv.stop()
+        inst.port = None
+
+    def shutdown(self) -> None:
+        """Kill every sshd (and its sessions); instances stay in the state file."""
+        with self.lock:
+            for srv in list(self.servers.values()):
+                try:
+                    srv.stop()
+                except OSError:
+                    pass
+            self.servers.clear()
+            for inst in self.instances.values():
+                inst.port = None
+            self.save()
+
+    # -- inspection -----------------------------------------------------------------------
+    def bill(self) -> dict[str, Any]:
+        with self.lock:
+            now = self.now()
+            per = {i.id: i.bill(now) for i in self.instances.values()}
+            return {"instances": per, "total": sum(b["total"] for b in per.values()),
+                    "running": sum(1 for i in self.instances.values() if i.status in ("booting", "running")),
+                    "live": sum(1 for i in self.instances.values() if i.status != "terminated"),
+                    "created": len(per), "at": now}
+
+    def advance_clock(self, seconds: float) -> None:
+        with self.lock:
+            self.clock_offset_s += float(seconds)
+            self.save()
+
+    def set_faults(self, changes: dict[str, Any]) -> Faults:
+        with self.lock:
+            known = set(asdict(self.faults))
+            bad = set(changes) - known
+            if bad:
+                raise FakeCloudError(f"unknown fault switches {sorted(bad)}; known: {sorted(known)}")
+            for k, v in changes.items():
+                setattr(self.faults, k, v)
+            self.save()
+            return self.faults
+
+    def take_failure(self, method: str) -> int | None:
+        """Consume one injected failure for this call; returns the status to answer, if any."""
+        with self.lock:
+            f = self.faults
+            if f.fail_next > 0 and (not f.fail_methods or method in f.fail_methods):
+                f.fail_next -= 1
+                return f.fail_status
+            return None
+
+    def take_lost_reply(self) -> float | None:
+        with self.lock:
+            if self.faults.lose_create_replies > 0:
+                self.faults.lose_create_replies -= 1
+                return self.faults.lost_reply_delay_s
+            return None
