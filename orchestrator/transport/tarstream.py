@@ -186,13 +186,15 @@ class _Counting(io.RawIOBase):
 class _Progress:
     def __init__(self, total: int, fn: ProgressFn | None) -> None:
         self.total, self.done, self.fn = total, 0, fn
-        self._last = 0.0
+        self._last_s, self._last_bytes = 0.0, 0
 
     def add(self, n: int) -> None:
+        """Report at most every 0.2 s or 4 MB, and always at the end."""
         self.done += n
         now = time.monotonic()
-        if self.fn is not None and (now - self._last > 0.2 or self.done >= self.total):
-            self._last = now
+        if self.fn is not None and (now - self._last_s > 0.2 or self.done >= self.total
+                                    or self.done - self._last_bytes >= 4 << 20):
+            self._last_s, self._last_bytes = now, self.done
             self.fn(self.done, self.total)
 
 
