@@ -1,0 +1,119 @@
+"""The payload's own subcommands: check-data, run, bootstrap, watchdog.
+
+Each `add_*` registers a subparser whose `func(args) -> int` is the handler; handlers import
+their heavy modules lazily so `--help` and argument errors stay instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .checkdata import check_data
+
+    report = check_data(Path(args.dir))
+    sys.stdout.write(json.dumps(asdict(report)) + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import RunOptions, run_pipeline
+
+    job_dir = Path(args.job_dir).expanduser()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(job_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    try:
+        return run_pipeline(RunOptions(
+            data_dir=Path(args.data), job_dir=job_dir, steps=args.steps,
+            max_seconds=args.max_seconds, backend=args.backend, device=args.device,
+            scene=args.scene, downscale=args.downscale, seed=args.seed, fps=args.fps))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from .bootstrap import bootstrap
+
+    env = bootstrap(Path(args.out).expanduser(), force=args.force)
+    sys.stdout.write(json.dumps(env, indent=1) + "\n")
+    return 0
+
+
+def cmd_watchdog(args: argparse.Namespace) -> int:
+    from .watchdog import watch
+
+    if args.deadline < args.idle_timeout:
+        log.warning("deadline (%g s) is shorter than the idle timeout (%g s)", args.deadline,
+                    args.idle_timeout)
+    watch(Path(args.job_dir).expanduser(), idle_timeout_s=args.idle_timeout,
+          deadline_s=args.deadline, stop_command=args.stop_command, poll_s=args.poll_s,
+          grace_s=args.grace_s)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-data", help="validate a NeRF-synthetic scene (exit 2 when unusable)")
+    p.add_argument("dir", help="scene directory holding transforms_{train,test}.json")
+    p.set_defaults(func=cmd_check_data, log_level=logging.WARNING)
+
+    p = sub.add_parser("run", help="the scene pipeline: check, train, render, metrics, videos")
+    p.add_argument("--data", required=True, help="scene directory")
+    p.add_argument("--job-dir", required=True, help="job directory (status.json, log.txt, out/)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps")
+    p.add_argument("--max-seconds", type=_positive_float, default=None,
+                   help="stop training after this many seconds")
+    p.add_argument("--backend", choices=("auto", "torch", "tcnn"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--scene", default=None, help="scene name for summary.json (default: dir name)")
+    p.add_argument("--downscale", type=_positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=_positive_float, default=24.0, help="video frame rate")
+    p.set_defaults(func=cmd_run, log_level=logging.INFO)
+
+    p = sub.add_parser("bootstrap", help="detect CUDA/GPU/torch/tcnn, write env.json")
+    p.add_argument("--out", default="env.json", help="where to write the record (default ./env.json)")
+    p.add_argument("--force", action="store_true", help="probe again even when env.json is current")
+    p.set_defaults(func=cmd_bootstrap, log_level=logging.WARNING)
+
+    p = sub.add_parser("watchdog", help="stop the host when the controller is gone and nothing runs")
+    p.add_argument("--job-dir", required=True)
+    p.add_argument("--idle-timeout", type=_positive_float, required=True,
+                   help="seconds without a heartbeat before the host may be stopped")
+    p.add_argument("--deadline", type=_positive_float, required=True,
+                   help="hard limit in seconds from now; the host is stopped then regardless")
+    p.add_argument("--stop-command", required=True, help="shell command that stops the host")
+    p.add_argument("--poll-s", type=_positive_float, default=5.0)
+    p.add_argument("--grace-s", type=float, default=30.0,
+                   help="seconds a running pipeline gets after SIGTERM before the stop")
+    p.set_defaults(func=cmd_watchdog, log_level=logging.INFO)

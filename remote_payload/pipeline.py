@@ -1,0 +1,257 @@
+"""`run`: check → train (or resume) → render → ground truth → metrics → summary → videos.
+
+One pipeline per job directory: a non-blocking flock on JOB_DIR/.run.lock, plus the pid in
+status.json, make a second `run` refuse (exit 7) while the first is alive, so a controller that
+re-attaches can never start a second copy. status.json is rewritten at every phase change and
+about once a second while training; its exit_code is set exactly when the process ends.
+SIGINT/SIGTERM during training ask the trainer to stop (it saves its snapshot) and end with
+exit 5; during the later stages they end the run at once (outputs are written atomically, so
+a rerun redoes only the unfinished stage).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable, Iterator
+from contextlib import contextmanager
+
+from . import stages
+from .checkdata import check_data
+from .errors import AlreadyRunning, BadData, Interrupted, OutOfMemory, PayloadError, StageFailed, TrainFailed
+from .frames import expected_stems
+from .status import StatusWriter, is_pipeline_process, read_status, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+TRAIN_RESULT = "train_result.json"
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    data_dir: Path
+    job_dir: Path
+    steps: int | None = None
+    max_seconds: float | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    scene: str | None = None
+    downscale: int = 1
+    seed: int = 0
+    fps: float = 24.0
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM. While training it only asks; otherwise it raises at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.training = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signal_name is None
+        self.signal_name = signal.Signals(signum).name
+        if self.training and first:
+            log.warning("%s: asking training to stop after saving its snapshot", self.signal_name)
+            return
+        raise Interrupted(f"interrupted by {self.signal_name}")
+
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+@contextmanager
+def job_lock(job_dir: Path) -> Iterator[None]:
+    """Hold JOB_DIR/.run.lock for the pipeline's life; refuse when a live pipeline holds it."""
+    fd = os.open(job_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(_running_message(job_dir)) from None
+        current = read_status(job_dir)
+        if (current is not None and current.exit_code is None and current.pid != os.getpid()
+                and is_pipeline_process(current.pid)):
+            raise AlreadyRunning(_running_message(job_dir))
+        yield
+    finally:
+        os.close(fd)
+
+
+def _running_message(job_dir: Path) -> str:
+    st = read_status(job_dir)
+    who = f"pid {st.pid}, phase {st.phase}, step {st.step}/{st.total_steps}" if st else "lock held"
+    return (f"a pipeline is already running in {job_dir} ({who}); "
+            "watch its status.json instead of starting another")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__ or \
+        "out of memory" in str(exc).lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Pipeline:
+    def __init__(self, opts: RunOptions, writer: StatusWriter, stop: _StopFlag) -> None:
+        self.opts = opts
+        self.out = opts.job_dir / "out"
+        self.writer = writer
+        self.stop = stop
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    def _timed(self, name: str, fn: Callable[[], bool]) -> None:
+        self.writer.set_phase(name)
+        t0 = time.monotonic()
+        ran = fn()
+        self.timings[name] = {"seconds": round(time.monotonic() - t0, 3), "skipped": not ran}
+        log.info("stage %s %s in %.2f s", name, "done" if ran else "skipped (output exists)",
+                 self.timings[name]["seconds"])
+        write_json_atomic(self.out / "stages.json", self.timings)
+
+    def run(self) -> None:
+        o = self.opts
+        self.writer.set_phase("check")
+        t0 = time.monotonic()
+        report = check_data(o.data_dir)
+        self.timings["check"] = {"seconds": round(time.monotonic() - t0, 3), "skipped": False}
+        stems = expected_stems(o.data_dir, "test")
+        self.out.mkdir(parents=True, exist_ok=True)
+        train_info: dict[str, Any] = {}
+
+        def do_train() -> bool:
+            ran, info = self._train()
+            train_info.update(info)
+            return ran
+
+        self._timed("train", do_train)
+        snapshot = Path(train_info["snapshot_path"])
+        try:
+            self._timed("render", lambda: stages.render_stage(
+                snapshot, o.data_dir, self.out, stems, o.device, self._tick))
+            self._timed("gt", lambda: stages.gt_stage(o.data_dir, self.out, stems))
+            self._timed("metrics", lambda: stages.metrics_stage(self.out))
+            self._timed("summary", lambda: stages.summary_stage(
+                self.out, scene=o.scene or Path(o.data_dir).name, train=train_info,
+                n_test=report.n_test, data_dir=o.data_dir))
+            self._timed("videos", lambda: stages.video_stage(self.out, stems, o.fps))
+        except PayloadError:
+            raise
+        except Exception as exc:
+            phase = self.writer.current.phase
+            log.exception("stage %s failed", phase)
+            if _is_oom(exc):
+                raise OutOfMemory(f"{phase} ran out of memory: {_one_line(exc)}", phase=phase) from None
+            raise StageFailed(f"{phase} failed: {_one_line(exc)}", phase=phase) from None
+
+    def _tick(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.update()
+
+    def _train(self) -> tuple[bool, dict[str, Any]]:
+        from ngp_train.train import TrainConfig, train
+
+        o = self.opts
+        kw: dict[str, Any] = {"max_seconds": o.max_seconds, "backend": o.backend,
+                              "device": o.device, "downscale": o.downscale, "seed": o.seed}
+        if o.steps is not None:
+            kw["steps"] = o.steps
+        cfg = TrainConfig(**kw)
+        done = stages.read_json(self.out / TRAIN_RESULT)
+        if (done is not None and done.get("target_steps") == cfg.steps
+                and done.get("max_seconds") == cfg.max_seconds
+                and Path(done.get("snapshot_path", "")).is_file()):
+            self.writer.update(force=True, step=int(done["steps"]), total_steps=cfg.steps)
+            return False, done
+        self.writer.update(force=True, step=0, total_steps=cfg.steps)
+        rate = _Rate()
+
+        def progress(step: int, total: int, loss: float, psnr: float | None, elapsed_s: float) -> None:
+            cur = self.writer.current
+            self.writer.update(step=int(step), total_steps=int(total),
+                               loss=None if loss is None else float(loss),
+                               psnr=cur.psnr if psnr is None else float(psnr),
+                               eta_s=rate.eta_s(int(step), int(total)))
+
+        self.stop.training = True
+        try:
+            result = train(o.data_dir, self.out, cfg, progress=progress,
+                           should_stop=self.stop.requested)
+        except PayloadError:
+            raise
+        except Exception as exc:
+            name = type(exc).__name__
+            if name == "DatasetError":
+                raise BadData(" ".join(str(exc).split()), phase="train") from None
+            log.exception("training failed")
+            if _is_oom(exc):
+                raise OutOfMemory(f"training ran out of memory: {_one_line(exc)}; "
+                                  "try a smaller --steps/batch or a bigger GPU", phase="train") from None
+            raise TrainFailed(f"training failed: {_one_line(exc)}", phase="train") from None
+        finally:
+            self.stop.training = False
+        self.writer.update(force=True, step=int(result.steps), total_steps=cfg.steps,
+                           loss=float(result.final_loss) if result.final_loss is not None else None)
+        if self.stop.requested():
+            raise Interrupted(f"interrupted by {self.stop.signal_name} at step {result.steps}; "
+                              "snapshot kept, rerun to resume", phase="train")
+        info = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+        info.update(target_steps=cfg.steps, max_seconds=cfg.max_seconds)
+        write_json_atomic(self.out / TRAIN_RESULT, info)
+        return True, info
+
+
+class _Rate:
+    """Steps per second over this session, for eta_s (None until two points are seen)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, float] | None = None
+
+    def eta_s(self, step: int, total: int) -> float | None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (step, now)
+            return None
+        d_step, d_t = step - self.first[0], now - self.first[1]
+        if d_step <= 0 or d_t <= 0:
+            return None
+        return max(0.0, (total - step) * d_t / d_step)
+
+
+def run_pipeline(opts: RunOptions) -> int:
+    """Run the whole pipeline in `opts.job_dir`; returns the process exit code."""
+    job_dir = Path(opts.job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    opts = RunOptions(**{**{f: getattr(opts, f) for f in RunOptions.__dataclass_fields__},
+                         "job_dir": job_dir, "data_dir": Path(opts.data_dir).expanduser().resolve()})
+    with job_lock(job_dir):
+        writer = StatusWriter(job_dir)
+        stop = _StopFlag()
+        old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            log.info("pipeline start: pid %d, data %s, job %s", os.getpid(), opts.data_dir, job_dir)
+            Pipeline(opts, writer, stop).run()
+        except PayloadError as exc:
+            phase = "interrupted" if isinstance(exc, Interrupted) else "failed"
+            (log.warning if phase == "interrupted" else log.error)("%s", exc)
+            writer.finish(phase, exc.exit_code, str(exc))
+            return exc.exit_code
+        except Exception as exc:   # a bug of ours: still one line in status.json and a code
+            log.exception("unexpected failure")
+            failed = TrainFailed if writer.current.phase == "train" else StageFailed
+            err = failed(f"{writer.current.phase} failed: {_one_line(exc)}")
+            writer.finish("failed", err.exit_code, str(err))
+            return err.exit_code
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        writer.finish("done", 0)
+        log.info("pipeline done")
+        return 0

@@ -1,0 +1,182 @@
+"""The pipeline's stages after training. Each writes its output atomically (temp + rename) and is
+skipped when that output already exists, so a rerun after a crash resumes where it stopped.
+
+Rendering and scoring talk through files, like nerfbaselines: renders/ and gt/ are written
+first, then metrics.csv is computed from them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from .frames import has_frames, numeric_key, write_gt_frames
+from .status import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameScore:
+    frame: str
+    psnr: float
+    ssim: float
+
+
+def _fresh_tmp(path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def render_stage(snapshot: Path, data_dir: Path, out: Path, stems: list[str], device: str,
+                 tick: Callable[..., None]) -> bool:
+    """Render the test views into out/renders. Returns False when skipped (already complete)."""
+    final = out / "renders"
+    if has_frames(final, stems):
+        return False
+    from ngp_train.render import render_split
+
+    tmp = _fresh_tmp(final)
+    render_split(snapshot, data_dir, "test", tmp, device=device, progress=tick)
+    missing = [s for s in stems if not (tmp / f"{s}.png").is_file()]
+    if missing:
+        raise RuntimeError(f"the renderer wrote no image for {len(missing)} test view(s), "
+                           f"e.g. {missing[0]}")
+    _commit_dir(tmp, final)
+    return True
+
+
+def gt_stage(data_dir: Path, out: Path, stems: list[str]) -> bool:
+    final = out / "gt"
+    if has_frames(final, stems):
+        return False
+    tmp = _fresh_tmp(final)
+    write_gt_frames(data_dir, tmp)
+    _commit_dir(tmp, final)
+    return True
+
+
+def write_metrics_csv(path: Path, scores: list[FrameScore]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["frame", "psnr", "ssim"])
+        for s in scores:
+            w.writerow([s.frame, f"{s.psnr:.6f}", f"{s.ssim:.6f}"])
+    os.replace(tmp, path)
+
+
+def read_metrics_csv(path: Path) -> list[FrameScore]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [FrameScore(r["frame"], float(r["psnr"]), float(r["ssim"]))
+                for r in csv.DictReader(fh)]
+
+
+def metrics_stage(out: Path) -> bool:
+    path = out / "metrics.csv"
+    if path.is_file():
+        return False
+    from ngp_train.metrics import evaluate_dirs
+
+    rows = evaluate_dirs(out / "renders", out / "gt", background="white")
+    scores = sorted((FrameScore(str(m.frame), float(m.psnr), float(m.ssim)) for m in rows),
+                    key=lambda s: numeric_key(s.frame))
+    if not scores:
+        raise RuntimeError("no rendered frame matched a ground-truth frame")
+    write_metrics_csv(path, scores)
+    log.info("metrics: %d frames, mean PSNR %.3f dB", len(scores),
+             sum(s.psnr for s in scores) / len(scores))
+    return True
+
+
+def _ffmpeg_version() -> str | None:
+    from .videos import ffmpeg_exe
+
+    try:
+        res = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = res.stdout.splitlines()[0] if res.stdout else ""
+    return first.split(" Copyright")[0].strip() or None
+
+
+def versions() -> dict[str, str | None]:
+    def dist(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    v: dict[str, str | None] = {"python": platform.python_version()}
+    torch_mod = sys.modules.get("torch")
+    v["torch"] = getattr(torch_mod, "__version__", None) or dist("torch")
+    for name in ("numpy", "pillow", "imageio-ffmpeg", "ffmpeg-python", "tinycudann"):
+        v[name] = dist(name)
+    import ngp_train
+    v["ngp_train"] = getattr(ngp_train, "__version__", None)
+    v["ffmpeg"] = _ffmpeg_version()
+    return v
+
+
+def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
+                  data_dir: Path) -> bool:
+    path = out / "summary.json"
+    if path.is_file():
+        return False
+    scores = read_metrics_csv(out / "metrics.csv")
+    n = len(scores)
+    summary = {
+        "scene": scene,
+        "steps": train["steps"],
+        "target_steps": train["target_steps"],
+        "train_seconds": train["train_seconds"],
+        "psnr_mean": sum(s.psnr for s in scores) / n,
+        "ssim_mean": sum(s.ssim for s in scores) / n,
+        "device": train["device"],
+        "device_name": train["device_name"],
+        "backend": train["backend"],
+        "final_loss": train.get("final_loss"),
+        "resumed_from_step": train.get("resumed_from_step"),
+        "n_test_images": n_test,
+        "n_scored": n,
+        "background": "white",
+        "data_dir": str(data_dir),
+        "versions": versions(),
+    }
+    write_json_atomic(path, summary)
+    return True
+
+
+def video_stage(out: Path, stems: list[str], fps: float) -> bool:
+    from .videos import make_videos
+
+    vdir = out / "videos"
+    if all((vdir / f"{n}.mp4").is_file() for n in ("render", "gt", "compare")):
+        return False
+    make_videos([out / "renders" / f"{s}.png" for s in stems],
+                [out / "gt" / f"{s}.png" for s in stems], vdir, fps=fps)
+    return True
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
