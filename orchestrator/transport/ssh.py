@@ -369,15 +369,21 @@ def connect_ssh(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any,
         if info.endpoint is None:
             raise ConnectError(f"{name}: the provider reports no SSH endpoint yet "
                                f"(state {info.raw_state or info.state.value})")
-        text = str(info.endpoint)
+        ep = info.endpoint
+        text = f"{ep.user}@[{ep.host}]:{ep.port}" if ":" in ep.host else str(ep)
         if not last or last[-1] != text:
             last.append(text)
             ledger.set_endpoint(row_id, text)
             _refresh_ssh_config(ledger)
         return info.endpoint
 
+    auth = auth_from_host(host_cfg)
+    if not auth.identity_file and not auth.password and hasattr(provider, "identity_files"):
+        keys = provider.identity_files()          # an ssh_alias's IdentityFile from ~/.ssh/config
+        if keys:
+            auth = SSHAuth(identity_file=keys[0])
     return SSHTransport(resolve, root=getattr(host_cfg, "root", None) or "~/orchestrate",
-                        auth=auth_from_host(host_cfg), pinned_key=ledger.host_key(row_id),
+                        auth=auth, pinned_key=ledger.host_key(row_id),
                         on_first_key=lambda key: ledger.pin_host_key(row_id, key), name=name)
 
 

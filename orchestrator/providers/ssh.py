@@ -1,0 +1,331 @@
+"""The `ssh` provider: a host the user rented by hand and reaches over SSH.
+
+There is no API: "create" registers the host under a label (a small state file in
+<ORCHESTRATE_HOME>/ssh-instances/), and the endpoint comes from the configuration, re-read at
+every `describe()` because rented hosts change port on restart:
+
+- `host`/`port`/`user` as written;
+- `ssh_alias`: resolved by the real OpenSSH client (`ssh -G alias`), so ~/.ssh/config decides;
+- `endpoint_command`: run locally, prints `user@host:port` (or `ssh -p PORT user@host`).
+
+Stopping the meter: `stop_command` runs locally (a rental platform's CLI), or with
+`shutdown_on_host` the host runs `shutdown -h now`. A shutdown is refused when the endpoint
+resolves to this machine (loopback or one of its own addresses), whatever the config says.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import shlex
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, InstanceNotFound, ProviderError
+from ..ledger import default_home, iso
+from ..secrets import redact
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_COMMAND = "sudo -n shutdown -h now 2>/dev/null || shutdown -h now"
+COMMAND_TIMEOUT_S = 60.0
+
+
+def _run_local(command: str, what: str, timeout_s: float = COMMAND_TIMEOUT_S) -> str:
+    """Run a user-configured shell command on this machine; return its stdout."""
+    try:
+        proc = subprocess.run(command, shell=True, capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ProviderError(f"{what} timed out after {timeout_s:.0f} s: {redact(command)}",
+                            provider="ssh") from None
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise ProviderError(f"{what} failed (exit {proc.returncode}): {redact(command)}"
+                            + (f": {redact(tail)}" if tail else ""), provider="ssh")
+    return proc.stdout
+
+
+_SSH_ARG_OPTS = set("BbcDEeFIiJLlmOopQRSWw")
+
+
+def _parse_ssh_command(tokens: list[str], default_user: str) -> Endpoint:
+    """The destination of an `ssh [options] [user@]host` command line."""
+    port, user, dest = 22, None, None
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("-") and len(tok) >= 2 and tok[1] in _SSH_ARG_OPTS:
+            value = tok[2:] or (tokens[i + 1] if i + 1 < len(tokens) else "")
+            i += 1 if tok[2:] else 2
+            if tok[1] == "p":
+                port = int(value)
+            elif tok[1] == "l":
+                user = value
+            continue
+        if tok.startswith("-"):
+            i += 1
+            continue
+        if dest is None:
+            dest = tok
+        i += 1
+    if not dest:
+        raise ValueError("no host in the ssh command")
+    if dest.startswith("ssh://"):
+        return parse_endpoint(dest[6:], user or default_user)
+    u, _, h = dest.rpartition("@")
+    if not (0 < port < 65536):
+        raise ValueError(f"bad port {port}")
+    return Endpoint(host=h, port=port, user=u or user or default_user)
+
+
+def parse_endpoint(text: str, default_user: str = "root") -> Endpoint:
+    """`user@host:port`, `host:port`, `user@host`, `[v6]:port` or `ssh -p PORT user@host`."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line:
+        raise ValueError("empty output")
+    if line.startswith("ssh "):
+        return _parse_ssh_command(line.split()[1:], default_user)
+    user, _, hostport = line.rpartition("@")
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else 22
+    elif hostport.count(":") == 1:
+        host, _, p = hostport.partition(":")
+        port = int(p)
+    else:
+        host, port = hostport, 22
+    if not host or " " in host or not (0 < port < 65536):
+        raise ValueError(f"not user@host:port: {line!r}")
+    return Endpoint(host=host, port=port, user=user or default_user)
+
+
+def ssh_g(alias: str, timeout_s: float = 10.0) -> dict[str, list[str]]:
+    """The OpenSSH client's view of `alias` (`ssh -G`): option -> values. OpenSSH reads the
+    passwd home's ~/.ssh/config (not $HOME); ORCHESTRATE_SSH_CONFIG names another file."""
+    cfg = os.environ.get("ORCHESTRATE_SSH_CONFIG")
+    argv = ["ssh", *(["-F", cfg] if cfg else []), "-G", alias]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProviderError(f"cannot run `ssh -G {alias}`: {exc}", provider="ssh",
+                            hint="install the OpenSSH client") from None
+    if proc.returncode != 0:
+        raise ProviderError(f"`ssh -G {alias}` failed: {proc.stderr.strip()[-200:]}", provider="ssh")
+    opts: dict[str, list[str]] = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        opts.setdefault(key.lower(), []).append(value.strip())
+    return opts
+
+
+def is_this_machine(host: str) -> bool:
+    """True when `host` resolves to loopback or to an address of this machine."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return False
+    for family, _type, _proto, _canon, sockaddr in infos:
+        addr = sockaddr[0]
+        ip = ipaddress.ip_address(addr.split("%")[0])
+        if ip.is_loopback or ip.is_unspecified:
+            return True
+        try:   # binding succeeds only on an address this machine owns
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((addr, 0) if family == socket.AF_INET else (addr, 0, 0, 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+class SSHProvider:
+    """Provider for hand-rented SSH hosts (see the module docstring)."""
+
+    name = "ssh"
+    transport_kind = "ssh"
+    billing = BillingRules(granularity_s=1.0)
+
+    def __init__(self, host: Any, *, home: Path | str | None = None, **_: Any) -> None:
+        self.home = Path(home) if home else default_home()
+        self.host_name = str(getattr(host, "name", "") or "ssh")
+        self.host_cfg = host
+        self.address = getattr(host, "host", None)
+        self.port = int(getattr(host, "port", None) or 22)
+        self.user = getattr(host, "user", None) or "root"
+        self.ssh_alias = getattr(host, "ssh_alias", None)
+        self.endpoint_command = getattr(host, "endpoint_command", None)
+        self.stop_command = getattr(host, "stop_command", None)
+        self.shutdown_on_host = bool(getattr(host, "shutdown_on_host", False))
+        self.gpu = str(getattr(host, "gpu", None) or "")
+        price = getattr(host, "price_per_hour", None)
+        self.price_per_hour = float(price) if price is not None else None
+        self.currency = str(getattr(host, "currency", None) or "USD")
+        self.state_dir = self.home / "ssh-instances"
+        sources = [k for k, v in (("host", self.address), ("ssh_alias", self.ssh_alias),
+                                  ("endpoint_command", self.endpoint_command)) if v]
+        if len(sources) != 1:
+            raise ConfigError(
+                f"host {self.host_name}: give exactly one of host, ssh_alias, endpoint_command"
+                + (f" (got {', '.join(sources)})" if sources else ""),
+                hint="e.g. endpoint_command: \"platform-cli ssh-url my-h100\" (prints user@host:port)")
+        if self.price_per_hour is None:
+            raise ConfigError(f"host {self.host_name}: price_per_hour is required for an ssh host",
+                              hint="write what the rental costs per hour, e.g. price_per_hour: 15")
+
+    # -- endpoint ---------------------------------------------------------------------------------
+    def resolve_endpoint(self) -> Endpoint:
+        """The endpoint right now (never cached)."""
+        if self.endpoint_command:
+            out = _run_local(self.endpoint_command, f"endpoint_command of {self.host_name}")
+            try:
+                return parse_endpoint(out, self.user)
+            except ValueError as exc:
+                raise ProviderError(f"endpoint_command of {self.host_name} printed something that is "
+                                    f"not user@host:port ({redact(str(exc))})", provider=self.name,
+                                    hint="it must print one line like root@1.2.3.4:22022") from None
+        if self.ssh_alias:
+            opts = ssh_g(self.ssh_alias)
+            return Endpoint(host=opts.get("hostname", [self.ssh_alias])[0],
+                            port=int(opts.get("port", ["22"])[0]),
+                            user=opts.get("user", [self.user])[0])
+        return Endpoint(host=str(self.address), port=self.port, user=self.user)
+
+    def identity_files(self) -> list[str]:
+        """Keys the user's ssh config names for the alias (used when identity_file is unset)."""
+        if not self.ssh_alias:
+            return []
+        files = [os.path.expanduser(f) for f in ssh_g(self.ssh_alias).get("identityfile", [])]
+        return [f for f in files if os.path.isfile(f)]
+
+    # -- state files ------------------------------------------------------------------------------
+    def _path(self, instance_id: str) -> Path:
+        if not instance_id or "/" in instance_id or instance_id.startswith("."):
+            raise InstanceNotFound(f"not an ssh instance id: {instance_id!r}", provider=self.name,
+                                   instance_id=instance_id)
+        return self.state_dir / f"{instance_id}.json"
+
+    def _read(self, instance_id: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._path(instance_id).read_text())
+        except FileNotFoundError:
+            raise InstanceNotFound(f"ssh instance {instance_id} is not registered", provider=self.name,
+                                   instance_id=instance_id) from None
+        except (OSError, ValueError) as exc:
+            raise ProviderError(f"cannot read ssh instance {instance_id}: {exc}", provider=self.name,
+                                instance_id=instance_id) from None
+
+    def _write(self, instance_id: str, data: dict[str, Any]) -> None:
+        path = self._path(instance_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**data, "updated_at": iso()}, indent=1))
+        os.replace(tmp, path)
+
+    def _info(self, data: dict[str, Any], endpoint: Endpoint | None) -> InstanceInfo:
+        return InstanceInfo(instance_id=data["id"], state=InstanceState(data["state"]),
+                            label=data.get("label", ""), endpoint=endpoint, gpu=self.gpu,
+                            price_per_hour=self.price_per_hour, currency=self.currency,
+                            raw_state=data["state"])
+
+    # -- the Provider protocol --------------------------------------------------------------------
+    def offers(self, gpu: str) -> list[Offer]:
+        return [Offer(provider=self.name, gpu=self.gpu or gpu, price_per_hour=self.price_per_hour or 0.0,
+                      currency=self.currency, region=self.host_name)]
+
+    def create(self, spec: InstanceSpec) -> str:
+        """Register the host (there is nothing to rent: the user already did)."""
+        instance_id = f"{self.host_name}-{secrets.token_hex(4)}"
+        self._write(instance_id, {"id": instance_id, "label": spec.label, "state": "running",
+                                  "host_name": self.host_name, "created_at": iso()})
+        return instance_id
+
+    def start(self, instance_id: str) -> None:
+        data = self._read(instance_id)
+        if data["state"] == "terminated":
+            raise ProviderError(f"ssh instance {instance_id} was released", provider=self.name,
+                                instance_id=instance_id)
+        self._write(instance_id, {**data, "state": "running"})
+
+    def stop(self, instance_id: str) -> None:
+        """Stop paying: `stop_command` locally, or shutdown on the host (never on loopback)."""
+        data = self._read(instance_id)
+        if data["state"] in ("stopped", "terminated"):
+            return
+        if self.stop_command:
+            _run_local(self.stop_command, f"stop_command of {self.host_name}", timeout_s=300)
+        elif self.shutdown_on_host:
+            self._shutdown_on_host(instance_id)
+        else:
+            log.warning("%s: no stop_command and no shutdown_on_host: the host keeps running "
+                        "(and billing) until you stop it yourself", self.host_name)
+        self._write(instance_id, {**data, "state": "stopped"})
+
+    def _shutdown_on_host(self, instance_id: str) -> None:
+        ep = self.resolve_endpoint()
+        if is_this_machine(ep.host):
+            raise ProviderError(
+                f"refusing `shutdown -h now` on {self.host_name}: {ep.host} is this machine",
+                provider=self.name, instance_id=instance_id,
+                hint="use stop_command for this host, or point it at the real rented machine")
+        from ..transport.ssh import SSHTransport, auth_from_host
+        pinned = self._pinned_key(instance_id)
+        tr = SSHTransport(self.resolve_endpoint, root="/tmp", auth=auth_from_host(self.host_cfg),
+                          pinned_key=pinned, reconnect_deadline_s=60, name=self.host_name)
+        try:
+            tr.run(f"nohup sh -c {shlex.quote('sleep 1; ' + SHUTDOWN_COMMAND)} >/dev/null 2>&1 &",
+                   timeout_s=30)
+        finally:
+            tr.close()
+
+    def _pinned_key(self, instance_id: str) -> str | None:
+        try:
+            from ..ledger import Ledger
+            ledger = Ledger.open(self.home)
+            try:
+                row = ledger.find_instance(self.name, instance_id)
+                return row.host_key if row else None
+            finally:
+                ledger.close()
+        except Exception:   # no ledger yet: first contact pins nothing to compare against
+            return None
+
+    def destroy(self, instance_id: str) -> None:
+        """Stop the host (as `stop`) and forget the registration."""
+        self.stop(instance_id)
+        self._write(instance_id, {**self._read(instance_id), "state": "terminated"})
+
+    def describe(self, instance_id: str) -> InstanceInfo:
+        data = self._read(instance_id)
+        endpoint = self.resolve_endpoint() if data["state"] == "running" else None
+        return self._info(data, endpoint)
+
+    def list(self, label_prefix: str) -> list[InstanceInfo]:
+        out = []
+        if not self.state_dir.is_dir():
+            return out
+        for path in sorted(self.state_dir.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("host_name") == self.host_name and str(data.get("label", "")).startswith(label_prefix):
+                out.append(self._info(data, None))
+        return out
+
+    def self_stop_command(self, instance_id: str) -> str | None:
+        """The on-host watchdog's stop: a shutdown, unless the host is this machine."""
+        if not self.shutdown_on_host:
+            return None
+        try:
+            if is_this_machine(self.resolve_endpoint().host):
+                return None
+        except ProviderError:
+            return None
+        return SHUTDOWN_COMMAND
