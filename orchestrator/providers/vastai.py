@@ -18,6 +18,7 @@ import shlex
 from typing import Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
+from ..secrets import redact
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
 from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
 
@@ -121,7 +122,7 @@ class VastProvider:
                                 provider=self.name, instance_id=instance_id)
         if body.get("success") is False:
             msg = body.get("msg") or body.get("error") or "success: false"
-            raise ProviderError(f"vastai: {what} refused: {msg}", provider=self.name,
+            raise ProviderError(redact(f"vastai: {what} refused: {msg}"), provider=self.name,
                                 instance_id=instance_id)
         return body
 
@@ -158,7 +159,8 @@ class VastProvider:
         reply = json_body(resp, self.name)
         if isinstance(reply, dict) and reply.get("success") is False:
             msg = str(reply.get("msg") or reply.get("error") or "")
-            if any(w in msg.lower() for w in ("no_such_ask", "not available", "unavailable", "rented")):
+            words = f"{reply.get('error') or ''} {msg}".lower()
+            if any(w in words for w in ("no_such_ask", "not available", "unavailable", "rented")):
                 raise CapacityError(f"vastai: offer {offer_id} is gone: {msg}", provider=self.name)
         reply = self._checked(reply, f"create from offer {offer_id}")
         new_id = reply.get("new_contract")

@@ -1,0 +1,217 @@
+"""Reconciliation: compare the providers' own instance lists with the ledger; destroy orphans.
+
+An orphan is an instance carrying our label prefix that no live job will ever release:
+- the ledger has no row for it (a create whose reply was lost and whose controller died), or
+- its ledger row is closed (destroyed/failed) yet the provider still lists it, or
+- its run's controller is gone (the run lock is free: the process exited or was SIGKILLed), or
+  its job has ended.
+
+Whether a controller is alive is decided by an advisory lock: the runner holds
+`<home>/locks/<run_id>.lock` (`hold_run_lock`) for as long as the run goes on. The kernel drops
+the lock when the process dies, however it dies, so a free lock means "nobody will tear this
+down". A run with no lock file at all is treated as live while the ledger says it is running
+(conservative: never destroy what another live controller may still be using).
+
+`down_orphans` shows, destroys, and closes the ledger rows (and so the billing intervals) of
+what it destroyed; open ledger rows whose instance the provider no longer lists are closed too.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from .errors import OrchestratorError
+from .ledger import DESTROYED, FAILED, INTENT, JOB_DONE_STATES, OPEN_STATES, Ledger, parse_iso
+from .providers.base import LABEL_PREFIX, InstanceInfo, InstanceState, Provider
+from .secrets import redact
+
+log = logging.getLogger(__name__)
+
+CLOUD_KINDS = ("vastai", "runpod", "lambda")
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    provider: str
+    info: InstanceInfo
+    row_id: int | None        # the ledger row it belongs to, when there is one
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Teardown:
+    orphan: Orphan
+    destroyed: bool
+    error: str | None = None
+
+
+# -- the run lock ---------------------------------------------------------------------------
+def lock_path(ledger: Ledger, run_id: str) -> Path:
+    return ledger.path.parent / "locks" / f"{run_id}.lock"
+
+
+@contextmanager
+def hold_run_lock(ledger: Ledger, run_id: str) -> Iterator[None]:
+    """Held by the controller for the whole run; proves to `orchestrate down` that it lives."""
+    path = lock_path(ledger, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)   # closing drops the lock
+
+
+def run_is_live(ledger: Ledger, run_id: str) -> bool:
+    path = lock_path(ledger, run_id)
+    if not path.exists():
+        run = ledger.run(run_id)
+        return bool(run and run.get("status") == "running" and not run.get("ended_at"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# -- finding ----------------------------------------------------------------------------------
+def _job_live(ledger: Ledger, run_id: str, job_id: str, live_runs: dict[str, bool]) -> bool:
+    if run_id not in live_runs:
+        live_runs[run_id] = run_is_live(ledger, run_id)
+    if not live_runs[run_id]:
+        return False
+    job = next((j for j in ledger.jobs(run_id) if j.job_id == job_id), None)
+    return job is None or job.status not in JOB_DONE_STATES
+
+
+def _providers(providers: Iterable[Provider] | Mapping[str, Provider]) -> list[Provider]:
+    return list(providers.values()) if isinstance(providers, Mapping) else list(providers)
+
+
+def find_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Provider]) -> list[Orphan]:
+    """Instances with our label prefix that no live job will release (see module doc)."""
+    orphans: list[Orphan] = []
+    live_runs: dict[str, bool] = {}
+    for provider in _providers(providers):
+        listed = provider.list(LABEL_PREFIX + "-")
+        for info in listed:
+            if info.state == InstanceState.TERMINATED:
+                continue
+            row = ledger.find_instance(provider.name, info.instance_id)
+            if row is None:
+                # A create in flight has an intent row with this label but no id yet.
+                pending = [r for r in ledger.instances(open_only=True, provider=provider.name)
+                           if r.label == info.label and r.instance_id is None]
+                if pending and _job_live(ledger, pending[0].run_id, pending[0].job_id, live_runs):
+                    continue
+                orphans.append(Orphan(provider.name, info, pending[0].row_id if pending else None,
+                                      "not in the ledger (a create whose reply was lost?)"))
+            elif row.state not in OPEN_STATES:
+                orphans.append(Orphan(provider.name, info, row.row_id,
+                                      f"the ledger says {row.state}, the provider still lists it"))
+            elif not _job_live(ledger, row.run_id, row.job_id, live_runs):
+                orphans.append(Orphan(provider.name, info, row.row_id,
+                                      f"job {row.job_id} of run {row.run_id} has no live controller"))
+    return orphans
+
+
+def close_vanished(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Provider]) -> list[int]:
+    """Close open ledger rows of dead runs whose instance the provider no longer lists."""
+    closed: list[int] = []
+    live_runs: dict[str, bool] = {}
+    for provider in _providers(providers):
+        listed = provider.list(LABEL_PREFIX + "-")
+        ids = {i.instance_id for i in listed if i.state != InstanceState.TERMINATED}
+        labels = {i.label for i in listed if i.state != InstanceState.TERMINATED}
+        for row in ledger.instances(open_only=True, provider=provider.name):
+            if _job_live(ledger, row.run_id, row.job_id, live_runs):
+                continue
+            if row.instance_id is None and row.state == INTENT and row.label not in labels:
+                ledger.set_instance_state(row.row_id, FAILED, note="create never completed (reconcile)")
+                closed.append(row.row_id)
+            elif row.instance_id is not None and row.instance_id not in ids:
+                ledger.set_instance_state(row.row_id, DESTROYED, note="gone at the provider (reconcile)")
+                closed.append(row.row_id)
+    return closed
+
+
+# -- acting -----------------------------------------------------------------------------------
+def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
+    """One provider client per cloud host of the config (or, with no config, per cloud kind in
+    the ledger's open rows, using the default API key variables). Unreachable ones are skipped."""
+    from .providers import make_provider
+
+    hosts: list[Any] = []
+    if config is not None:
+        hosts = [h for h in getattr(config, "hosts", {}).values() if getattr(h, "provider", None) in CLOUD_KINDS]
+    else:
+        kinds = sorted({r.provider for r in ledger.instances(open_only=True)} & set(CLOUD_KINDS))
+        hosts = [_DefaultHost(k) for k in kinds]
+    out: dict[str, Provider] = {}
+    for host in hosts:
+        key = f"{host.provider}|{getattr(host, 'api_base', None)}|{getattr(host, 'api_key_env', None)}"
+        if key in out:
+            continue
+        try:
+            out[key] = make_provider(host)
+        except OrchestratorError as exc:
+            log.warning("cannot check %s for orphans: %s", host.provider, exc)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _DefaultHost:
+    provider: str
+    name: str = ""
+    api_base: str | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+
+
+def destroy_orphan(ledger: Ledger, provider: Provider, orphan: Orphan) -> Teardown:
+    iid = orphan.info.instance_id
+    try:
+        provider.destroy(iid)
+    except OrchestratorError as exc:
+        msg = redact(str(exc))
+        ledger.add_event("orphan_destroy_failed", f"{provider.name} {iid}: {msg}")
+        return Teardown(orphan, False, msg)
+    row_id = orphan.row_id
+    if row_id is not None:
+        row = ledger.instance(row_id)
+        if row is not None and row.instance_id is None:
+            # A lost-reply create: it billed from the moment we asked for it.
+            ledger.instance_created(row_id, iid, at=parse_iso(row.created_at).timestamp())
+        if row is not None and row.state in OPEN_STATES:
+            ledger.set_instance_state(row_id, DESTROYED, note=f"orphan destroyed: {orphan.reason}")
+    ledger.add_event("orphan_destroyed", f"{provider.name} {iid} ({orphan.info.label}): {orphan.reason}")
+    log.warning("destroyed orphan %s %s (%s): %s", provider.name, iid, orphan.info.label, orphan.reason)
+    return Teardown(orphan, True)
+
+
+def down_orphans(ledger: Ledger, config_or_none: Any | None, yes: bool, *,
+                 providers: Iterable[Provider] | Mapping[str, Provider] | None = None) -> list[Teardown]:
+    """Find orphans and, when `yes`, destroy them and close their ledger rows. Without `yes`
+    nothing is touched: the list (destroyed=False, error="not confirmed") is for showing."""
+    provs = _providers(providers) if providers is not None else list(providers_for(config_or_none, ledger).values())
+    results: list[Teardown] = []
+    for p in provs:
+        for orphan in find_orphans(ledger, [p]):
+            if not yes:
+                results.append(Teardown(orphan, False, "not confirmed"))
+                continue
+            results.append(destroy_orphan(ledger, p, orphan))
+    if yes:
+        close_vanished(ledger, provs)
+    return results
