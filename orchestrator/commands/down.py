@@ -1,0 +1,136 @@
+"""`orchestrate down [INSTANCE | --all] [--orphans] [--yes]`: release what the ledger says is open.
+
+INSTANCE is a provider instance id or a ledger row number (see `orchestrate status`). The
+provider client for a row is built from the host entry of the run's experiments file (or
+`--config`); local rows need no file. `--orphans` also asks the cloud providers for instances
+with our label that no live run will release (orchestrator.reconcile).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, OrchestratorError
+from ..ledger import Ledger, InstanceRow
+from ..provisioning import release
+from . import add_json_flag, confirm, is_tty, money
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("down", help="stop/destroy instances the ledger says are open",
+                       description="Stop paying: destroy the named instance, or every open one with --all.")
+    p.add_argument("instance", nargs="?", default=None, help="instance id or ledger row number")
+    p.add_argument("--all", action="store_true", help="every open instance in the ledger")
+    p.add_argument("--orphans", action="store_true",
+                   help="also destroy labelled cloud instances no live run will release")
+    p.add_argument("--config", type=Path, default=None,
+                   help="experiments file for provider settings (default: the run's own file)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    add_json_flag(p)
+    p.set_defaults(func=main)
+
+
+@dataclass(frozen=True, slots=True)
+class _BareHost:
+    """A host entry rebuilt from a ledger row when no experiments file is at hand."""
+    name: str
+    provider: str
+    gpu: str = ""
+    root: str | None = None
+    price_per_hour: float | None = None
+
+
+def _config_for(path: Path | None) -> Any | None:
+    if path is None or not path.is_file():
+        return None
+    from ..config import load_config
+    return load_config(path)
+
+
+def _provider_for(row: InstanceRow, ledger: Ledger, cli_config: Any | None) -> Any:
+    from ..providers import make_provider
+    config = cli_config
+    if config is None:
+        run = ledger.run(row.run_id) or {}
+        try:
+            config = _config_for(Path(run.get("config_path") or "")) if run.get("config_path") else None
+        except OrchestratorError:
+            config = None
+    host = getattr(config, "hosts", {}).get(row.host_name) if config is not None else None
+    if host is None:
+        if row.provider == "ssh":
+            raise ConfigError(f"instance {row.instance_id}: the host {row.host_name!r} is not in any "
+                              "experiments file at hand", hint="pass --config experiments.yaml")
+        host = _BareHost(row.host_name, row.provider, row.gpu)
+    return make_provider(host)
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.instance and not args.all and not args.orphans:
+        raise ConfigError("say what to stop: an INSTANCE, --all, or --orphans",
+                          hint="`orchestrate status` lists open instances")
+    cli_config = _config_for(args.config)
+    if args.config is not None and cli_config is None:
+        raise ConfigError(f"--config {args.config}: no such file")
+    ledger = Ledger.open()
+    try:
+        rows = ledger.instances(open_only=True)
+        if args.instance:
+            rows = [r for r in rows if r.instance_id == args.instance or str(r.row_id) == args.instance]
+            if not rows:
+                raise ConfigError(f"no open instance {args.instance!r} in the ledger",
+                                  hint="`orchestrate status` lists open instances")
+        elif not args.all:
+            rows = []
+        if rows and not args.yes:
+            listing = ", ".join(f"{r.provider}:{r.instance_id or '(intent)'}" for r in rows)
+            if not is_tty():
+                raise ConfigError(f"would release {listing}; not on a terminal",
+                                  hint="pass --yes to confirm")
+            if not confirm(f"release {listing}?"):
+                return 1
+        report: list[dict[str, Any]] = []
+        failed = 0
+        for r in rows:
+            entry = {"row_id": r.row_id, "provider": r.provider, "instance_id": r.instance_id,
+                     "host": r.host_name}
+            if not r.instance_id:
+                ledger.set_instance_state(r.row_id, "failed", note="intent without an instance id; "
+                                          "closed by `down` (use --orphans to search the provider)")
+                entry["result"] = "closed (no instance was recorded)"
+            else:
+                try:
+                    ok = release(_provider_for(r, ledger, cli_config), r.instance_id, r.row_id,
+                                 ledger=ledger, destroy=True, run_id=r.run_id, job_id=r.job_id)
+                except OrchestratorError as exc:
+                    ok, entry["error"] = False, str(exc)
+                entry["result"] = "destroyed" if ok else "FAILED"
+                failed += 0 if ok else 1
+            entry["cost"] = ledger.instance_cost(r.row_id)
+            report.append(entry)
+        if args.orphans:
+            if importlib.util.find_spec("orchestrator.reconcile") is None:
+                raise ConfigError("--orphans is not available in this build")
+            from ..reconcile import down_orphans
+            for td in down_orphans(ledger, cli_config, args.yes or is_tty()):
+                report.append({"provider": td.orphan.provider, "instance_id": td.orphan.info.instance_id,
+                               "reason": td.orphan.reason,
+                               "result": "destroyed" if td.destroyed else f"FAILED: {td.error}"})
+                failed += 0 if td.destroyed else 1
+    finally:
+        ledger.close()
+    if args.json:
+        sys.stdout.write(json.dumps({"released": report}, indent=2) + "\n")
+    elif not report:
+        sys.stdout.write("nothing open\n")
+    else:
+        for e in report:
+            cost = f" (cost {money(e['cost'])})" if "cost" in e else ""
+            err = f": {e['error']}" if e.get("error") else ""
+            sys.stdout.write(f"{e['provider']} {e['instance_id']}: {e['result']}{cost}{err}\n")
+    return 1 if failed else 0

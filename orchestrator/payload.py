@@ -1,0 +1,140 @@
+"""The code the host runs: `remote_payload/` and `ngp_train/`, pushed content-addressed.
+
+The source files are hashed; the host gets them under `<root>/payload/<hash>/` once, and a
+second job (or a rerun) on the same host finds `.complete` there and pushes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("remote_payload", "ngp_train")
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+_SKIP_DIRS = {"__pycache__", ".pytest_cache"}
+
+
+@dataclass(frozen=True, slots=True)
+class PushedPayload:
+    remote_dir: str      # <root>/payload/<hash>
+    digest: str
+    pushed: bool         # False when the host already had it
+    seconds: float
+
+
+def source_files(source_root: Path = SOURCE_ROOT) -> list[Path]:
+    files = []
+    for pkg in PACKAGES:
+        base = source_root / pkg
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not _SKIP_DIRS.intersection(p.relative_to(source_root).parts) \
+                    and p.suffix not in (".pyc", ".pyo"):
+                files.append(p)
+    return files
+
+
+def payload_digest(source_root: Path = SOURCE_ROOT) -> str:
+    """sha256 over (relative path, bytes) of every payload source file; first 16 hex."""
+    h = hashlib.sha256()
+    for p in source_files(source_root):
+        h.update(str(p.relative_to(source_root)).encode() + b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def push_payload(transport: Transport, source_root: Path = SOURCE_ROOT) -> PushedPayload:
+    """Make `<root>/payload/<hash>/` hold the payload packages; skip when already there."""
+    t0 = time.monotonic()
+    digest = payload_digest(source_root)
+    remote_dir = f"{transport.root}/payload/{digest}"
+    if transport.read_text(f"{remote_dir}/.complete") is not None:
+        return PushedPayload(remote_dir, digest, False, time.monotonic() - t0)
+    with tempfile.TemporaryDirectory(prefix="orch-payload-") as tmp:
+        staged = Path(tmp) / digest
+        for f in source_files(source_root):
+            target = staged / f.relative_to(source_root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+        tmp_remote = f"{transport.root}/payload/.tmp-{digest}"
+        transport.run(f"rm -rf {shlex.quote(tmp_remote)} && mkdir -p {shlex.quote(transport.root)}/payload",
+                      timeout_s=120)
+        transport.put(staged, tmp_remote)
+        transport.run(f"rm -rf {shlex.quote(remote_dir)} && mv {shlex.quote(tmp_remote)} {shlex.quote(remote_dir)}",
+                      timeout_s=120)
+    transport.write_text(f"{remote_dir}/.complete", digest + "\n")
+    log.debug("payload %s pushed to %s", digest, remote_dir)
+    return PushedPayload(remote_dir, digest, True, time.monotonic() - t0)
+
+
+def payload_command(python: str, payload_dir: str, args: str) -> str:
+    """`PYTHONPATH=<payload_dir> <python> -m <args>` (args already shell-quoted)."""
+    return f"PYTHONPATH={shlex.quote(payload_dir)} {shlex.quote(python)} -m {args}"
+
+
+# -- the job on the host ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RemoteStatus:
+    """`JOB_DIR/status.json` as the controller reads it (contract §2)."""
+    phase: str
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    psnr: float | None = None
+    eta_s: float | None = None
+    pid: int = 0
+    exit_code: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> "RemoteStatus | None":
+        import json
+        if not text or not text.strip():
+            return None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None   # a torn read cannot happen (atomic writes) but a foreign file can
+        if not isinstance(data, dict) or "phase" not in data:
+            return None
+        def num(k: str) -> float | None:
+            v = data.get(k)
+            return float(v) if isinstance(v, (int, float)) else None
+        return cls(phase=str(data["phase"]), step=int(data.get("step") or 0),
+                   total_steps=int(data.get("total_steps") or 0), loss=num("loss"), psnr=num("psnr"),
+                   eta_s=num("eta_s"), pid=int(data.get("pid") or 0),
+                   exit_code=data.get("exit_code") if isinstance(data.get("exit_code"), int) else None,
+                   error=data.get("error") if isinstance(data.get("error"), str) else None)
+
+
+def job_key(job_id: str, settings: dict[str, object]) -> str:
+    """The stable per-host job directory name: `<job_id>-<hash of what shapes the result>`,
+    so a rerun of the same experiment finds its snapshot and a changed one starts clean."""
+    import json
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return f"{job_id}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
+def run_args(*, data_dir: str, job_dir: str, steps: int, backend: str, device: str, scene: str,
+             max_seconds: float | None, downscale: int, seed: int) -> str:
+    args = (f"remote_payload run --data {shlex.quote(data_dir)} --job-dir {shlex.quote(job_dir)}"
+            f" --steps {int(steps)} --backend {shlex.quote(backend)} --device {shlex.quote(device)}"
+            f" --scene {shlex.quote(scene)} --downscale {int(downscale)} --seed {int(seed)}")
+    if max_seconds:
+        args += f" --max-seconds {float(max_seconds):g}"
+    return args
+
+
+def watchdog_args(*, job_dir: str, idle_timeout_s: float, deadline_s: float, stop_command: str,
+                  poll_s: float = 5.0) -> str:
+    return (f"remote_payload watchdog --job-dir {shlex.quote(job_dir)} --idle-timeout {idle_timeout_s:g}"
+            f" --deadline {deadline_s:g} --stop-command {shlex.quote(stop_command)} --poll-s {poll_s:g}")

@@ -1,0 +1,151 @@
+"""Renting and releasing one instance, with the ledger kept ahead of every paid call.
+
+Order matters for money: the ledger row (state `intent`) is written before `create`, so a
+controller that dies inside the call still left a trace for reconciliation. A `create` that
+raises may still have made an instance (timeouts, 5xx after commit): we look for our label in
+`provider.list` and destroy exactly what carries it, nothing else.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CapacityError, OrchestratorError, ProviderError
+from .ledger import DESTROYED, FAILED, RUNNING, STOPPED, Ledger
+from .providers.base import InstanceInfo, InstanceSpec, InstanceState, Provider
+from .secrets import redact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioned:
+    instance_id: str
+    row_id: int
+    price_per_hour: float
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class PriceChoice:
+    price_per_hour: float
+    currency: str
+    offer_id: str | None
+
+
+def choose_price(provider: Provider, host: Any) -> PriceChoice:
+    """The price recorded at provisioning: the host's own figure, else the cheapest offer."""
+    if getattr(host, "price_per_hour", None) is not None:
+        return PriceChoice(float(host.price_per_hour), str(getattr(host, "currency", None) or "USD"), None)
+    gpu = str(getattr(host, "gpu", "") or "")
+    cap = getattr(host, "max_price_per_hour", None)
+    offers = [o for o in provider.offers(gpu) if o.available and (cap is None or o.price_per_hour <= cap)]
+    if not offers:
+        raise CapacityError(f"{provider.name}: no available offer for {gpu or 'the requested GPU'}"
+                            + (f" at or below {cap}/h" if cap is not None else ""),
+                            provider=provider.name, hint="try another GPU type, or raise max_price_per_hour")
+    best = min(offers, key=lambda o: o.price_per_hour)
+    return PriceChoice(best.price_per_hour, best.currency, best.offer_id)
+
+
+def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job_id: str,
+              label: str, ready_timeout_s: float = 900.0,
+              stop: threading.Event | None = None) -> Provisioned:
+    """Create an instance and wait until it is RUNNING; the ledger follows every step."""
+    price = choose_price(provider, host)
+    spec = InstanceSpec(label=label, gpu=str(getattr(host, "gpu", "") or ""), offer_id=price.offer_id,
+                        max_price_per_hour=getattr(host, "max_price_per_hour", None),
+                        image=getattr(host, "image", None),
+                        disk_gb=float(getattr(host, "disk_gb", None) or 20.0),
+                        region=getattr(host, "region", None))
+    billing = provider.billing
+    row_id = ledger.record_intent(run_id=run_id, job_id=job_id, host_name=str(getattr(host, "name", "")),
+                                  provider=provider.name, label=label, gpu=spec.gpu,
+                                  price_per_hour=price.price_per_hour, currency=price.currency,
+                                  granularity_s=billing.granularity_s,
+                                  storage_price_per_hour=billing.storage_price_per_hour)
+    t_create = time.time()
+    try:
+        instance_id = provider.create(spec)
+    except Exception as exc:
+        _cleanup_failed_create(provider, label, ledger, row_id, t_create, exc)
+        if isinstance(exc, OrchestratorError):
+            raise
+        raise ProviderError(f"{provider.name}: create failed: {redact(str(exc))}", provider=provider.name) from None
+    ledger.instance_created(row_id, instance_id, at=t_create)
+    ledger.add_event("instance_created", f"{provider.name} {instance_id} ({label})", run_id, job_id)
+    result = Provisioned(instance_id, row_id, price.price_per_hour, price.currency)
+    info = wait_running(provider, instance_id, timeout_s=ready_timeout_s, stop=stop)
+    ledger.set_instance_state(row_id, RUNNING, note=info.raw_state or None)
+    if info.endpoint is not None:
+        ledger.set_endpoint(row_id, str(info.endpoint))
+    return result
+
+
+def _cleanup_failed_create(provider: Provider, label: str, ledger: Ledger, row_id: int,
+                           t_create: float, exc: BaseException) -> None:
+    """After a create that raised: destroy any instance carrying exactly our label."""
+    note = f"create failed: {redact(str(exc))}"[:500]
+    try:
+        found = [i for i in provider.list(label) if i.label == label]
+    except Exception as list_exc:   # the provider is unreachable: leave the intent for reconcile
+        log.warning("%s: create failed and listing to check for a stray instance failed too: %s",
+                    provider.name, redact(str(list_exc)))
+        ledger.set_instance_state(row_id, FAILED, note=note + "; could not list to verify (run `orchestrate down --orphans`)")
+        return
+    for info in found:
+        if info.state == InstanceState.TERMINATED:
+            continue
+        log.warning("%s: create raised but instance %s exists; destroying it", provider.name, info.instance_id)
+        ledger.instance_created(row_id, info.instance_id, at=t_create)
+        try:
+            provider.destroy(info.instance_id)
+            ledger.set_instance_state(row_id, DESTROYED, note=note + "; stray instance destroyed")
+        except Exception as d_exc:
+            ledger.set_instance_state(row_id, RUNNING, note=note + f"; destroying the stray failed: {redact(str(d_exc))}")
+        return
+    ledger.set_instance_state(row_id, FAILED, note=note)
+
+
+def wait_running(provider: Provider, instance_id: str, *, timeout_s: float,
+                 stop: threading.Event | None = None, poll_s: float = 2.0) -> InstanceInfo:
+    """Poll `describe` until RUNNING; ERROR/TERMINATED or the deadline raise ProviderError."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        info = provider.describe(instance_id)
+        if info.state == InstanceState.RUNNING:
+            return info
+        if info.state in (InstanceState.ERROR, InstanceState.TERMINATED):
+            raise ProviderError(f"{provider.name}: instance {instance_id} is {info.raw_state or info.state.value}",
+                                provider=provider.name, instance_id=instance_id)
+        if stop is not None and stop.is_set():
+            raise ProviderError(f"{provider.name}: interrupted while instance {instance_id} was booting",
+                                provider=provider.name, instance_id=instance_id)
+        if time.monotonic() >= deadline:
+            raise ProviderError(f"{provider.name}: instance {instance_id} not running after {timeout_s:g} s "
+                                f"(state {info.raw_state or info.state.value})", provider=provider.name,
+                                instance_id=instance_id, hint="the provider may be short of capacity; try again or another offer")
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(poll_s, delay * 2)
+
+
+def release(provider: Provider, instance_id: str, row_id: int, *, ledger: Ledger, destroy: bool = True,
+            run_id: str | None = None, job_id: str | None = None) -> bool:
+    """Stop or destroy; the ledger's billing interval is closed only when the provider agreed.
+    Returns False (and logs an event) when it failed, so `orchestrate down` can retry."""
+    what = "destroy" if destroy else "stop"
+    try:
+        (provider.destroy if destroy else provider.stop)(instance_id)
+    except Exception as exc:
+        msg = f"{provider.name}: {what} {instance_id} failed: {redact(str(exc))}"
+        log.error("%s (the instance may still bill; run `orchestrate down %s`)", msg, instance_id)
+        ledger.add_event("release_failed", msg, run_id, job_id)
+        return False
+    ledger.set_instance_state(row_id, DESTROYED if destroy else STOPPED)
+    ledger.add_event(f"instance_{'destroyed' if destroy else 'stopped'}", f"{provider.name} {instance_id}",
+                     run_id, job_id)
+    return True

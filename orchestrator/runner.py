@@ -1,0 +1,416 @@
+"""The job state machine and the concurrency over jobs.
+
+One job: record → provision → connect → push payload → bootstrap ║ stage → start the pipeline
+detached (+ the watchdog beside it) → poll status.json (heartbeat each poll) → pull results →
+record → teardown. Teardown is in `finally`: success, error, Ctrl-C and lost connections all
+end with the instance released and its billing interval closed (or, when the provider refuses,
+an event saying `orchestrate down` must retry).
+
+A Ctrl-C sets `stop`; a job that is training sends SIGINT to its remote pipeline, which saves a
+snapshot and exits 5; the job is marked `interrupted`. The per-host job directory is keyed by
+job id + settings hash (`payload.job_key`), so a rerun of the same file resumes from it.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import payload as pl
+from .budget import BudgetGuard
+from .errors import JobError, OrchestratorError, TransportError
+from .ledger import Ledger
+from .live import LiveView
+from .providers import make_provider
+from .providers.base import Provider, make_label
+from .provisioning import Provisioned, provision, release
+from .secrets import redact
+from .staging import stage_dataset
+from .transport import connect
+from .transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 5
+EXIT_ALREADY_RUNNING = 7
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """Everything the runner needs about one job (built from the config's plan)."""
+    job_id: str
+    experiment: str
+    scene: str
+    host_name: str
+    host: Any                 # config.HostConfig
+    dataset_name: str
+    dataset: Any              # config.DatasetConfig
+    steps: int
+    backend: str = "auto"
+    device: str = "auto"
+    max_seconds: float | None = None
+    downscale: int = 1
+    seed: int = 0
+    estimate_cost: float = 0.0
+    estimate_seconds: float = 0.0
+    currency: str = "USD"
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpu(self) -> str:
+        return str(getattr(self.host, "gpu", None) or "cpu")
+
+    def settings(self) -> dict[str, Any]:
+        gen = getattr(self.dataset, "generate", None)
+        return {"dataset": self.dataset_name, "scene": self.scene, "steps": self.steps,
+                "backend": self.backend, "device": self.device, "max_seconds": self.max_seconds,
+                "downscale": self.downscale, "seed": self.seed,
+                "generate": repr(gen) if gen is not None else None}
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    runs_dir: Path
+    concurrency: int = 4
+    poll_s: float = 1.0
+    reconnect_deadline_s: float = 300.0
+    interrupt_grace_s: float = 90.0
+    ready_timeout_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    job_id: str
+    scene: str
+    host_name: str
+    gpu: str
+    status: str               # succeeded | failed | interrupted | cancelled | budget_stopped
+    psnr: float | None = None
+    ssim: float | None = None
+    train_seconds: float | None = None
+    cost: float = 0.0
+    currency: str = "USD"
+    out_dir: str | None = None
+    error: str | None = None
+
+
+class JobInterrupted(OrchestratorError):
+    exit_code = 130
+
+
+class Runner:
+    def __init__(self, jobs: list[JobPlan], *, ledger: Ledger, run_id: str, options: RunOptions,
+                 guard: BudgetGuard, view: LiveView, stop: threading.Event,
+                 provider_factory: Callable[[Any], Provider] = make_provider) -> None:
+        self.jobs = jobs
+        self.ledger = ledger
+        self.run_id = run_id
+        self.opts = options
+        self.guard = guard
+        self.view = view
+        self.stop = stop
+        self.provider_factory = provider_factory
+        self._providers: dict[str, Provider] = {}
+        self._plock = threading.Lock()
+
+    def provider_for(self, job: JobPlan) -> Provider:
+        with self._plock:
+            if job.host_name not in self._providers:
+                self._providers[job.host_name] = self.provider_factory(job.host)
+            return self._providers[job.host_name]
+
+    def run_all(self) -> list[JobOutcome]:
+        for job in self.jobs:
+            self.ledger.add_job(self.run_id, job.job_id, experiment=job.experiment, scene=job.scene,
+                                host_name=job.host_name, provider=str(getattr(job.host, "provider", "")),
+                                gpu=job.gpu, steps=job.steps, backend=job.backend, dataset=job.dataset_name,
+                                settings=job.settings(), estimate=job.estimate or None)
+        workers = max(1, min(self.opts.concurrency, len(self.jobs)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job") as pool:
+            futures = [pool.submit(self.run_job, job) for job in self.jobs]
+            return [f.result() for f in futures]
+
+    # -- one job --------------------------------------------------------------------------
+    def run_job(self, job: JobPlan) -> JobOutcome:
+        """Never raises: every ending is an outcome (and a ledger status)."""
+        jid = job.job_id
+        if self.stop.is_set():
+            return self._finish(job, "cancelled", None, "not started: the run was interrupted")
+        if not self.guard.may_start(jid, job.estimate_cost):
+            return self._finish(job, "budget_stopped", None,
+                                "not started: it would cross the budget (spent + running estimates)")
+        self.ledger.update_job(self.run_id, jid, status="running")
+        prov: Provisioned | None = None
+        provider: Provider | None = None
+        transport: Transport | None = None
+        attempt = _Attempt()
+        try:
+            provider = self.provider_for(job)
+            self.view.update(jid, phase="boot")
+            with self.ledger.phase(self.run_id, jid, "boot"):
+                prov = provision(provider, job.host, ledger=self.ledger, run_id=self.run_id, job_id=jid,
+                                 label=make_label(self.run_id, jid), ready_timeout_s=self.opts.ready_timeout_s,
+                                 stop=self.stop)
+                self.ledger.update_job(self.run_id, jid, instance_row=prov.row_id)
+                self.view.update(jid, currency=prov.currency)
+                transport = connect(provider, prov.instance_id, job.host, ledger=self.ledger,
+                                    instance_row=prov.row_id)
+            attempt.host_ready_mono = time.monotonic()
+            summary = self._on_host(job, provider, prov, transport, attempt)
+            out = self._result(job, prov, summary, attempt)
+            attempt.succeeded = True
+            return out
+        except JobInterrupted as exc:
+            return self._finish(job, attempt.stop_status or "interrupted", prov, str(exc))
+        except OrchestratorError as exc:
+            log.error("%s: %s", jid, redact(str(exc)))
+            return self._finish(job, "failed", prov, str(exc))
+        except Exception as exc:   # a bug must still end in teardown and a clean outcome
+            log.exception("%s: unexpected error", jid)
+            return self._finish(job, "failed", prov, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._teardown(job, provider, prov, transport, attempt)
+
+    def _on_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
+                 attempt: "_Attempt") -> dict[str, Any]:
+        jid = job.job_id
+        python = str(getattr(job.host, "python", None) or _default_python(provider))
+        self.view.update(jid, phase="setup")
+        t0 = time.time()
+        pushed = pl.push_payload(t)
+        self._check_stop()
+        # Environment detection and dataset staging overlap (DESIGN: ║).
+        boot_box: dict[str, Any] = {}
+
+        def bootstrap() -> None:
+            try:
+                t.run(pl.payload_command(python, pushed.remote_dir, "remote_payload bootstrap --out env.json"),
+                      timeout_s=900)
+            except BaseException as exc:   # handed to the main thread
+                boot_box["error"] = exc
+            finally:
+                boot_box["ended"] = time.time()
+
+        th = threading.Thread(target=bootstrap, name=f"bootstrap-{jid}", daemon=True)
+        th.start()
+        s0 = time.time()
+        self.view.update(jid, phase="staging")
+        try:
+            data_dir = stage_dataset(t, job.dataset, job.scene, python=python, payload_dir=pushed.remote_dir,
+                                     progress=None)
+        finally:
+            self.ledger.record_phase(self.run_id, jid, "staging", s0, time.time())
+            th.join(timeout=900)
+            self.ledger.record_phase(self.run_id, jid, "setup", t0, boot_box.get("ended", time.time()))
+        if "error" in boot_box:
+            raise boot_box["error"]
+        self._check_stop()
+
+        job_dir = f"{t.root}/jobs/{pl.job_key(jid, job.settings())}"
+        attempt.job_dir = job_dir
+        status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
+        self._watch(job, prov, t, attempt, status)
+        return self._pull(job, t, attempt)
+
+    def _attach_or_start(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
+                         python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:
+        jid, q = job.job_id, shlex.quote
+        current = pl.RemoteStatus.parse(t.read_text(f"{attempt.job_dir}/status.json"))
+        alive = current is not None and current.exit_code is None and current.pid > 0 and \
+            t.run(f"kill -0 {current.pid}", check=False, timeout_s=30).ok
+        if alive:
+            log.info("%s: re-attaching to the running pipeline (pid %d)", jid, current.pid)
+            attempt.train_started_mono = time.monotonic()
+            return current
+        if current is not None and current.phase == "done" and current.exit_code == 0:
+            # A finished job is not a cache for a new run: start clean so timings are real.
+            t.run(f"rm -rf {q(attempt.job_dir)}", timeout_s=300)
+        t.run(f"mkdir -p {q(attempt.job_dir)} && rm -f {q(attempt.job_dir)}/status.json && "
+              f"touch {q(attempt.job_dir)}/heartbeat", timeout_s=60)
+        env = {"ORCHESTRATE_INSTANCE": prov.instance_id, "PYTHONUNBUFFERED": "1"}
+        run_cmd = pl.payload_command(python, payload_dir, pl.run_args(
+            data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps, backend=job.backend,
+            device=job.device, scene=job.scene, max_seconds=job.max_seconds, downscale=job.downscale,
+            seed=job.seed))
+        attempt.pipeline_pid = t.start_detached(f"cd {q(t.root)} && {run_cmd}",
+                                                log_path=f"{attempt.job_dir}/log.txt", env=env)
+        attempt.train_started_mono = time.monotonic()
+        stop_cmd = provider.self_stop_command(prov.instance_id) or (
+            f"kill -TERM {attempt.pipeline_pid}")
+        idle_s = float(getattr(job.host, "idle_timeout_s", None) or 600.0)
+        deadline_s = float(getattr(job.host, "deadline_s", None) or max(3600.0, 3 * job.estimate_seconds))
+        attempt.watchdog_pid = t.start_detached(
+            pl.payload_command(python, payload_dir, pl.watchdog_args(
+                job_dir=attempt.job_dir, idle_timeout_s=idle_s, deadline_s=deadline_s, stop_command=stop_cmd)),
+            log_path=f"{attempt.job_dir}/watchdog.log", env=env)
+        self.ledger.add_event("pipeline_started", f"pid {attempt.pipeline_pid} in {attempt.job_dir}",
+                              self.run_id, jid)
+        return None
+
+    def _watch(self, job: JobPlan, prov: Provisioned, t: Transport, attempt: "_Attempt",
+               status: pl.RemoteStatus | None) -> None:
+        """Poll until the pipeline has ended; forward a stop request as SIGINT to it."""
+        jid, jd = job.job_id, shlex.quote(attempt.job_dir)
+        poll = f"touch {jd}/heartbeat; cat {jd}/status.json 2>/dev/null || true"
+        train_t0 = time.time()
+        eval_t0: float | None = None
+        lost_since: float | None = None
+        interrupt_deadline: float | None = None
+        no_status_deadline = time.monotonic() + 120.0
+        while True:
+            try:
+                text = t.run(poll, check=False, timeout_s=60).stdout
+                lost_since = None
+            except TransportError as exc:
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > self.opts.reconnect_deadline_s:
+                    raise JobError(f"lost contact with the host for {now - lost_since:.0f} s: {exc}",
+                                   job_id=jid, phase="train") from None
+                log.warning("%s: poll failed (%s); retrying", jid, redact(str(exc)))
+                time.sleep(min(10.0, 1.0 + (now - lost_since) / 4))
+                continue
+            status = pl.RemoteStatus.parse(text) or status
+            if status is not None:
+                if eval_t0 is None and status.phase not in ("check", "train"):
+                    eval_t0 = time.time()
+                    attempt.train_ended_mono = time.monotonic()
+                    self.ledger.record_phase(self.run_id, jid, "train", train_t0, eval_t0)
+                self.view.update(jid, phase=status.phase, step=status.step, total_steps=status.total_steps,
+                                 loss=status.loss, psnr=status.psnr,
+                                 cost=self.ledger.instance_cost(prov.row_id))
+                if status.exit_code is not None:
+                    break
+            elif time.monotonic() > no_status_deadline:
+                tail = t.read_text(f"{attempt.job_dir}/log.txt") or ""
+                raise JobError(f"the pipeline wrote no status within 120 s: {tail.strip()[-300:]}",
+                               job_id=jid, phase="start")
+            if interrupt_deadline is None and (self.stop.is_set() or self.guard.over_cap()):
+                attempt.stop_status = "interrupted" if self.stop.is_set() else "budget_stopped"
+                pid = status.pid if status and status.pid else attempt.pipeline_pid
+                log.warning("%s: %s; asking the pipeline (pid %s) to snapshot and stop", jid,
+                            "interrupted" if self.stop.is_set() else "budget reached", pid)
+                self.view.update(jid, note="stopping")
+                if pid:
+                    t.run(f"kill -INT {int(pid)}", check=False, timeout_s=30)
+                interrupt_deadline = time.monotonic() + self.opts.interrupt_grace_s
+            if interrupt_deadline is not None and time.monotonic() > interrupt_deadline:
+                raise JobInterrupted(f"the pipeline did not stop within {self.opts.interrupt_grace_s:g} s")
+            time.sleep(self.opts.poll_s)
+        end = time.time()
+        attempt.train_ended_mono = attempt.train_ended_mono or time.monotonic()
+        if eval_t0 is None:
+            self.ledger.record_phase(self.run_id, jid, "train", train_t0, end)
+        else:
+            self.ledger.record_phase(self.run_id, jid, "eval", eval_t0, end)
+        code = status.exit_code if status else None
+        if code == 0:
+            return
+        if code == EXIT_INTERRUPTED or attempt.stop_status:
+            step = f" at step {status.step}/{status.total_steps}" if status else ""
+            raise JobInterrupted(f"interrupted{step}; the snapshot is kept, rerun the same file to resume")
+        err = (status.error if status else None) or "no error message"
+        raise JobError(f"the pipeline failed in phase {status.phase if status else '?'} "
+                       f"(exit {code}): {err}", job_id=jid, phase=status.phase if status else "",
+                       exit_code=code)
+
+    def _pull(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> dict[str, Any]:
+        import json
+        jid = job.job_id
+        self.view.update(jid, phase="pull")
+        local = self.opts.runs_dir / self.run_id / jid
+        with self.ledger.phase(self.run_id, jid, "pull"):
+            t.get(f"{attempt.job_dir}/out", local)
+            for extra in ("log.txt", "status.json"):
+                text = t.read_text(f"{attempt.job_dir}/{extra}")
+                if text is not None:
+                    (local / extra).write_text(redact(text))
+        attempt.out_dir = str(local)
+        self.ledger.update_job(self.run_id, jid, out_dir=str(local))
+        try:
+            return json.loads((local / "summary.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise JobError(f"results pulled but summary.json is unreadable: {exc}", job_id=jid,
+                           phase="pull") from None
+
+    def _result(self, job: JobPlan, prov: Provisioned, summary: dict[str, Any],
+                attempt: "_Attempt") -> JobOutcome:
+        self.ledger.add_result(self.run_id, job.job_id, summary, gpu=job.gpu, out_dir=attempt.out_dir or "")
+        self.view.update(job.job_id, phase="done", psnr=summary.get("psnr_mean"))
+        return self._finish(job, "succeeded", prov, None, summary=summary, out_dir=attempt.out_dir)
+
+    def _finish(self, job: JobPlan, status: str, prov: Provisioned | None, error: str | None, *,
+                summary: dict[str, Any] | None = None, out_dir: str | None = None) -> JobOutcome:
+        self.ledger.update_job(self.run_id, job.job_id, status=status, error=error and redact(error)[:2000])
+        if status != "succeeded":
+            self.view.update(job.job_id, phase=status, note="")
+        s = summary or {}
+        return JobOutcome(job_id=job.job_id, scene=job.scene, host_name=job.host_name, gpu=job.gpu,
+                          status=status, psnr=s.get("psnr_mean"), ssim=s.get("ssim_mean"),
+                          train_seconds=s.get("train_seconds"),
+                          cost=self.ledger.instance_cost(prov.row_id) if prov else 0.0,
+                          currency=prov.currency if prov else job.currency, out_dir=out_dir,
+                          error=error and redact(error))
+
+    def _teardown(self, job: JobPlan, provider: Provider | None, prov: Provisioned | None,
+                  t: Transport | None, attempt: "_Attempt") -> None:
+        if provider is None or prov is None:
+            return
+        jid = job.job_id
+        attempt.teardown_start_mono = time.monotonic()
+        self.view.update(jid, note="teardown")
+        t0 = time.time()
+        try:
+            if t is not None and attempt.watchdog_pid:
+                try:
+                    t.run(f"kill -TERM {int(attempt.watchdog_pid)} 2>/dev/null || true", check=False, timeout_s=20)
+                except OrchestratorError as exc:
+                    log.warning("%s: could not end the watchdog: %s", jid, exc)
+            keep = bool(getattr(job.host, "keep_on_failure", False)) and not attempt.succeeded \
+                and not attempt.stop_status
+            if keep:
+                log.warning("%s: keep_on_failure: stopping (not destroying) %s for inspection", jid,
+                            prov.instance_id)
+            release(provider, prov.instance_id, prov.row_id, ledger=self.ledger, destroy=not keep,
+                    run_id=self.run_id, job_id=jid)
+        finally:
+            if t is not None:
+                try:
+                    t.close()
+                except Exception:
+                    pass
+            attempt.teardown_end_mono = time.monotonic()
+            self.ledger.record_phase(self.run_id, jid, "teardown", t0, time.time())
+            self.view.update(jid, note="", cost=self.ledger.instance_cost(prov.row_id))
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise JobInterrupted("interrupted before training started")
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """Mutable bookkeeping of one job attempt (monotonic times feed bench_overhead)."""
+    job_dir: str = ""
+    pipeline_pid: int = 0
+    watchdog_pid: int = 0
+    out_dir: str | None = None
+    stop_status: str | None = None
+    succeeded: bool = False
+    host_ready_mono: float = 0.0
+    train_started_mono: float = 0.0
+    train_ended_mono: float = 0.0
+    teardown_start_mono: float = 0.0
+    teardown_end_mono: float = 0.0
+
+
+def _default_python(provider: Provider) -> str:
+    if provider.transport_kind == "local":
+        import sys
+        return sys.executable
+    return "python3"
