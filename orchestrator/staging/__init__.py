@@ -68,9 +68,20 @@ def stage_generated(transport: "Transport", dataset: "DatasetConfig", scene: str
 
 
 def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
-                  payload_dir: str, progress: StageProgress | None = None) -> str:
-    """Make `scene` of `dataset` available on the host; return the remote scene directory."""
+                  payload_dir: str, progress: StageProgress | None = None,
+                  tuning: "StageTuning | None" = None) -> str:
+    """Make `scene` of `dataset` available on the host; return the remote scene directory.
+
+    Raises DatasetInvalid (the data is fake or broken: one line from the check) or StagingError
+    (no mirror and no local copy worked). `progress(message, done_bytes, total_bytes)` is called
+    about twice a second while the host downloads or the controller uploads."""
     if dataset.generate is not None:
         return stage_generated(transport, dataset, scene, python=python, payload_dir=payload_dir)
-    raise StagingError(f"dataset {dataset.name!r}: mirrored datasets are not supported yet",
-                       hint="use a `generate:` dataset")
+    return stage_mirrored(transport, dataset, scene, python=python, payload_dir=payload_dir,
+                          progress=progress, content_key=content_key, tuning=tuning)
+
+
+from .estimate import estimate_staging_seconds  # noqa: E402  (re-exported for the estimate)
+from .mirrored import StageTuning, stage_mirrored  # noqa: E402
+
+__all__ = ["StageProgress", "StageTuning", "content_key", "estimate_staging_seconds", "stage_dataset"]

@@ -264,11 +264,26 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--probe-timeout-s", type=float, default=_DEFAULT.probe_timeout_s)
     p.add_argument("--stall-floor-bytes-per-s", type=float, default=_DEFAULT.stall_floor_bytes_per_s)
     p.add_argument("--stall-period-s", type=float, default=_DEFAULT.stall_period_s)
+    p.add_argument("--status-file", type=Path,
+                   help="also keep the latest event here (atomic rewrite), for a controller to poll")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
+def _with_status_file(emit: Emit, path: Path) -> Emit:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def both(obj: dict[str, Any]) -> None:
+        emit(obj)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    return both
+
+
 def run(args: argparse.Namespace, emit: Emit = _emit_stdout) -> int:
+    if getattr(args, "status_file", None):
+        emit = _with_status_file(emit, args.status_file)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
