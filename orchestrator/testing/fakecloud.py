@@ -222,3 +222,36 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def host_config(fc: FakeCloud, provider: str, *, api_key_env: str = "FAKECLOUD_API_KEY", **extra: Any) -> dict[str, Any]:
+    """Host settings (as a dict) that point a cloud provider at this fake cloud. The caller must
+    export `api_key_env` = fc.api_key (the fixture below does)."""
+    gpu = {"vastai": "RTX 4090", "runpod": "RTX 4090", "lambda": "A10"}[provider]
+    return {"provider": provider, "gpu": gpu, "api_base": fc.url, "api_key_env": api_key_env,
+            "identity_file": str(fc.client_key_path), "user": _local_user(), **extra}
+
+
+def _local_user() -> str:
+    import getpass
+    return getpass.getuser()
+
+
+try:  # the fixture exists where pytest is importable (a test dependency)
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+    @pytest.fixture
+    def fake_cloud(tmp_path_factory: "pytest.TempPathFactory", monkeypatch: "pytest.MonkeyPatch"):
+        """A started FakeCloud on 127.0.0.1 (any port); FAKECLOUD_API_KEY is exported."""
+        from .sshd import find_sshd
+        if find_sshd() is None:
+            pytest.skip("sshd not installed (apt-get install openssh-server)")
+        fc = FakeCloud(tmp_path_factory.mktemp("fakecloud")).start()
+        monkeypatch.setenv("FAKECLOUD_API_KEY", fc.api_key)
+        try:
+            yield fc
+        finally:
+            fc.stop()
