@@ -1,0 +1,289 @@
+"""The sections of experiments.yaml: hosts, datasets, experiments and their settings.
+
+Split from `config` to keep modules small; `config.parse_config` is the entry point.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
+
+from . import catalog
+from .config_source import YMap, YSeq, fail
+from .errors import ConfigError
+from .secrets import read_secret
+
+if TYPE_CHECKING:
+    from .config import DatasetConfig, Defaults, ExperimentConfig, HostConfig, _Reader
+
+
+def _cfg() -> Any:
+    from . import config
+    return config
+
+
+def _provider_of(key: str) -> str | None:
+    c = _cfg()
+    if key in c.HOST_SSH and key not in c.HOST_CLOUD:
+        return "ssh"
+    if key in c.HOST_CLOUD and key not in c.HOST_SSH:
+        return "cloud (vastai, runpod, lambda)"
+    return None
+
+
+def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
+    c = _cfg()
+    path = f"hosts.{name}"
+    provider = r.get(m, "provider", path, "str", required=True)
+    if provider not in c.PROVIDERS:
+        r.fail(m, "provider", f"{path}.provider",
+               f"unknown provider {provider!r}; {c._did_you_mean(provider, c.PROVIDERS)}")
+    allowed = c.HOST_KEYS[provider]
+
+    def elsewhere(key: str) -> str | None:
+        owner = _provider_of(key)
+        if owner:
+            return f"not a key for provider {provider}: it is only for {owner} hosts"
+        return None
+
+    r.keys(m, allowed, path, elsewhere)
+    local = provider == "local"
+    price = r.get(m, "price_per_hour", path, "num", lo=0)
+    if provider == "ssh" and price is None:
+        r.fail(m, None, f"{path}.price_per_hour",
+               "missing; an ssh host needs what it costs you per hour, e.g. price_per_hour: 15 "
+               "with currency: CNY")
+    gpu_raw = r.get(m, "gpu", path, "str", default="cpu" if local else None)
+    if gpu_raw is None:
+        r.fail(m, None, f"{path}.gpu", f"missing; name the GPU, e.g. gpu: RTX 4090 "
+               f"(known: {', '.join(catalog.gpu_names())})")
+    gpu = catalog.canonical_gpu(gpu_raw)
+    in_catalog = gpu is not None
+    if gpu is None:
+        if price is None:
+            hint = catalog.suggest_gpu(gpu_raw)
+            why = f"did you mean {hint!r}?" if hint else f"known: {', '.join(catalog.gpu_names())}"
+            r.fail(m, "gpu", f"{path}.gpu", f"unknown GPU {gpu_raw!r}; {why} "
+                   "(or give price_per_hour for a GPU the catalog does not list)")
+        gpu = gpu_raw
+    if local and price is None:
+        price = 0.0
+    fields: dict[str, Any] = dict(
+        name=name, provider=provider, gpu=gpu, price_per_hour=price,
+        currency=_currency(r, m, path), gpu_in_catalog=in_catalog, line=parent.key_lines.get(name, m.line),
+        python=r.get(m, "python", path, "str", default=sys.executable if local else "python3"),
+        root=r.get(m, "root", path, "str"),
+        idle_timeout_s=r.get(m, "idle_timeout_s", path, "num", default=600.0, lo=0, lo_open=True),
+        deadline_s=r.get(m, "deadline_s", path, "num", lo=0, lo_open=True),
+        keep_on_failure=r.get(m, "keep_on_failure", path, "bool", default=False))
+    if local and fields["root"]:
+        fields["root"] = str(Path(fields["root"]).expanduser())
+    for key in ("host", "user", "ssh_alias", "endpoint_command", "stop_command", "image", "region",
+                "ssh_key_name"):
+        if key in allowed:
+            fields[key] = r.get(m, key, path, "str")
+    if "port" in allowed:
+        fields["port"] = r.get(m, "port", path, "int", lo=1, hi=65535)
+    if "shutdown_on_host" in allowed:
+        fields["shutdown_on_host"] = r.get(m, "shutdown_on_host", path, "bool", default=False)
+    if "max_price_per_hour" in allowed:
+        fields["max_price_per_hour"] = r.get(m, "max_price_per_hour", path, "num", lo=0, lo_open=True)
+        fields["disk_gb"] = r.get(m, "disk_gb", path, "num", lo=0, lo_open=True)
+        base = r.get(m, "api_base", path, "str")
+        if base and not base.startswith(("http://", "https://")):
+            r.fail(m, "api_base", f"{path}.api_base", f"{base!r} is not an http(s) URL")
+        fields["api_base"] = base
+    if provider == "ssh":
+        ways = [k for k in ("host", "ssh_alias", "endpoint_command") if fields.get(k)]
+        if len(ways) != 1:
+            r.fail(m, ways[1] if len(ways) > 1 else None, path,
+                   "say how to reach the host with exactly one of host:, ssh_alias: or endpoint_command:"
+                   + (f" (got {', '.join(ways)})" if ways else ""))
+        if fields.get("port") is not None and not fields.get("host"):
+            r.fail(m, "port", f"{path}.port", "port: goes with host:; an ssh_alias or endpoint_command "
+                   "gives its own port")
+    if "identity_file" in allowed:
+        ident = r.get(m, "identity_file", path, "str")
+        if ident is not None:
+            p = Path(ident).expanduser()
+            if not p.is_file() or not os.access(p, os.R_OK):
+                r.fail(m, "identity_file", f"{path}.identity_file",
+                       f"cannot read {str(p)!r}; give the path of a private key you can read")
+        fields["identity_file"] = ident
+    for kind in ("password", "api_key"):
+        if f"{kind}_env" not in allowed:
+            continue
+        env = r.get(m, f"{kind}_env", path, "str")
+        file = r.get(m, f"{kind}_file", path, "str")
+        if env and file:
+            r.fail(m, f"{kind}_file", f"{path}.{kind}_file", f"give either {kind}_env or {kind}_file, not both")
+        if env and not c._ENV_RE.match(env):
+            r.fail(m, f"{kind}_env", f"{path}.{kind}_env",
+                   f"{env!r} is not an environment variable name (the value goes in the environment, "
+                   "not in this file)")
+        if file:
+            try:
+                read_secret(file=file, what=f"{path}.{kind}_file")
+            except ConfigError as exc:
+                reason = exc.message.split(": ", 1)[-1]
+                r.fail(m, f"{kind}_file", f"{path}.{kind}_file", f"{reason}; the file must hold the {kind}")
+        fields[f"{kind}_env"], fields[f"{kind}_file"] = env, file
+    return c.HostConfig(**fields)
+
+
+def _currency(r: "_Reader", m: YMap, path: str) -> str:
+    return _cfg()._currency(r, m, path)
+
+
+def parse_dataset(r: "_Reader", parent: YMap, name: str, m: YMap) -> "DatasetConfig":
+    c = _cfg()
+    path = f"datasets.{name}"
+    r.keys(m, c.DATASET_KEYS, path)
+    layout = r.get(m, "layout", path, "str", default="blender", choices=c.LAYOUTS)
+    gen = None
+    if "generate" in m:
+        g = m["generate"]
+        if g is None:
+            g = YMap(m.value_lines["generate"])
+        g = r.mapping(m, "generate", g, f"{path}.generate")
+        r.keys(g, c.GENERATE_KEYS, f"{path}.generate")
+        scene = r.get(g, "scene", f"{path}.generate", "str")
+        if scene is not None and scene not in c.GENERATOR_SCENES:
+            r.fail(g, "scene", f"{path}.generate.scene",
+                   f"unknown generated scene {scene!r}; {c._did_you_mean(scene, c.GENERATOR_SCENES)}")
+        gen = c.GenerateSpec(scene, r.get(g, "size", f"{path}.generate", "int", default=64, lo=8, hi=4096),
+                             r.get(g, "seed", f"{path}.generate", "int", default=0, lo=0, hi=2**32 - 1))
+    mirrors = r.str_list(m, "mirrors", path)
+    for i, url in enumerate(mirrors):
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in c.MIRROR_SCHEMES:
+            line = m["mirrors"].item_lines[i] if isinstance(m["mirrors"], YSeq) else m.value_lines["mirrors"]
+            fail(r.filename, line, f"{path}.mirrors[{i}]",
+                 f"{url!r} is not a URL this tool can fetch; use one of "
+                 + ", ".join(f"{s}://" for s in c.MIRROR_SCHEMES))
+    if gen is None and not mirrors:
+        r.fail(parent, name, path, "say where the data comes from: generate: {...} or mirrors: [url, ...]",
+               at_key=True)
+    if gen is not None and mirrors:
+        r.fail(m, "mirrors", f"{path}.mirrors", "a dataset is either generate: or mirrors:, not both")
+    sums: dict[str, str] = {}
+    if m.get("sha256") is not None:
+        s = r.mapping(m, "sha256", m["sha256"], f"{path}.sha256")
+        for k in s:
+            v = s[k]
+            if not isinstance(v, str) or not c._HEX64_RE.match(v.strip().lower()):
+                r.fail(s, k, f"{path}.sha256.{k}", "expected 64 hex digits (a sha256 checksum)")
+            sums[k] = v.strip().lower()
+
+    def check_scene(s: str, line: int) -> None:
+        if not c._NAME_RE.match(s):
+            fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
+
+    scenes = r.str_list(m, "scenes", path, check=check_scene)
+    return c.DatasetConfig(name, layout, gen, mirrors, MappingProxyType(sums), scenes,
+                           parent.key_lines.get(name, m.line))
+
+
+def _one(r: "_Reader", key: str, full_path: str, value: Any, line: int) -> Any:
+    """Validate one setting value; errors name `full_path` (e.g. experiments[0].steps[1])."""
+    c = _cfg()
+    holder = YMap(line)
+    holder[full_path] = value
+    holder.value_lines[full_path] = line
+    holder.key_lines[full_path] = line
+    kind, kw = {
+        "steps": ("int", dict(lo=1, hi=100_000_000)),
+        "backend": ("str", dict(choices=c.BACKENDS)),
+        "device": ("str", dict(choices=c.DEVICES)),
+        "max_seconds": ("num", dict(lo=0, lo_open=True)),
+        "downscale": ("int", dict(lo=1, hi=64)),
+        "seed": ("int", dict(lo=0, hi=2**32 - 1)),
+    }[key]
+    return r.get(holder, full_path, "", kind, **kw)
+
+
+def parse_settings(r: "_Reader", m: YMap, path: str) -> dict[str, Any]:
+    """The settings present in `m`: a scalar, or a tuple (a matrix axis) for a list."""
+    out: dict[str, Any] = {}
+    for key in _cfg().SETTINGS:
+        if key not in m:
+            continue
+        v = m[key]
+        if isinstance(v, YSeq):
+            if not v:
+                r.fail(m, key, f"{path}.{key}", "an empty list gives no jobs; give at least one value")
+            vals = tuple(_one(r, key, f"{path}.{key}[{i}]", x, v.item_lines[i]) for i, x in enumerate(v))
+            if len(set(vals)) != len(vals):
+                r.fail(m, key, f"{path}.{key}", "a value is listed twice")
+            out[key] = vals
+        elif v is None and key != "max_seconds":
+            continue
+        else:
+            out[key] = _one(r, key, f"{path}.{key}", v, m.value_lines[key])
+    return out
+
+
+def _pick(r: "_Reader", em: YMap, key: str, path: str, names: Mapping[str, Any], what: str) -> str:
+    v = r.get(em, key, path, "str")
+    if v is None:
+        if len(names) == 1:
+            return next(iter(names))
+        r.fail(em, None, f"{path}.{key}", f"missing; name one of the {what}s: {', '.join(names)}")
+    if v not in names:
+        r.fail(em, key, f"{path}.{key}", f"unknown {what} {v!r}; {_cfg()._did_you_mean(v, list(names))}")
+    return v
+
+
+def parse_experiment(r: "_Reader", em: YMap, path: str, defaults: "Defaults",
+                     hosts: Mapping[str, "HostConfig"], datasets: Mapping[str, "DatasetConfig"]
+                     ) -> "ExperimentConfig":
+    c = _cfg()
+    r.keys(em, c.EXPERIMENT_KEYS, path)
+    name = r.get(em, "name", path, "str", required=True)
+    c._check_name(r, em, name, f"{path}.name", "experiment", at_key=False)
+    ds = datasets[_pick(r, em, "dataset", path, datasets, "dataset")]
+
+    def check_host(h: str, line: int) -> None:
+        if h not in hosts:
+            fail(r.filename, line, f"{path}.hosts", f"unknown host {h!r}; {c._did_you_mean(h, list(hosts))}")
+
+    host_names = r.str_list(em, "hosts", path, check=check_host)
+    if not host_names:
+        host_names = (_pick(r, em, "hosts", path, hosts, "host"),)
+
+    def check_scene(s: str, line: int) -> None:
+        if ds.generate is not None and s not in c.GENERATOR_SCENES:
+            fail(r.filename, line, f"{path}.scenes", f"unknown generated scene {s!r} for dataset "
+                 f"{ds.name!r}; {c._did_you_mean(s, c.GENERATOR_SCENES)}")
+        if ds.generate is None and ds.scenes and s not in ds.scenes:
+            fail(r.filename, line, f"{path}.scenes", f"dataset {ds.name!r} has no scene {s!r}; "
+                 f"{c._did_you_mean(s, ds.scenes)}")
+        if not c._NAME_RE.match(s):
+            fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
+
+    scenes = r.str_list(em, "scenes", path, check=check_scene)
+    if not scenes:
+        if ds.generate is not None:
+            scenes = (ds.generate.scene or c.GENERATOR_SCENES[0],)
+        elif ds.scenes:
+            scenes = ds.scenes
+        else:
+            r.fail(em, None, f"{path}.scenes", f"missing; dataset {ds.name!r} lists no scenes, so name them "
+                   "here, e.g. scenes: [lego]")
+    settings = {k: getattr(defaults, k) for k in c.SETTINGS if getattr(defaults, k) is not None}
+    settings.update(parse_settings(r, em, path))
+    if "steps" not in settings:
+        r.fail(em, None, f"{path}.steps", "missing; set steps: here or under defaults:")
+    for hn in host_names:
+        h = hosts[hn]
+        if h.gpu != "cpu":
+            continue
+        for key, bad in (("device", "cuda"), ("backend", "tcnn")):
+            vals = settings.get(key)
+            if vals == bad or (isinstance(vals, tuple) and bad in vals):
+                r.fail(em, key if key in em else None, f"{path}.{key}",
+                       f"{key} {bad} needs a GPU but host {hn!r} has none (gpu: cpu); use auto")
+    return c.ExperimentConfig(name=name, dataset=ds.name, scenes=scenes, hosts=host_names,
+                              line=em.line, **settings)
