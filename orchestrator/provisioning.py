@@ -78,7 +78,13 @@ def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job
     ledger.instance_created(row_id, instance_id, at=t_create)
     ledger.add_event("instance_created", f"{provider.name} {instance_id} ({label})", run_id, job_id)
     result = Provisioned(instance_id, row_id, price.price_per_hour, price.currency)
-    info = wait_running(provider, instance_id, timeout_s=ready_timeout_s, stop=stop)
+    try:
+        info = wait_running(provider, instance_id, timeout_s=ready_timeout_s, stop=stop)
+    except BaseException:
+        # The caller never sees a Provisioned, so its teardown cannot release this one: do it here
+        # (a boot that failed, timed out or was interrupted costs what it cost, not a leak).
+        release(provider, instance_id, row_id, ledger=ledger, destroy=True, run_id=run_id, job_id=job_id)
+        raise
     ledger.set_instance_state(row_id, RUNNING, note=info.raw_state or None)
     if info.endpoint is not None:
         ledger.set_endpoint(row_id, str(info.endpoint))
