@@ -110,12 +110,14 @@ def find_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Pr
                 continue
             row = ledger.find_instance(provider.name, info.instance_id)
             if row is None:
-                # A create in flight has an intent row with this label but no id yet.
-                pending = [r for r in ledger.instances(open_only=True, provider=provider.name)
-                           if r.label == info.label and r.instance_id is None]
+                # A create in flight has an open intent row with this label but no id yet; a
+                # create that failed has a closed one (its cost is attributed to it when destroyed).
+                by_label = [r for r in ledger.instances(provider=provider.name)
+                            if r.label == info.label and r.instance_id is None]
+                pending = [r for r in by_label if r.state in OPEN_STATES]
                 if pending and _job_live(ledger, pending[0].run_id, pending[0].job_id, live_runs):
                     continue
-                orphans.append(Orphan(provider.name, info, pending[0].row_id if pending else None,
+                orphans.append(Orphan(provider.name, info, by_label[-1].row_id if by_label else None,
                                       "not in the ledger (a create whose reply was lost?)"))
             elif row.state not in OPEN_STATES:
                 orphans.append(Orphan(provider.name, info, row.row_id,
@@ -156,8 +158,10 @@ def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
     if config is not None:
         hosts = [h for h in getattr(config, "hosts", {}).values() if getattr(h, "provider", None) in CLOUD_KINDS]
     else:
-        kinds = sorted({r.provider for r in ledger.instances(open_only=True)} & set(CLOUD_KINDS))
-        hosts = [_DefaultHost(k) for k in kinds]
+        hosts = _hosts_from_runs(ledger)
+        kinds = {getattr(h, "provider", None) for h in hosts}
+        open_kinds = {r.provider for r in ledger.instances(open_only=True)} & set(CLOUD_KINDS)
+        hosts += [_DefaultHost(k) for k in sorted(open_kinds - kinds)]
     out: dict[str, Provider] = {}
     for host in hosts:
         key = f"{host.provider}|{getattr(host, 'api_base', None)}|{getattr(host, 'api_key_env', None)}"
@@ -168,6 +172,28 @@ def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
         except OrchestratorError as exc:
             log.warning("cannot check %s for orphans: %s", host.provider, exc)
     return out
+
+
+def _hosts_from_runs(ledger: Ledger) -> list[Any]:
+    """Cloud hosts of the experiments files the ledger's runs came from (newest first), so
+    `orchestrate down --orphans` after a crash needs no --config."""
+    from .config import load_config
+
+    hosts: list[Any] = []
+    seen: set[str] = set()
+    for run in reversed(ledger.runs()):
+        path = run.get("config_path") or ""
+        if not path or path in seen or not Path(path).is_file():
+            continue
+        seen.add(path)
+        try:
+            config = load_config(Path(path))
+        except OrchestratorError as exc:
+            log.warning("orphan check: cannot read %s: %s", path, exc)
+            continue
+        hosts += [h for h in getattr(config, "hosts", {}).values()
+                  if getattr(h, "provider", None) in CLOUD_KINDS]
+    return hosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +219,7 @@ def destroy_orphan(ledger: Ledger, provider: Provider, orphan: Orphan) -> Teardo
         if row is not None and row.instance_id is None:
             # A lost-reply create: it billed from the moment we asked for it.
             ledger.instance_created(row_id, iid, at=parse_iso(row.created_at).timestamp())
+            row = ledger.instance(row_id)
         if row is not None and row.state in OPEN_STATES:
             ledger.set_instance_state(row_id, DESTROYED, note=f"orphan destroyed: {orphan.reason}")
     ledger.add_event("orphan_destroyed", f"{provider.name} {iid} ({orphan.info.label}): {orphan.reason}")

@@ -115,3 +115,22 @@ def test_vanished_instances_close_open_rows(fake_cloud, ledger):
     assert down_orphans(ledger, None, True, providers=[vast]) == []
     assert ledger.instance(row).state == DESTROYED and ledger.instance(intent).state == FAILED
     assert ledger.open_billing() == []
+
+
+def test_failed_intent_row_gets_the_cost_of_the_stray_it_made(fake_cloud, ledger):
+    """The runner marked the intent failed (it could not list); the stray is later destroyed and
+    billed to that row from the intent's time, not lost from the books."""
+    vast = VastProvider(host_config(fake_cloud, "vastai"), policy=FAST)
+    start_run(ledger, "fi", "j1")
+    lock_path(ledger, "fi").parent.mkdir(parents=True, exist_ok=True)
+    lock_path(ledger, "fi").touch()
+    label = make_label("fi", "j1")
+    row = ledger.record_intent(run_id="fi", job_id="j1", host_name="h", provider="vastai", label=label,
+                               gpu="RTX 4090", price_per_hour=0.44, currency="USD")
+    iid = vast.create(InstanceSpec(label=label, gpu="RTX 4090"))
+    ledger.set_instance_state(row, FAILED, note="create failed; could not list")
+    done = down_orphans(ledger, None, True, providers=[vast])
+    assert [(t.orphan.info.instance_id, t.orphan.row_id, t.destroyed) for t in done] == [(iid, row, True)]
+    r = ledger.instance(row)
+    assert (r.state, r.instance_id) == (DESTROYED, iid) and ledger.instance_cost(row) > 0
+    assert ledger.open_billing() == []
