@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import BudgetError
-from .ledger import Ledger
+from .ledger import JOB_DONE_STATES, Ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,30 +43,83 @@ def check_estimate(total_cost: float, budget: Budget) -> None:
 
 
 class BudgetGuard:
-    """Thread-safe spend guard for one run."""
+    """Thread-safe spend guard for one run.
 
-    def __init__(self, budget: Budget, ledger: Ledger, run_id: str) -> None:
+    Projected spend = what the ledger says is spent (every billing interval of the run,
+    open ones accrued to now) + what each running job is still expected to cost (its
+    estimate minus what it has accrued, never below zero). A job starts only when the
+    projection plus its own estimate fits under the cap.
+
+    The cap is enforced early enough to hold: stopping a job is not instant (the pipeline
+    snapshots, results are pulled, the instance is released) and the last billing granule
+    is rounded up. So `over_cap()` trips when spent + a stop reserve reaches the cap, the
+    reserve being every open instance's price × (`stop_reserve_s` + one granule). Each
+    decision is written to the ledger's events with its figures (kinds `budget_refused`,
+    `budget_cap`).
+    """
+
+    def __init__(self, budget: Budget, ledger: Ledger, run_id: str, *,
+                 stop_reserve_s: float = 10.0) -> None:
         self.budget = budget
         self.ledger = ledger
         self.run_id = run_id
+        self.stop_reserve_s = stop_reserve_s
         self._committed: dict[str, float] = {}   # job id -> estimated cost of jobs started
+        self._cap_recorded = False
         self._lock = threading.Lock()
 
     def spent(self) -> float:
         return self.ledger.run_cost(self.run_id)
 
+    def projected(self) -> tuple[float, float]:
+        """(spent, remaining estimate of the running jobs)."""
+        spent = self.spent()
+        accrued: dict[str, float] = {}
+        for inst in self.ledger.instances(run_id=self.run_id):
+            accrued[inst.job_id] = accrued.get(inst.job_id, 0.0) + self.ledger.instance_cost(inst.row_id)
+        done = {j.job_id for j in self.ledger.jobs(self.run_id) if j.status in JOB_DONE_STATES}
+        remaining = sum(max(0.0, est - accrued.get(jid, 0.0))
+                        for jid, est in self._committed.items() if jid not in done)
+        return spent, remaining
+
     def may_start(self, job_id: str, job_estimate: float) -> bool:
         """Reserve `job_estimate` for `job_id` when it fits under the cap; False otherwise."""
         with self._lock:
             if self.budget.max_cost is not None:
-                spent = self.spent()
-                # Running jobs count at their estimate (what they are expected to cost in the end).
-                expected = max(spent, sum(self._committed.values()))
-                if expected + job_estimate > self.budget.max_cost + 1e-12:
+                spent, remaining = self.projected()
+                if spent + remaining + job_estimate > self.budget.max_cost + 1e-12:
+                    self.ledger.add_event(
+                        "budget_refused",
+                        f"{job_id} not started: spent {spent:.4f} + running jobs' remaining "
+                        f"estimate {remaining:.4f} + its estimate {job_estimate:.4f} "
+                        f"> cap {self.budget.max_cost:.4f} {self.budget.currency}",
+                        self.run_id, job_id)
                     return False
             self._committed[job_id] = job_estimate
             return True
 
+    def stop_reserve(self) -> float:
+        """What stopping every open instance of the run may still cost."""
+        reserve = 0.0
+        for b in self.ledger.open_billing():
+            inst = self.ledger.instance(b.instance_row)
+            if inst is not None and inst.run_id == self.run_id:
+                reserve += (b.price_per_hour or 0.0) / 3600.0 * (
+                    self.stop_reserve_s + (b.granularity_s or 1.0))
+        return reserve
+
     def over_cap(self) -> bool:
-        """True when the real spend of the run has reached the cap."""
-        return self.budget.max_cost is not None and self.spent() >= self.budget.max_cost
+        """True when the run's spend plus the cost of stopping has reached the cap."""
+        if self.budget.max_cost is None:
+            return False
+        spent, reserve = self.spent(), self.stop_reserve()
+        hit = spent + reserve >= self.budget.max_cost
+        if hit:
+            with self._lock:
+                if not self._cap_recorded:
+                    self._cap_recorded = True
+                    self.ledger.add_event(
+                        "budget_cap",
+                        f"stopping running jobs: spent {spent:.4f} + stop reserve {reserve:.4f} "
+                        f">= cap {self.budget.max_cost:.4f} {self.budget.currency}", self.run_id)
+        return hit

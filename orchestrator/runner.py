@@ -166,7 +166,10 @@ class Runner:
             attempt.succeeded = True
             return out
         except JobInterrupted as exc:
-            return self._finish(job, attempt.stop_status or "interrupted", prov, str(exc))
+            if attempt.stop_status == "budget_stopped" and transport is not None and attempt.job_dir:
+                self._pull_partial(job, transport, attempt)
+            return self._finish(job, attempt.stop_status or "interrupted", prov, str(exc),
+                                out_dir=attempt.out_dir)
         except OrchestratorError as exc:
             log.error("%s: %s", jid, redact(str(exc)))
             return self._finish(job, "failed", prov, str(exc))
@@ -337,6 +340,14 @@ class Runner:
         except (OSError, ValueError) as exc:
             raise JobError(f"results pulled but summary.json is unreadable: {exc}", job_id=jid,
                            phase="pull") from None
+
+    def _pull_partial(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> None:
+        """A job stopped at the budget keeps what it made (snapshot, train_log, log): pull it
+        before the instance is released. Best effort: a failure is logged, teardown goes on."""
+        try:
+            self._pull(job, t, attempt)
+        except OrchestratorError as exc:
+            log.warning("%s: partial results not pulled: %s", job.job_id, redact(str(exc)))
 
     def _result(self, job: JobPlan, prov: Provisioned, summary: dict[str, Any],
                 attempt: "_Attempt") -> JobOutcome:
