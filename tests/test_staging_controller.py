@@ -24,7 +24,7 @@ TUNING = StageTuning(timeout_s=60, stall_period_s=0.5, probe_timeout_s=2.0, prob
 
 try:
     from orchestrator.config import DatasetConfig
-except ImportError:   # config (#4) not merged yet: the same fields, per docs/contracts.md §5
+except Exception:   # config (#4) not merged or mid-edit: the same fields, per docs/contracts.md §5
     @dataclasses.dataclass(frozen=True, slots=True)
     class DatasetConfig:  # type: ignore[no-redef]
         name: str

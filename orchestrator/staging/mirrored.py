@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 StageProgress = Callable[[str, int, "int | None"], None]   # (message, done_bytes, total_bytes)
 POLL_S = 0.5
+_SEP = "--orchestrate-stage-rc--"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +96,12 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
     pid = _start_detached(transport, cmd, f"{dest}/.stage-{scene}-{tag}.log")
     deadline = time.monotonic() + tuning.timeout_s + 120
     last: dict[str, Any] = {}
-    while True:
-        rc_text = transport.read_text(rc_path)
-        last = _read_event(transport, status) or last
+    poll = (f"cat {shlex.quote(status)} 2>/dev/null; echo; echo {_SEP}; "
+            f"cat {shlex.quote(rc_path)} 2>/dev/null; true")
+    while True:   # one round trip per poll: the latest event and, once it ended, the exit code
+        out = transport.run(poll, check=False, timeout_s=60).stdout
+        event_text, _, rc_text = out.partition(_SEP)
+        last = _parse_event(event_text) or last
         if progress and last.get("event") == "progress":
             what = {"download": "downloading", "extract": "extracting", "validate": "validating"}.get(
                 str(last.get("phase")), str(last.get("phase")))
@@ -110,7 +114,7 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
             rate = float(last.get("rate_bytes_per_s") or 0.0)
             n = int(last.get("bytes") or 0)
             progress(f"{scene}: staged" + (f" at {rate / 1e6:.1f} MB/s" if rate else ""), n, n)
-        if rc_text is not None and rc_text.strip():
+        if rc_text.strip():
             break
         if time.monotonic() > deadline:
             transport.run(f"kill -TERM -- -{int(pid)} 2>/dev/null || kill -TERM {int(pid)} 2>/dev/null || true",
@@ -126,8 +130,7 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
         tail = transport.read_text(f"{dest}/.stage-{scene}-{tag}.log") or ""
         last = {"event": "error", "exit_code": code,
                 "message": (tail.strip().splitlines() or ["(no output)"])[-1]}
-    for suffix in (".json", ".json.rc"):   # keep the .log for post-mortems
-        transport.run(f"rm -f {shlex.quote(f'{dest}/.stage-{scene}-{tag}{suffix}')}", check=False, timeout_s=30)
+    transport.run(f"rm -f {shlex.quote(status)} {shlex.quote(rc_path)}", check=False, timeout_s=30)  # keep the .log
     return HostStageResult(code, last, redact(str(last.get("message", ""))))
 
 
@@ -147,8 +150,8 @@ def _start_detached(transport: "Transport", command: str, log_path: str) -> int:
         raise StagingError(f"could not start staging on the host: {redact(res.stdout[-200:])!r}") from None
 
 
-def _read_event(transport: "Transport", path: str) -> dict[str, Any] | None:
-    text = transport.read_text(path)
+def _parse_event(text: str) -> dict[str, Any] | None:
+    text = text.strip()
     if not text:
         return None
     try:
