@@ -191,5 +191,6 @@ def convert(amount: float, from_currency: str, to_currency: str) -> tuple[float,
         raise ConfigError(f"no exchange rate for {', '.join(missing)} in the catalog",
                           hint=f"add a row to {CATALOG_DIR / 'fx.csv'} or use one currency")
     value = amount * rates[a].usd_per_unit / rates[b].usd_per_unit
-    src = f"fx.csv: 1 {a} = {rates[a].usd_per_unit / rates[b].usd_per_unit:.4g} {b} ({rates[a].source})"
+    why = "; ".join(f"{c}: {rates[c].source}" for c in (a, b) if c != "USD")
+    src = f"fx.csv: 1 {a} = {rates[a].usd_per_unit / rates[b].usd_per_unit:.4g} {b} ({why})"
     return value, src
