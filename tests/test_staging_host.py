@@ -320,3 +320,48 @@ def test_unsafe_archive_from_a_mirror_exits_2(tmp_path: Path) -> None:
         res = run_cli("--dest", str(tmp_path / "ds"), "--scene", "lego", "--mirror", m.url("/evil.tar.gz"))
     assert res.returncode == 2 and "refusing to extract" in res.stderr
     assert not (tmp_path / "pwned.txt").exists() and not (tmp_path / "ds" / "lego").exists()
+
+
+def test_concurrent_stagings_of_one_dataset_download_once(tmp_path: Path, archive: bytes) -> None:
+    import threading
+    with MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=6_000_000)) as m:
+        results: list[Path] = []
+        errors: list[BaseException] = []
+
+        def one() -> None:
+            try:
+                results.append(stage(tmp_path / "ds", "lego", [m.url("/ns.zip")], {}, policy=FAST,
+                                     timeout_s=60, emit=lambda e: None))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert errors == [] and results == [tmp_path / "ds" / "lego"] * 2
+        assert len(download_gets(m, "/ns.zip")) == 1
+
+
+def test_a_part_file_left_by_an_earlier_run_is_resumed(tmp_path: Path, archive: bytes) -> None:
+    dest = tmp_path / "ds"
+    part = dest / ".download" / "ns.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(archive[:1_234_567])
+    with MirrorServer({"/ns.zip": archive}) as m:
+        stage(dest, "lego", [m.url("/ns.zip")], {"ns.zip": hashlib.sha256(archive).hexdigest()},
+              policy=FAST, timeout_s=60, emit=lambda e: None)
+        assert [(r.range, r.bytes_sent) for r in download_gets(m, "/ns.zip")] == \
+            [("bytes=1234567-", len(archive) - 1_234_567)]
+
+
+def test_per_file_checksums_are_checked(tmp_path: Path, archive: bytes, scene_dir: Path) -> None:
+    good = hashlib.sha256((scene_dir / "transforms_train.json").read_bytes()).hexdigest()
+    with MirrorServer({"/ns.zip": archive}) as m:
+        stage(tmp_path / "a", "lego", [m.url("/ns.zip")], {"lego/transforms_train.json": good},
+              policy=FAST, timeout_s=60, emit=lambda e: None)
+        with pytest.raises(BadData, match=r"lego/train/r_0.png: sha256 .* does not match"):
+            stage(tmp_path / "b", "lego", [m.url("/ns.zip")], {"lego/train/r_0.png": "f" * 64},
+                  policy=FAST, timeout_s=60, emit=lambda e: None)
+    assert not (tmp_path / "b" / ".complete-lego").exists()

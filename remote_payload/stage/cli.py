@@ -12,6 +12,7 @@ Exit codes: 0 ok, 1 other error, 2 bad data (fake, broken, unsafe), 3 no working
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -168,6 +169,8 @@ def _take_local(src: Path, tree: Path, emit: Emit) -> None:
     if src.is_dir():
         tree.mkdir(parents=True, exist_ok=True)
         os.replace(src, tree / src.name)
+        with contextlib.suppress(OSError):
+            src.parent.rmdir()   # the controller's per-upload directory, now empty
         return
     emit({"event": "progress", "phase": "extract", "bytes": src.stat().st_size, "total": None,
           "rate_bytes_per_s": 0.0, "eta_s": None, "mirror": "upload"})
@@ -176,6 +179,8 @@ def _take_local(src: Path, tree: Path, emit: Emit) -> None:
     extract(src, tmp, src.name)
     _merge(tmp, tree)
     src.unlink()
+    with contextlib.suppress(OSError):
+        src.parent.rmdir()
 
 
 def _merge(tmp: Path, tree: Path) -> None:
