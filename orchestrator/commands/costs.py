@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(110, Console().width))
     if not all_rows:
         console.print("No billed instances in the ledger yet.")
         return 0

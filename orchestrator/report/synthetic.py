@@ -56,6 +56,8 @@ def make_video(path: Path, *, width: int = 64, height: int = 32, seconds: float 
 
 def write_job_dir(out_dir: Path, job: FakeJob) -> Path:
     """summary.json, metrics.csv, train_log.csv and videos/ as the payload leaves them."""
+    if len(job.psnrs) != len(job.ssims) or not job.psnrs:
+        raise ValueError(f"{job.job_id}: give one SSIM per PSNR ({len(job.psnrs)} vs {len(job.ssims)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "metrics.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
