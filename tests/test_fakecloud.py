@@ -242,3 +242,23 @@ def test_cli_serves_and_kills_sshd_on_sigterm(tmp_path):
     assert refuses(int(port))
     saved = json.loads((state / "fakecloud.json").read_text())
     assert [i["id"] for i in saved["instances"]] == [iid]
+
+
+def test_stop_kills_detached_processes_of_that_instance_only(fake_cloud, tmp_path):
+    p = provider(fake_cloud, "vastai")
+    a = p.create(InstanceSpec(label="orch-k-1", gpu="RTX 4090"))
+    b = p.create(InstanceSpec(label="orch-k-2", gpu="RTX 4090"))
+    ia, ib = wait_state(p, a, InstanceState.RUNNING), wait_state(p, b, InstanceState.RUNNING)
+    pids = {}
+    for iid, info in ((a, ia), (b, ib)):
+        out = ssh_run(fake_cloud, info, f"setsid -f sleep 300 >/dev/null 2>&1 </dev/null; sleep 0.2; "
+                                        f"pgrep -n -f 'sleep 300' ")
+        pids[iid] = int(out.split()[-1])
+    p.stop(a)
+    time.sleep(0.2)
+    assert not Path(f"/proc/{pids[a]}").exists() or "Z" in Path(f"/proc/{pids[a]}/stat").read_text().split()[2]
+    assert Path(f"/proc/{pids[b]}").exists()
+    p.destroy(b)
+    p.destroy(a)
+    time.sleep(0.2)
+    assert not Path(f"/proc/{pids[b]}").exists() or "Z" in Path(f"/proc/{pids[b]}/stat").read_text().split()[2]

@@ -126,6 +126,7 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
     if ask and method == "PUT":
         if world.find_offer("vastai", ask.group(1)) is None:
             return 200, {"success": False, "error": "no_such_ask", "msg": f"Instance type {ask.group(1)} is no longer available."}
+        world.pause("create")
         inst = world.create("vastai", ask.group(1), str(body.get("label") or ""),
                             disk_gb=float(body.get("disk") or 20), env=body.get("env") or {})
         _maybe_lose(world)
@@ -147,6 +148,7 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
                 return 200, {"success": False, "error": "invalid_args", "msg": f"bad state {state!r}"}
             return 200, {"success": True}
         if method == "DELETE":
+            world.pause("destroy")
             world.destroy("vastai", iid)
             return 200, {"success": True}
     if path.rstrip("/") in ("/api/v1/instances", "/api/v0/instances") and method == "GET":
@@ -208,6 +210,7 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
                          "data": {"podFindAndDeployOnDemand": None}}
         env = {e["key"]: e["value"] for e in inp.get("env") or [] if isinstance(e, dict)}
         keys = [env.pop("PUBLIC_KEY")] if "PUBLIC_KEY" in env else []
+        world.pause("create")
         inst = world.create("runpod", str(inp["gpuTypeId"]), str(inp.get("name") or ""),
                             disk_gb=float(inp.get("volumeInGb") or 0), env=env, extra_keys=keys)
         _maybe_lose(world)
@@ -222,6 +225,8 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
             return 200, {"data": {"pod": None}}
         return 200, {"data": {"pod": _pod(inst)}}
     if field in ("podStop", "podResume", "podTerminate"):
+        if field == "podTerminate":
+            world.pause("destroy")
         action = {"podStop": world.stop, "podResume": world.start, "podTerminate": world.destroy}[field]
         inst = action("runpod", str(pod_id))
         if field == "podTerminate":
@@ -263,11 +268,13 @@ def _lambda(world: World, method: str, path: str, body: dict[str, Any]) -> tuple
     if path == "/api/v1/instance-operations/launch" and method == "POST":
         if not body.get("ssh_key_names"):
             raise FakeCloudError("ssh_key_names: exactly one key name is required", 400, "invalid-parameters")
+        world.pause("create")
         inst = world.create("lambda", str(body.get("instance_type_name")), str(body.get("name") or ""), disk_gb=0)
         _maybe_lose(world)
         return 200, {"data": {"instance_ids": [inst.id]}}
     if path == "/api/v1/instance-operations/terminate" and method == "POST":
         done = [_lambda_instance(world.get("lambda", str(iid))) for iid in body.get("instance_ids") or []]
+        world.pause("destroy")
         for d in done:
             world.destroy("lambda", d["id"])
             d["status"] = "terminating"

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -36,6 +37,27 @@ DEFAULT_CATALOG: dict[str, list[tuple[str, str, float]]] = {
 }
 
 
+def kill_instance_processes(instance_id: str) -> list[int]:
+    """SIGKILL every process whose environment says CONTAINER_ID=<instance_id>."""
+    needle = f"CONTAINER_ID={instance_id}".encode()
+    killed: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
 class FakeCloudError(Exception):
     """A request the fake cloud refuses; rendered by the API layer in the provider's shape."""
 
@@ -55,6 +77,8 @@ class Faults:
     fail_methods: list[str] = field(default_factory=list)   # empty = any method
     never_ssh: int = 0                # next N created instances never get SSH
     sold_out: bool = False            # no capacity anywhere
+    create_delay_s: float = 0.0       # a create request is held this long before it takes effect
+    destroy_delay_s: float = 0.0      # likewise for destroy (a controller can die meanwhile)
 
 
 @dataclass
@@ -118,6 +142,7 @@ class World:
         self.next_serial = 1
         self.servers: dict[str, SSHServer] = {}
         self.api_key = api_key or ""
+        self.inflight = {"create": 0, "destroy": 0}   # requests held by a *_delay_s fault
         self._load()
         if not self.api_key:
             self.api_key = "fk-" + secrets.token_hex(16)
@@ -283,9 +308,12 @@ class World:
         inst.used_ports.append(srv.port)
 
     def _kill_sshd(self, inst: Instance) -> None:
+        """Power off: the sshd, its sessions, and every process the instance started (found by
+        the CONTAINER_ID in their environment, since detached ones leave sshd's process tree)."""
         srv = self.servers.pop(inst.id, None)
         if srv is not None:
             srv.stop()
+        kill_instance_processes(inst.id)
         inst.port = None
 
     def shutdown(self) -> None:
@@ -309,7 +337,7 @@ class World:
             return {"instances": per, "total": sum(b["total"] for b in per.values()),
                     "running": sum(1 for i in self.instances.values() if i.status in ("booting", "running")),
                     "live": sum(1 for i in self.instances.values() if i.status != "terminated"),
-                    "created": len(per), "at": now}
+                    "created": len(per), "at": now, "inflight": dict(self.inflight)}
 
     def advance_clock(self, seconds: float) -> None:
         with self.lock:
@@ -335,6 +363,19 @@ class World:
                 f.fail_next -= 1
                 return f.fail_status
             return None
+
+    def pause(self, kind: str) -> None:
+        """Hold a create/destroy request for the fault's delay (the work still happens after)."""
+        delay = float(getattr(self.faults, f"{kind}_delay_s"))
+        if delay <= 0:
+            return
+        with self.lock:
+            self.inflight[kind] += 1
+        try:
+            time.sleep(delay)
+        finally:
+            with self.lock:
+                self.inflight[kind] -= 1
 
     def take_lost_reply(self) -> float | None:
         with self.lock:
