@@ -365,3 +365,17 @@ def test_per_file_checksums_are_checked(tmp_path: Path, archive: bytes, scene_di
             stage(tmp_path / "b", "lego", [m.url("/ns.zip")], {"lego/train/r_0.png": "f" * 64},
                   policy=FAST, timeout_s=60, emit=lambda e: None)
     assert not (tmp_path / "b" / ".complete-lego").exists()
+
+
+def test_credentials_in_a_mirror_url_never_reach_the_output(tmp_path: Path, archive: bytes) -> None:
+    with MirrorServer({"/ns.zip": archive}) as m:
+        secret_url = m.url("/ns.zip").replace("http://", "http://user:hunter2pw@") + "?X-Amz-Signature=s3cr3tsig"
+        res = run_cli("--dest", str(tmp_path / "ds"), "--scene", "lego", "--mirror", secret_url, "-v")
+        assert res.returncode == 0, res.stderr
+        import base64
+        last = m.gets("/ns.zip")[-1]
+        assert last.range == "bytes=0-"
+        assert last.authorization == "Basic " + base64.b64encode(b"user:hunter2pw").decode()
+    text = res.stdout + res.stderr + "".join(p.read_text(errors="replace") for p in (tmp_path / "ds").glob(".complete-*"))
+    assert "hunter2pw" not in text and "s3cr3tsig" not in text
+    assert json.loads(res.stdout.splitlines()[-1])["mirror"] == m.url("/ns.zip")

@@ -39,6 +39,7 @@ class RequestRecord:
     range: str | None
     status: int = 0
     bytes_sent: int = 0
+    authorization: str | None = None
 
 
 class _Bucket:
@@ -106,8 +107,8 @@ class MirrorServer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _record(self, method: str, path: str, rng: str | None) -> RequestRecord:
-        rec = RequestRecord(method, path, rng)
+    def _record(self, method: str, path: str, rng: str | None, auth: str | None) -> RequestRecord:
+        rec = RequestRecord(method, path, rng, authorization=auth)
         with self._log_lock:
             self.requests.append(rec)
         return rec
@@ -132,7 +133,7 @@ class MirrorServer:
                 rng = self.headers.get("Range")
                 b = server.behaviour
                 data = server.files.get(path)
-                rec = server._record(self.command, path, rng)
+                rec = server._record(self.command, path, rng, self.headers.get("Authorization"))
                 if b.status is not None or data is None:
                     rec.status = b.status or 404
                     self.send_response(rec.status)

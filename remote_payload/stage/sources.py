@@ -8,11 +8,13 @@
 - `hf://datasets/owner/name[@rev]/path`: the Hub's resolve URL (`$HF_ENDPOINT`, default
   huggingface.co; `huggingface_hub.hf_hub_url` when importable); `$HF_TOKEN` is sent as a
   bearer token that is never forwarded to a redirect target.
+- `https://user:password@host/...`: the credentials go in a Basic header, never in logs.
 - `{scene}` anywhere in a URL is replaced by the scene name (per-scene archives).
 - `file://` mirrors live on the controller: the controller uploads them; the host skips them.
 """
 from __future__ import annotations
 
+import base64
 import os
 import urllib.parse
 from dataclasses import dataclass, field
@@ -98,6 +100,14 @@ def resolve(mirror: str, scene: str) -> Source | None:
         return None
     if scheme in ("http", "https"):
         url = mirror
+        parts = urllib.parse.urlsplit(mirror)
+        if parts.username is not None:   # user:password@host → a Basic header, out of the URL
+            cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
+            host = parts.hostname or ""
+            netloc = f"[{host}]" if ":" in host else host
+            netloc += f":{parts.port}" if parts.port else ""
+            url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     elif scheme == "s3":
         bucket, _, key = rest.partition("/")
         if not bucket or not key:
