@@ -133,13 +133,15 @@ def test_estimate_vs_actual_per_job(world):
     data = json.loads(write_report(led, ["r1"], "json", runs_root=runs_root))
     est = {e["job"]: e for e in data["estimate_vs_actual"]}
     h100 = next(s for _, s, _ in jobs if s.job_id == "ngp-lego-h100")
-    actual_s = sum(h100.phases_s.values())
+    actual_s = h100.billed_s                              # billed wall time, unrounded
     actual_cost = _billed_cost(125, 60, 2.13)
     row = est["ngp-lego-h100"]
     assert row["estimate_s"] == 40.0 and row["actual_s"] == pytest.approx(actual_s)
     assert row["seconds_error_pct"] == pytest.approx((40.0 - actual_s) / actual_s * 100)
     assert row["cost_error_pct"] == pytest.approx((0.05 - actual_cost) / actual_cost * 100)
     assert est["ngp-chair-4090"]["estimate_s"] is None      # no estimate recorded: blank, not 0
+    assert row["phases_s"]["train"] == {"estimate": 30, "actual": h100.phases_s["train"]}
+    assert row["phases_s"]["teardown"] == {"estimate": None, "actual": h100.phases_s["teardown"]}
 
 
 def test_runs_are_chosen_by_id_name_or_latest_and_unknown_runs_fail_clearly(world):
@@ -193,3 +195,18 @@ def test_html_is_self_contained_with_plots_and_playable_video_sources(tmp_path):
     assert 'src="data:video/mp4;base64,' in small
     empty = Ledger.open(tmp_path / "empty")
     assert "No jobs in the ledger" in write_report(empty, None, "html")
+
+
+def test_without_an_instance_actual_time_is_the_wall_time_the_phases_cover(tmp_path):
+    led = Ledger.open(tmp_path / "home")
+    led.create_run("r", "r")
+    led.add_job("r", "j", experiment="e", scene="lego", host_name="h", provider="local", gpu="cpu",
+                steps=10, backend="torch", dataset="d",
+                estimate={"total_seconds": 30.0, "phases": [{"phase": "setup", "seconds": 10.0}]})
+    led.record_phase("r", "j", "setup", T0, T0 + 10)       # set-up and staging overlap
+    led.record_phase("r", "j", "staging", T0 + 2, T0 + 12)
+    led.record_phase("r", "j", "train", T0 + 20, T0 + 30)   # a gap is not counted
+    (row,) = json.loads(write_report(led, None, "json"))["estimate_vs_actual"]
+    assert row["actual_s"] == pytest.approx(22.0) and row["actual_cost"] is None
+    assert row["seconds_error_pct"] == pytest.approx((30 - 22) / 22 * 100)
+    assert row["phases_s"]["setup"] == {"estimate": 10.0, "actual": 10.0}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OrchestratorError
-from ..ledger import Ledger, JobRow, utcnow
+from ..ledger import JobRow, Ledger, parse_iso, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ def _find_out_dir(job: JobRow, result: dict[str, Any] | None, runs_root: Path | 
     return None
 
 
-def _job_cost(ledger: Ledger, job: JobRow, now: datetime) -> tuple[float, str, int]:
+def _job_cost(ledger: Ledger, job: JobRow, now: datetime) -> tuple[float, str, float | None]:
+    """(billed cost, currency, billed wall seconds before rounding or None without instances)."""
     rows = {r.row_id: r for r in ledger.instances(run_id=job.run_id) if r.job_id == job.job_id}
     if job.instance_row is not None and job.instance_row not in rows:
         inst = ledger.instance(job.instance_row)
@@ -228,7 +229,29 @@ def _job_cost(ledger: Ledger, job: JobRow, now: datetime) -> tuple[float, str, i
             rows[inst.row_id] = inst
     cost = sum(ledger.instance_cost(rid, now) for rid in rows)
     currency = next((r.currency for r in rows.values() if r.currency), "")
-    return cost, currency, len(rows)
+    seconds = 0.0
+    for rid in rows:
+        for b in ledger.billing(rid):
+            if b.kind == "gpu":
+                end = parse_iso(b.ended_at) if b.ended_at else now
+                seconds += max(0.0, (end - parse_iso(b.started_at)).total_seconds())
+    return cost, currency, seconds if rows else None
+
+
+def _phase_wall_seconds(phases: list[dict[str, Any]]) -> float | None:
+    """Wall time covered by the recorded phases (overlapping phases counted once)."""
+    spans = sorted((parse_iso(p["started_at"]), parse_iso(p["ended_at"])) for p in phases
+                   if p.get("started_at") and p.get("ended_at"))
+    if not spans:
+        return None
+    total, (cur_s, cur_e) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            total += (cur_e - cur_s).total_seconds()
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s).total_seconds()
 
 
 def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
@@ -253,13 +276,16 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
     if train_s is None and out_dir is not None and (out_dir / "train_log.csv").is_file():
         points = read_train_log(out_dir / "train_log.csv")
         train_s = points[-1].seconds if points else None
-    cost, currency, n_instances = _job_cost(ledger, job, now)
+    cost, currency, billed_s = _job_cost(ledger, job, now)
     est_s, est_cost, est_phases, source = _estimate_parts(job.estimate)
+    recorded = ledger.phases(job.run_id, job.job_id)
     actual_phases: dict[str, float] = {}
-    for p in ledger.phases(job.run_id, job.job_id):
+    for p in recorded:
         actual_phases[p["phase"]] = actual_phases.get(p["phase"], 0.0) + float(p["seconds"] or 0)
-    estimate = EstimateVsActual(est_s, sum(actual_phases.values()) if actual_phases else None,
-                                est_cost, cost if n_instances else None,
+    # Actual time is what was billed (the estimate's total is billed wall time too); without
+    # an instance, the wall time the recorded phases cover.
+    actual_s = billed_s if billed_s is not None else _phase_wall_seconds(recorded)
+    estimate = EstimateVsActual(est_s, actual_s, est_cost, cost if billed_s is not None else None,
                                 est_phases, actual_phases, source)
     backend = str(summary.get("backend") or (result or {}).get("backend") or job.backend)
     return JobReport(job.run_id, job.job_id, job.experiment, job.scene, job.gpu, backend,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collect import BACKGROUND_NOTE, COST_PER_DB_DEFINITION, JobReport, ReportData, read_train_log
-from .tables import estimate_frame, fmt, psnr_pivot, reference_frame, results_frame
+from .tables import ESTIMATE_NOTE, estimate_frame, fmt, psnr_pivot, reference_frame, results_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -204,8 +204,7 @@ def to_html(data: ReportData, *, html_dir: Path | None = None,
               _table(reference_frame(data), "reference",
                      row_class=lambda r: "ours" if str(r["method"]).startswith("ours") else ""),
               "<h2>Estimate vs actual</h2>",
-              '<p class="note">Error % = (estimate − actual) / actual. Actual seconds are the sum '
-              "of the job's recorded phases; actual cost is recomputed from billing intervals.</p>",
+              f'<p class="note">{escape(ESTIMATE_NOTE)}</p>',
               _table(estimate_frame(data), "estimates"), "<h2>Plots</h2><div class=plots>"]
     for plot_id, svg in (("plot-psnr-cost", plot_psnr_vs_cost(data)),
                          ("plot-training", plot_training_curves(data))):

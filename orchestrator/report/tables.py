@@ -83,8 +83,13 @@ def reference_frame(data: ReportData) -> "pd.DataFrame":
     return df
 
 
+ESTIMATE_NOTE = ("Error % = (estimate − actual) / actual. Seconds are billed wall time (the "
+                 "instance's GPU intervals, before rounding); cost is recomputed from billing "
+                 "intervals.")
+
+
 def estimate_frame(data: ReportData) -> "pd.DataFrame":
-    """Estimate vs actual per job: wall seconds (sum of recorded phases) and cost."""
+    """Estimate vs actual per job: billed wall seconds and cost."""
     import pandas as pd
 
     rows = [{"run": j.run_id, "job": j.job_id, "estimate_s": j.estimate.estimate_seconds,
@@ -136,8 +141,7 @@ def to_markdown(data: ReportData) -> str:
               "## Beside published figures", "", BACKGROUND_NOTE, "",
               markdown_table(reference_frame(data)), "",
               "## Estimate vs actual", "",
-              "Error % = (estimate − actual) / actual; actual seconds are the sum of the "
-              "recorded phases.", "", markdown_table(estimate_frame(data)), ""]
+              ESTIMATE_NOTE, "", markdown_table(estimate_frame(data)), ""]
     return "\n".join(parts)
 
 
@@ -167,7 +171,13 @@ def to_json_obj(data: ReportData) -> dict[str, Any]:
             str(scene): {str(k): (None if isinstance(v, float) and math.isnan(v) else v)
                          for k, v in row.items()} for scene, row in pivot.iterrows()},
         "reference": _records(reference_frame(data)),
-        "estimate_vs_actual": _records(estimate_frame(data)),
+        "estimate_vs_actual": [
+            {**rec, "phases_s": {ph: {"estimate": j.estimate.estimate_phases_s.get(ph),
+                                      "actual": j.estimate.actual_phases_s.get(ph)}
+                                 for ph in dict.fromkeys([*j.estimate.estimate_phases_s,
+                                                          *j.estimate.actual_phases_s])}}
+            for rec, j in zip(_records(estimate_frame(data)), data.jobs)],
+        "estimate_note": ESTIMATE_NOTE,
     }
 
 
