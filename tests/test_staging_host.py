@@ -379,3 +379,28 @@ def test_credentials_in_a_mirror_url_never_reach_the_output(tmp_path: Path, arch
     text = res.stdout + res.stderr + "".join(p.read_text(errors="replace") for p in (tmp_path / "ds").glob(".complete-*"))
     assert "hunter2pw" not in text and "s3cr3tsig" not in text
     assert json.loads(res.stdout.splitlines()[-1])["mirror"] == m.url("/ns.zip")
+
+
+def test_hf_token_goes_to_the_hub_but_not_to_the_redirect_target(tmp_path: Path, archive: bytes,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    with MirrorServer({"/ns.zip": archive}) as cdn, \
+            MirrorServer({}, redirects={"/datasets/me/nerf/resolve/main/ns.zip": cdn.url("/ns.zip")}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url(""))
+        monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+        scene = stage(tmp_path / "ds", "lego", ["hf://datasets/me/nerf/ns.zip"], {}, policy=FAST,
+                      timeout_s=60, emit=lambda e: None)
+        assert (scene / "transforms_train.json").is_file()
+        assert {r.authorization for r in hub.requests} == {"Bearer hf_secret_token_123"}
+        assert [r.status for r in hub.requests] == [302, 302]            # probe, download
+        assert {r.authorization for r in cdn.requests} == {None}
+        assert [r.range for r in download_gets(cdn, "/ns.zip")] == ["bytes=0-"]
+
+
+def test_per_scene_archives_via_placeholder(tmp_path: Path, scene_dir: Path) -> None:
+    small = {f"/{name}.zip": zip_dir(scene_dir, name) for name in ("lego", "chair")}
+    with MirrorServer(small) as m:
+        for name in ("lego", "chair"):
+            got = stage(tmp_path / "ds", name, [m.url("/{scene}.zip")], {}, policy=FAST, timeout_s=60,
+                        emit=lambda e: None)
+            assert got == tmp_path / "ds" / name and (got / "padding.bin").is_file()
+        assert sorted(r.path for r in download_gets(m, None)) == ["/chair.zip", "/lego.zip"]

@@ -65,8 +65,9 @@ class MirrorServer:
     """ThreadingHTTPServer on 127.0.0.1 serving `files` (URL path → bytes or a file Path)."""
 
     def __init__(self, files: dict[str, bytes | Path], behaviour: MirrorBehaviour | None = None,
-                 chunk_bytes: int = 64 * 1024) -> None:
+                 chunk_bytes: int = 64 * 1024, redirects: dict[str, str] | None = None) -> None:
         self.files = dict(files)
+        self.redirects = dict(redirects or {})   # URL path → absolute URL answered with 302
         self.behaviour = behaviour or MirrorBehaviour()
         self.chunk_bytes = chunk_bytes
         self.requests: list[RequestRecord] = []
@@ -134,6 +135,13 @@ class MirrorServer:
                 b = server.behaviour
                 data = server.files.get(path)
                 rec = server._record(self.command, path, rng, self.headers.get("Authorization"))
+                if path in server.redirects:
+                    rec.status = 302
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if b.status is not None or data is None:
                     rec.status = b.status or 404
                     self.send_response(rec.status)
