@@ -153,3 +153,36 @@ def test_estimate_uses_head_local_size_or_assumption(scene_dir: Path, tmp_path: 
     assert estimate_staging_seconds(dataset("e", [f"file://{arc}"]), rate_bytes_per_s=1e6) == (1.0, "local")
     secs, source = estimate_staging_seconds(dataset("e", []))
     assert source == "assumption" and secs == ASSUMED_SIZE_BYTES / ASSUMED_RATE_BYTES_PER_S
+
+
+def test_a_killed_host_process_is_reported_not_waited_for(transport: LocalTransport, scene_dir: Path) -> None:
+    import signal
+    import threading
+    import time as _time
+    archive = zip_dir(scene_dir, "nerf_synthetic/lego")
+    with MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=200_000)) as m:
+        ds = dataset("nerf", [m.url("/ns.zip")])
+        killed: list[int] = []
+
+        def kill_when_downloading() -> None:   # plays the OOM killer on the stage process group
+            deadline = _time.monotonic() + 20
+            while _time.monotonic() < deadline and not killed:
+                for log in Path(transport.root).glob("cache/datasets/*/.stage-lego-*.log"):
+                    if '"phase":"download"' in log.read_text():
+                        marker = str(log.with_suffix(".json")).encode()
+                        for proc in Path("/proc").glob("[0-9]*"):
+                            try:
+                                if marker in (proc / "cmdline").read_bytes():
+                                    os.kill(int(proc.name), signal.SIGKILL)
+                                    killed.append(int(proc.name))
+                            except (OSError, ProcessLookupError):
+                                pass
+                _time.sleep(0.1)
+
+        th = threading.Thread(target=kill_when_downloading)
+        th.start()
+        t0 = _time.monotonic()
+        with pytest.raises(StagingError, match="ended without an exit code"):
+            stage(transport, ds)
+        th.join(timeout=30)
+        assert killed and _time.monotonic() - t0 < 15

@@ -96,12 +96,21 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
     pid = _start_detached(transport, cmd, f"{dest}/.stage-{scene}-{tag}.log")
     deadline = time.monotonic() + tuning.timeout_s + 120
     last: dict[str, Any] = {}
+    # One round trip per poll: the latest event, whether the process lives, then its exit code
+    # (read after the liveness check: the code is written before the process exits, so
+    # "dead and no code" really means it was killed).
     poll = (f"cat {shlex.quote(status)} 2>/dev/null; echo; echo {_SEP}; "
+            f"kill -0 {int(pid)} 2>/dev/null && echo alive; echo {_SEP}; "
             f"cat {shlex.quote(rc_path)} 2>/dev/null; true")
-    while True:   # one round trip per poll: the latest event and, once it ended, the exit code
+    while True:
         out = transport.run(poll, check=False, timeout_s=60).stdout
-        event_text, _, rc_text = out.partition(_SEP)
+        event_text, _, rest = out.partition(_SEP)
+        alive_text, _, rc_text = rest.partition(_SEP)
         last = _parse_event(event_text) or last
+        if not rc_text.strip() and "alive" not in alive_text:
+            rc_text = "1"
+            last = {"event": "error", "exit_code": 1, "message": "the staging process on the host "
+                    "ended without an exit code (killed?); see " + f"{dest}/.stage-{scene}-{tag}.log"}
         if progress and last.get("event") == "progress":
             what = {"download": "downloading", "extract": "extracting", "validate": "validating"}.get(
                 str(last.get("phase")), str(last.get("phase")))
