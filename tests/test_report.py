@@ -210,3 +210,34 @@ def test_without_an_instance_actual_time_is_the_wall_time_the_phases_cover(tmp_p
     assert row["actual_s"] == pytest.approx(22.0) and row["actual_cost"] is None
     assert row["seconds_error_pct"] == pytest.approx((30 - 22) / 22 * 100)
     assert row["phases_s"]["setup"] == {"estimate": 10.0, "actual": 10.0}
+
+
+def test_notes_say_why_jobs_did_not_succeed_and_never_show_secrets(tmp_path):
+    import sqlite3
+
+    from orchestrator.secrets import remember
+
+    led = Ledger.open(tmp_path / "home")
+    led.create_run("r", "r", budget=1.0)
+    add_finished_job(led, "r", FakeJob("ok", "lego", video=False), runs_root=tmp_path / "runs",
+                     start_epoch=T0)
+    led.add_job("r", "late", experiment="e", scene="lego", host_name="h", provider="local",
+                gpu="cpu", steps=10, backend="torch", dataset="d")
+    led.update_job("r", "late", status="budget_stopped", error="not started: it would cross the budget")
+    led.add_event("budget_refused", "late not started: spent 0.9 + 0 + its estimate 0.2 > cap 1.0",
+                  "r", "late")
+    secret = "tok-9f8e7d6c5b4a"
+    with sqlite3.connect(led.path) as raw:           # a row written before the secret was known
+        raw.execute("INSERT INTO events (at, run_id, job_id, kind, message) VALUES (?,?,?,?,?)",
+                    ("2026-03-01T10:00:00+00:00", "r", None, "budget_cap", f"cap hit; key {secret}"))
+    remember(secret)
+    md = write_report(led, None, "md")
+    data = json.loads(write_report(led, None, "json"))
+    html = write_report(led, None, "html")
+    assert "r late: budget_stopped: not started: it would cross the budget" in data["notes"]
+    assert any("budget_refused: late not started" in n for n in data["notes"])
+    assert "## Notes" in md and '<ul id="notes">' in html
+    for text in (md, json.dumps(data), html):
+        assert secret not in text and "cap hit; key ***" in text
+    late = next(j for j in data["jobs"] if j["job"] == "late")
+    assert late["psnr"] is None and late["status"] == "budget_stopped"

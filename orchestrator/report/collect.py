@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OrchestratorError
+from ..secrets import redact
 from ..ledger import JobRow, Ledger, parse_iso, utcnow
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class ReportData:
     jobs: tuple[JobReport, ...]
     reference: tuple[ReferenceRow, ...]
     generated_at: str
+    notes: tuple[str, ...] = ()          # why jobs did not succeed; budget decisions
+
+
+NOTE_EVENT_KINDS = ("budget_refused", "budget_cap", "refused")
 
 
 def _error_pct(estimate: float | None, actual: float | None) -> float | None:
@@ -325,4 +330,9 @@ def collect(ledger: Ledger, runs: list[str] | None = None, *, runs_root: Path | 
     reports = [_job_report(ledger, j, results.get((j.run_id, j.job_id)), runs_root, now)
                for j in jobs]
     reports.sort(key=lambda r: (r.scene, r.gpu, r.backend, r.run_id, r.job_id))
-    return ReportData(run_ids, tuple(reports), read_reference(), now.isoformat(timespec="seconds"))
+    notes = [f"{j.run_id} {j.job_id}: {j.status}: {redact(j.error)}" for j in jobs
+             if j.status != "succeeded" and j.error]
+    notes += [f"{e['run_id']} {e['job_id'] or ''} {e['kind']}: {redact(e['message'])}".replace("  ", " ")
+              for rid in run_ids for e in ledger.events(rid) if e["kind"] in NOTE_EVENT_KINDS]
+    return ReportData(run_ids, tuple(reports), read_reference(), now.isoformat(timespec="seconds"),
+                      tuple(notes))

@@ -210,7 +210,11 @@ def to_html(data: ReportData, *, html_dir: Path | None = None,
                          ("plot-training", plot_training_curves(data))):
         if svg:
             parts.append(f'<figure id="{plot_id}">{svg}</figure>')
-    parts += ["</div><h2>Render vs ground truth</h2>",
+    parts.append("</div>")
+    if data.notes:
+        parts.append('<h2>Notes</h2><ul id="notes">'
+                     + "".join(f"<li>{escape(n)}</li>" for n in data.notes) + "</ul>")
+    parts += ["<h2>Render vs ground truth</h2>",
               _videos(data, html_dir, embed_video_max_bytes),
               f"<script>{SCRIPT}</script></body></html>"]
     return "".join(parts)

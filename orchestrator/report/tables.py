@@ -142,6 +142,8 @@ def to_markdown(data: ReportData) -> str:
               markdown_table(reference_frame(data)), "",
               "## Estimate vs actual", "",
               ESTIMATE_NOTE, "", markdown_table(estimate_frame(data)), ""]
+    if data.notes:
+        parts += ["## Notes", ""] + [f"- {n}" for n in data.notes] + [""]
     return "\n".join(parts)
 
 
@@ -178,6 +180,7 @@ def to_json_obj(data: ReportData) -> dict[str, Any]:
                                                           *j.estimate.actual_phases_s])}}
             for rec, j in zip(_records(estimate_frame(data)), data.jobs)],
         "estimate_note": ESTIMATE_NOTE,
+        "notes": list(data.notes),
     }
 
 
