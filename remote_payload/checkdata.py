@@ -1,8 +1,8 @@
 """`check-data`: is this directory a usable NeRF-synthetic scene? Decided before any GPU work.
 
-Wraps `ngp_train.data.validate_dataset`; in front of it, a cheap look at the directory that names
-the two commonest mistakes in words a user recognises: a path that does not exist, and a copy
-that holds only results (renders, checkpoints) instead of the dataset.
+Wraps `ngp_train.data.validate_dataset` (transforms files, frame paths, sizes, results-only
+copies) and adds what it leaves out: every referenced frame must really decode (a truncated
+download passes a header check), and the test split must not be empty.
 """
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadData
+from .frames import split_frames
 
 log = logging.getLogger(__name__)
-
-_RESULT_SUFFIXES = {".pt", ".pth", ".ckpt", ".msgpack", ".ingp", ".mp4", ".npz", ".obj", ".ply"}
-_RESULT_DIRS = {"renders", "render", "results", "checkpoints", "ckpt", "videos", "logs"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,41 +26,38 @@ class DataReport:
     height: int
 
 
-def _precheck(data_dir: Path) -> None:
-    if not data_dir.exists():
-        raise BadData(f"{data_dir}: no such directory; pass the scene directory that holds "
-                      "transforms_train.json", phase="check")
-    if not data_dir.is_dir():
-        raise BadData(f"{data_dir}: not a directory; pass the scene directory that holds "
-                      "transforms_train.json", phase="check")
-    if any(data_dir.glob("transforms_*.json")):
-        return
-    names = {p.name.lower() for p in data_dir.iterdir()}
-    looks_like_results = bool(names & _RESULT_DIRS) or any(
-        p.suffix.lower() in _RESULT_SUFFIXES for p in data_dir.rglob("*") if p.is_file())
-    if looks_like_results:
-        raise BadData(f"{data_dir}: holds only results (renders/checkpoints) and no "
-                      "transforms_*.json; this is not the dataset, fetch the original scene",
-                      phase="check")
+def _verify_decodes(data_dir: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val", "test"):
+        if not (data_dir / f"transforms_{split}.json").is_file():
+            continue
+        for path in split_frames(data_dir, split):
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as exc:   # PIL raises OSError, SyntaxError, ValueError... on bad data
+                raise BadData(f"{path}: image does not decode ({' '.join(str(exc).split())}); "
+                              "the download is probably truncated, fetch the scene again",
+                              phase="check") from None
 
 
 def check_data(data_dir: Path) -> DataReport:
     """Validate the scene at `data_dir`; raise BadData with a one-line reason."""
     data_dir = Path(data_dir).expanduser()
-    _precheck(data_dir)
     from ngp_train.data import validate_dataset
     from ngp_train.errors import DatasetError
 
     try:
         info = validate_dataset(data_dir)
     except DatasetError as exc:
-        line = " ".join(str(exc).split()) or type(exc).__name__
-        raise BadData(line, phase="check") from None
-    report = DataReport(path=str(info.path), n_train=int(info.n_train), n_val=int(info.n_val),
-                        n_test=int(info.n_test), width=int(info.width), height=int(info.height))
-    if report.n_test < 1:
+        raise BadData(" ".join(str(exc).split()) or "not a NeRF-synthetic scene", phase="check") from None
+    if int(info.n_test) < 1:
         raise BadData(f"{data_dir}: transforms_test.json lists no frames; nothing to evaluate",
                       phase="check")
+    _verify_decodes(data_dir)
+    report = DataReport(path=str(info.path), n_train=int(info.n_train), n_val=int(info.n_val),
+                        n_test=int(info.n_test), width=int(info.width), height=int(info.height))
     log.info("dataset ok: %s (%d train, %d val, %d test, %dx%d)", report.path, report.n_train,
              report.n_val, report.n_test, report.width, report.height)
     return report

@@ -35,6 +35,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .checkdata import check_data
 
@@ -56,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_pipeline(RunOptions(
             data_dir=Path(args.data), job_dir=job_dir, steps=args.steps,
             max_seconds=args.max_seconds, backend=args.backend, device=args.device,
-            scene=args.scene, downscale=args.downscale, seed=args.seed, fps=args.fps))
+            scene=args.scene, downscale=args.downscale, seed=args.seed, fps=args.fps,
+            train_options=tuple(args.train_option)))
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -99,6 +107,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--downscale", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=_positive_float, default=24.0, help="video frame rate")
+    p.add_argument("--train-option", action="append", default=[], type=_key_value,
+                   metavar="KEY=VALUE", help="any other TrainConfig field, e.g. log2_hashmap_size=17")
     p.set_defaults(func=cmd_run, log_level=logging.INFO)
 
     p = sub.add_parser("bootstrap", help="detect CUDA/GPU/torch/tcnn, write env.json")

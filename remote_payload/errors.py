@@ -6,7 +6,8 @@
     ├── OutOfMemory         exit 4   training (or rendering) ran out of GPU/host memory
     ├── Interrupted         exit 5   SIGINT/SIGTERM: the snapshot is kept, a rerun resumes
     ├── StageFailed         exit 6   render, ground truth, metrics, summary or videos failed
-    └── AlreadyRunning      exit 7   another live pipeline owns this job directory
+    ├── AlreadyRunning      exit 7   another live pipeline owns this job directory
+    └── BadUsage            exit 64  bad command-line arguments or options
 
 The CLI prints one line `error: <message>` on stderr and exits with `exit_code`.
 """
@@ -52,3 +53,7 @@ class AlreadyRunning(PayloadError):
 
 
 USAGE_EXIT_CODE = 64   # bad command-line arguments (argparse), distinct from "bad data" (2)
+
+
+class BadUsage(PayloadError):
+    exit_code = USAGE_EXIT_CODE

@@ -44,9 +44,9 @@ def split_frames(data_dir: Path, split: str = "test") -> list[Path]:
     paths: list[Path] = []
     for frame in meta["frames"]:
         rel = Path(str(frame["file_path"]))
-        p = (data_dir / rel).resolve()
-        if not p.suffix:
-            p = p.with_suffix(".png")
+        p = data_dir / rel
+        if p.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            p = p.with_name(p.name + ".png")
         paths.append(p)
     return paths
 

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 
 from . import stages
 from .checkdata import check_data
-from .errors import AlreadyRunning, BadData, Interrupted, OutOfMemory, PayloadError, StageFailed, TrainFailed
+from .errors import (AlreadyRunning, BadData, BadUsage, Interrupted, OutOfMemory, PayloadError,
+                     StageFailed, TrainFailed)
 from .frames import expected_stems
 from .status import StatusWriter, is_pipeline_process, read_status, write_json_atomic
 
@@ -44,6 +45,61 @@ class RunOptions:
     downscale: int = 1
     seed: int = 0
     fps: float = 24.0
+    train_options: tuple[tuple[str, str], ...] = ()   # extra TrainConfig fields, as text
+
+
+_NOT_OPTIONS = {"steps", "max_seconds", "backend", "device", "downscale", "seed", "eval"}
+
+
+def build_train_config(opts: RunOptions) -> Any:
+    """TrainConfig from the run options; `--train-option KEY=VALUE` values are typed from the
+    field's default (None defaults: int, then float). Unknown keys name the closest field."""
+    import dataclasses
+    import difflib
+
+    from ngp_train.train import TrainConfig
+
+    kw: dict[str, Any] = {"eval": False, "max_seconds": opts.max_seconds, "backend": opts.backend,
+                          "device": opts.device, "downscale": opts.downscale, "seed": opts.seed}
+    if opts.steps is not None:
+        kw["steps"] = opts.steps
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, text in opts.train_options:
+        if key in _NOT_OPTIONS or key not in fields:
+            close = difflib.get_close_matches(key, [k for k in fields if k not in _NOT_OPTIONS], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            why = "has its own flag" if key in _NOT_OPTIONS else "is not a training option"
+            raise BadUsage(f"--train-option {key}={text}: {key!r} {why}{hint}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                value: Any = text.lower() in ("true", "1", "yes")
+            elif isinstance(default, (int, float, str)):
+                value = type(default)(text)
+            elif text.lower() == "none":
+                value = None
+            else:
+                try:
+                    value = int(text)
+                except ValueError:
+                    value = float(text)
+        except ValueError:
+            raise BadUsage(f"--train-option {key}={text}: not a valid "
+                           f"{type(default).__name__ if default is not None else 'number'}") from None
+        kw[key] = value
+    from ngp_train import train as train_module
+    from ngp_train.errors import NgpError
+
+    try:
+        cfg = TrainConfig(**kw)
+        check = getattr(train_module, "check_config", None)
+        if check is not None:
+            check(cfg)
+    except (TypeError, ValueError, NgpError) as exc:
+        raise BadUsage(f"training options rejected: {' '.join(str(exc).split())}") from None
+    return cfg
 
 
 class _StopFlag:
@@ -90,9 +146,15 @@ def _running_message(job_dir: Path) -> str:
             "watch its status.json instead of starting another")
 
 
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory",
+              "not enough memory")
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__ or \
-        "out of memory" in str(exc).lower()
+    """CUDA OOM (torch.cuda.OutOfMemoryError), host allocation failures, MemoryError."""
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+            or any(w in text for w in _OOM_WORDS))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -120,6 +182,7 @@ class Pipeline:
     def run(self) -> None:
         o = self.opts
         self.writer.set_phase("check")
+        cfg = build_train_config(o)   # bad options fail here, before any work
         t0 = time.monotonic()
         report = check_data(o.data_dir)
         self.timings["check"] = {"seconds": round(time.monotonic() - t0, 3), "skipped": False}
@@ -128,7 +191,7 @@ class Pipeline:
         train_info: dict[str, Any] = {}
 
         def do_train() -> bool:
-            ran, info = self._train()
+            ran, info = self._train(cfg)
             train_info.update(info)
             return ran
 
@@ -155,15 +218,11 @@ class Pipeline:
     def _tick(self, *args: Any, **kwargs: Any) -> None:
         self.writer.update()
 
-    def _train(self) -> tuple[bool, dict[str, Any]]:
-        from ngp_train.train import TrainConfig, train
+    def _train(self, cfg: Any) -> tuple[bool, dict[str, Any]]:
+        """Train or resume; eval=False in cfg: render, scores and summary are our own stages."""
+        from ngp_train.train import train
 
         o = self.opts
-        kw: dict[str, Any] = {"max_seconds": o.max_seconds, "backend": o.backend,
-                              "device": o.device, "downscale": o.downscale, "seed": o.seed}
-        if o.steps is not None:
-            kw["steps"] = o.steps
-        cfg = TrainConfig(**kw)
         done = stages.read_json(self.out / TRAIN_RESULT)
         if (done is not None and done.get("target_steps") == cfg.steps
                 and done.get("max_seconds") == cfg.max_seconds
@@ -190,6 +249,8 @@ class Pipeline:
             name = type(exc).__name__
             if name == "DatasetError":
                 raise BadData(" ".join(str(exc).split()), phase="train") from None
+            if name == "ConfigError":
+                raise BadUsage(" ".join(str(exc).split()), phase="train") from None
             log.exception("training failed")
             if _is_oom(exc):
                 raise OutOfMemory(f"training ran out of memory: {_one_line(exc)}; "
@@ -226,7 +287,8 @@ class _Rate:
 
 
 def run_pipeline(opts: RunOptions) -> int:
-    """Run the whole pipeline in `opts.job_dir`; returns the process exit code."""
+    """Run the whole pipeline in `opts.job_dir`; 0 on success, else raises the PayloadError
+    (already recorded in status.json) whose exit_code the process ends with."""
     job_dir = Path(opts.job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     opts = RunOptions(**{**{f: getattr(opts, f) for f in RunOptions.__dataclass_fields__},
@@ -242,13 +304,13 @@ def run_pipeline(opts: RunOptions) -> int:
             phase = "interrupted" if isinstance(exc, Interrupted) else "failed"
             (log.warning if phase == "interrupted" else log.error)("%s", exc)
             writer.finish(phase, exc.exit_code, str(exc))
-            return exc.exit_code
+            raise
         except Exception as exc:   # a bug of ours: still one line in status.json and a code
             log.exception("unexpected failure")
             failed = TrainFailed if writer.current.phase == "train" else StageFailed
             err = failed(f"{writer.current.phase} failed: {_one_line(exc)}")
             writer.finish("failed", err.exit_code, str(err))
-            return err.exit_code
+            raise err from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

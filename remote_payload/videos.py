@@ -94,7 +94,10 @@ def side_by_side(left: np.ndarray, right: np.ndarray, labels: tuple[str, str]) -
     img = Image.fromarray(canvas)
     draw = ImageDraw.Draw(img)
     font = _font(max(10, band - 4))
-    for x0, text in ((0, labels[0]), (left.shape[1] + gap, labels[1])):
+    for x0, text, room in ((0, labels[0], left.shape[1]), (left.shape[1] + gap, labels[1],
+                                                             right.shape[1])):
+        if draw.textlength(text, font=font) > room - 2:   # tiny frames: initials only
+            text = "".join(word[0] for word in text.split()).upper()
         draw.text((x0 + 2, 1), text, fill=(0, 0, 0), font=font)
     return np.asarray(img)
 
