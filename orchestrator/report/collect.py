@@ -156,8 +156,11 @@ def read_metrics(path: Path) -> tuple[float | None, float | None, int]:
                     ssims.append(s)
     except OSError as exc:
         raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from None
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return mean(psnrs), mean(ssims), len(psnrs)
+    return _mean(psnrs), _mean(ssims), len(psnrs)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def read_train_log(path: Path) -> list[TrainPoint]:
