@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 import yaml
+import yaml.reader
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .errors import ConfigError
@@ -38,8 +39,14 @@ class YSeq(list):
         self.item_lines: list[int] = []
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped, so a message stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(filename: str, line: int, path: str, message: str, hint: str | None = None) -> NoReturn:
     where = f"{filename}:{line}" if line else filename
+    path, message = printable(path), printable(message)
     raise ConfigError(f"{where}: {path}: {message}" if path else f"{where}: {message}", hint=hint)
 
 
@@ -84,11 +91,13 @@ class _Converter:
     def _mapping(self, node: MappingNode, path: str, depth: int) -> YMap:
         if node.tag != _MAP_TAG:
             fail(self.filename, _line(node), path, f"unsupported tag {node.tag!r}")
+        explicit = {id(k) for k, _v in node.value if k.tag != "tag:yaml.org,2002:merge"}
         try:
             self.loader.flatten_mapping(node)          # resolves `<<: *anchor` merge keys
         except (yaml.YAMLError, RecursionError) as exc:
             fail(self.filename, _line(node), path, f"bad merge key: {getattr(exc, 'problem', exc)}")
         out = YMap(_line(node))
+        merged: set[str] = set()                       # keys that came from a merge (overridable)
         for key_node, value_node in node.value:
             if not isinstance(key_node, ScalarNode):
                 fail(self.filename, _line(key_node), path, "a key must be plain text, not a list or mapping")
@@ -98,25 +107,51 @@ class _Converter:
                 fail(self.filename, _line(key_node), f"{path}.{shown}" if path else str(shown),
                      "a key must be text", hint=f"quote it: \"{shown}\":")
             sub = f"{path}.{key}" if path else key
+            from_merge = id(key_node) not in explicit
             if key in out:
-                fail(self.filename, _line(key_node), sub,
-                     f"duplicate key (first given on line {out.key_lines[key]})")
+                if from_merge:
+                    continue                           # an explicit key (or an earlier merge) wins
+                if key not in merged:
+                    fail(self.filename, _line(key_node), sub,
+                         f"duplicate key (first given on line {out.key_lines[key]})")
+            if from_merge:
+                merged.add(key)
+            else:
+                merged.discard(key)
             out[key] = self.convert(value_node, sub, depth + 1)
             out.key_lines[key] = _line(key_node)
             out.value_lines[key] = _line(value_node)
         return out
 
 
+def _reader_line(text: str, exc: yaml.reader.ReaderError) -> int:
+    pos = exc.position if isinstance(exc.position, int) else 0
+    return text[:pos].count("\n") + 1
+
+
 def read_yaml(text: str, filename: str) -> Any:
     """Parse one YAML document into YMap/YSeq/scalars; None for an empty document."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        fail(filename, _reader_line(text, exc), "", f"malformed YAML: {exc.reason} "
+             f"(character {exc.character!r} is not allowed)")
     try:
         try:
             node = loader.get_single_node()
+        except yaml.reader.ReaderError as exc:
+            fail(filename, _reader_line(text, exc), "", f"malformed YAML: {exc.reason} "
+                 f"(character {exc.character!r} is not allowed)")
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else 0
             problem = exc.problem or exc.context or "cannot parse"
+            ctx = exc.context_mark
+            if exc.context and exc.problem:
+                if exc.context.startswith("expected"):
+                    problem = f"{exc.context}, {problem}"
+                elif ctx is not None and ctx.line + 1 != line:
+                    problem += f" ({exc.context} that starts on line {ctx.line + 1})"
             fail(filename, line, "", f"malformed YAML: {problem}",
                  hint="check indentation, colons and quotes on that line")
         except yaml.YAMLError as exc:
