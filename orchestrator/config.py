@@ -146,6 +146,7 @@ class ExperimentsConfig:
     datasets: Mapping[str, DatasetConfig]
     experiments: tuple[ExperimentConfig, ...]
     path: Path | None = None
+    source_name: str = "experiments.yaml"      # the file as the user named it, for messages
 
 
 def is_secret_key(key: str) -> bool:
@@ -362,7 +363,7 @@ def parse_config(text: str, filename: str = "experiments.yaml", path: Path | Non
             r.fail(em, "name", f"experiments[{i}].name", f"experiment name {exp.name!r} is used twice")
         experiments.append(exp)
     return ExperimentsConfig(name, budget, defaults, MappingProxyType(hosts), MappingProxyType(datasets),
-                             tuple(experiments), path)
+                             tuple(experiments), path, filename)
 
 
 def _currency(r: _Reader, m: YMap, path: str) -> str:
@@ -397,5 +398,4 @@ def check_secrets(config: ExperimentsConfig, host_names: list[str] | None = None
                 try:
                     read_secret(env=env, file=file, what=f"hosts.{h.name}.{kind}_{'env' if env else 'file'}")
                 except ConfigError as exc:
-                    where = str(config.path) if config.path else "experiments.yaml"
-                    raise ConfigError(f"{where}:{h.line}: {exc.message}", hint=exc.hint) from None
+                    raise ConfigError(f"{config.source_name}:{h.line}: {exc.message}", hint=exc.hint) from None

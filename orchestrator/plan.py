@@ -61,7 +61,7 @@ def expand(config: ExperimentsConfig) -> list[Job]:
     """Every job of every experiment, in file order (experiment, scene, host, then the axes)."""
     jobs: list[Job] = []
     seen: dict[str, str] = {}
-    for exp in config.experiments:
+    for index, exp in enumerate(config.experiments):
         axes = [k for k in SETTINGS if isinstance(getattr(exp, k), tuple)]
         axis_values = [getattr(exp, k) for k in axes]
         for scene in exp.scenes:
@@ -72,9 +72,8 @@ def expand(config: ExperimentsConfig) -> list[Job]:
                     job_id = "-".join([slug(exp.name), slug(scene), slug(host_name)]
                                       + [f"{k}{slug(chosen[k])}" for k in axes])
                     if job_id in seen:
-                        where = f"{config.path}:{exp.line}: " if config.path else ""
                         raise ConfigError(
-                            f"{where}experiments: two jobs get the same id {job_id!r} "
+                            f"{config.source_name}:{exp.line}: experiments[{index}]: two jobs get the same id {job_id!r} "
                             f"(from experiments {seen[job_id]!r} and {exp.name!r})",
                             hint="rename one of the experiments or remove the repeated value")
                     seen[job_id] = exp.name

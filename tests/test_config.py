@@ -224,7 +224,7 @@ def test_env_secret_checked_before_launch(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("ORCH_TEST_PW", raising=False)
     with pytest.raises(ConfigError) as info:
         check_secrets(cfg, ["box"])
-    assert "ORCH_TEST_PW is not set" in str(info.value)
+    assert str(info.value) == "experiments.yaml:6: hosts.box.password_env: environment variable ORCH_TEST_PW is not set"
     check_secrets(cfg, ["here"])                       # other hosts are not checked
     monkeypatch.setenv("ORCH_TEST_PW", "pw-value-1234")
     check_secrets(cfg, ["box"])
