@@ -157,8 +157,10 @@ def _is_oom(exc: BaseException) -> bool:
             or any(w in text for w in _OOM_WORDS))
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, limit: int = 400) -> str:
     text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -196,6 +198,8 @@ class Pipeline:
             return ran
 
         self._timed("train", do_train)
+        if not self.timings["train"]["skipped"]:
+            stages.drop_model_outputs(self.out)   # a new model: older renders/scores are stale
         snapshot = Path(train_info["snapshot_path"])
         try:
             self._timed("render", lambda: stages.render_stage(
@@ -229,6 +233,7 @@ class Pipeline:
                 and Path(done.get("snapshot_path", "")).is_file()):
             self.writer.update(force=True, step=int(done["steps"]), total_steps=cfg.steps)
             return False, done
+        (self.out / TRAIN_RESULT).unlink(missing_ok=True)   # recorded again only when training ends
         self.writer.update(force=True, step=0, total_steps=cfg.steps)
         rate = _Rate()
 

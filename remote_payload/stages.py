@@ -44,6 +44,14 @@ def _commit_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def drop_model_outputs(out: Path) -> None:
+    """Remove what depends on the trained model (renders, scores, summary, videos)."""
+    for name in ("renders", "videos"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.csv", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+
+
 def render_stage(snapshot: Path, data_dir: Path, out: Path, stems: list[str], device: str,
                  tick: Callable[..., None]) -> bool:
     """Render the test views into out/renders. Returns False when skipped (already complete)."""
