@@ -101,7 +101,7 @@ def _terminate_pipeline(pid: int, grace_s: float) -> None:
 
 
 def run_stop_command(command: str, timeout_s: float) -> int:
-    log.warning("running stop command: %s", command)
+    log.warning("running the stop command")   # its text may hold a token: not logged
     try:
         proc = subprocess.run(command, shell=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True)
