@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,26 +54,36 @@ def payload_digest(source_root: Path = SOURCE_ROOT) -> str:
     return h.hexdigest()[:16]
 
 
+_push_locks: dict[str, threading.Lock] = {}
+_push_locks_guard = threading.Lock()
+
+
 def push_payload(transport: Transport, source_root: Path = SOURCE_ROOT) -> PushedPayload:
-    """Make `<root>/payload/<hash>/` hold the payload packages; skip when already there."""
+    """Make `<root>/payload/<hash>/` hold the payload packages; skip when already there.
+    Jobs sharing a host push once (a lock per work root here; a unique temp dir and a
+    check-before-rename there, in case another controller pushes the same hash)."""
     t0 = time.monotonic()
     digest = payload_digest(source_root)
     remote_dir = f"{transport.root}/payload/{digest}"
-    if transport.read_text(f"{remote_dir}/.complete") is not None:
-        return PushedPayload(remote_dir, digest, False, time.monotonic() - t0)
-    with tempfile.TemporaryDirectory(prefix="orch-payload-") as tmp:
-        staged = Path(tmp) / digest
-        for f in source_files(source_root):
-            target = staged / f.relative_to(source_root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, target)
-        tmp_remote = f"{transport.root}/payload/.tmp-{digest}"
-        transport.run(f"rm -rf {shlex.quote(tmp_remote)} && mkdir -p {shlex.quote(transport.root)}/payload",
-                      timeout_s=120)
-        transport.put(staged, tmp_remote)
-        transport.run(f"rm -rf {shlex.quote(remote_dir)} && mv {shlex.quote(tmp_remote)} {shlex.quote(remote_dir)}",
-                      timeout_s=120)
-    transport.write_text(f"{remote_dir}/.complete", digest + "\n")
+    with _push_locks_guard:
+        lock = _push_locks.setdefault(transport.root, threading.Lock())
+    with lock:
+        if transport.read_text(f"{remote_dir}/.complete") is not None:
+            return PushedPayload(remote_dir, digest, False, time.monotonic() - t0)
+        with tempfile.TemporaryDirectory(prefix="orch-payload-") as tmp:
+            staged = Path(tmp) / digest
+            for f in source_files(source_root):
+                target = staged / f.relative_to(source_root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+            (staged / ".complete").write_text(digest + "\n")
+            q = shlex.quote
+            tmp_remote = f"{transport.root}/payload/.tmp-{digest}-{os.getpid()}-{threading.get_ident()}"
+            transport.run(f"rm -rf {q(tmp_remote)} && mkdir -p {q(transport.root)}/payload", timeout_s=120)
+            transport.put(staged, tmp_remote)
+            transport.run(f"if [ -e {q(remote_dir)}/.complete ]; then rm -rf {q(tmp_remote)}; "
+                          f"else rm -rf {q(remote_dir)} && mv {q(tmp_remote)} {q(remote_dir)}; fi",
+                          timeout_s=120)
     log.debug("payload %s pushed to %s", digest, remote_dir)
     return PushedPayload(remote_dir, digest, True, time.monotonic() - t0)
 

@@ -117,6 +117,7 @@ class Runner:
         self.provider_factory = provider_factory
         self._providers: dict[str, Provider] = {}
         self._plock = threading.Lock()
+        self._stage_locks: dict[tuple[str, str, str], threading.Lock] = {}
 
     def provider_for(self, job: JobPlan) -> Provider:
         with self._plock:
@@ -182,7 +183,7 @@ class Runner:
     def _on_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                  attempt: "_Attempt") -> dict[str, Any]:
         jid = job.job_id
-        python = str(getattr(job.host, "python", None) or _default_python(provider))
+        python = host_python(job.host, provider)
         self.view.update(jid, phase="setup")
         t0 = time.time()
         pushed = pl.push_payload(t)
@@ -203,9 +204,12 @@ class Runner:
         th.start()
         s0 = time.time()
         self.view.update(jid, phase="staging")
+        with self._plock:   # two jobs staging the same scene on one host: one does it
+            lock = self._stage_locks.setdefault((job.host_name, job.dataset_name, job.scene), threading.Lock())
         try:
-            data_dir = stage_dataset(t, job.dataset, job.scene, python=python, payload_dir=pushed.remote_dir,
-                                     progress=None)
+            with lock:
+                data_dir = stage_dataset(t, job.dataset, job.scene, python=python,
+                                         payload_dir=pushed.remote_dir, progress=None)
         finally:
             self.ledger.record_phase(self.run_id, jid, "staging", s0, time.time())
             th.join(timeout=900)
@@ -420,8 +424,11 @@ class _Attempt:
     teardown_end_mono: float = 0.0
 
 
-def _default_python(provider: Provider) -> str:
-    if provider.transport_kind == "local":
+def host_python(host: Any, provider: Provider) -> str:
+    """The interpreter on the host. For the local provider an unset (or default `python3`)
+    entry means this controller's own interpreter: the venv that has torch."""
+    python = getattr(host, "python", None)
+    if provider.transport_kind == "local" and python in (None, "", "python3"):
         import sys
         return sys.executable
-    return "python3"
+    return str(python or "python3")

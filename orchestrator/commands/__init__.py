@@ -65,7 +65,10 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(c)
     for r in rows:
         table.add_row(*["-" if v is None else str(v) for v in r])
-    Console(width=max(100, Console().width)).print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)   # logs and pipes: never squeeze the columns
+    console.print(table)
 
 
 # -- experiments file → jobs with estimates ------------------------------------------------------
@@ -76,30 +79,23 @@ class LoadedPlan:
     config: Any
     budget: Any
     jobs: list[Any]              # runner.JobPlan
-    estimates: list[Any]         # the estimate module's per-job objects (same order)
-    total_cost: float
+    estimate: Any                # estimate.PlanEstimate
+    total_cost: float            # in `currency` (the budget's, converted when needed)
     currency: str
     total_seconds: float
+    notes: list[str]             # currency conversions used
 
     def estimate_json(self) -> dict[str, Any]:
         return {"name": self.name, "currency": self.currency, "total_cost": self.total_cost,
-                "total_seconds": self.total_seconds,
-                "jobs": [_jsonable(e) for e in self.estimates]}
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "as_dict"):
-        return obj.as_dict()
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-        return json.loads(json.dumps(asdict(obj), default=str))
-    return obj
+                "total_seconds": self.total_seconds, "conversions": self.notes,
+                **self.estimate.to_dict()}
 
 
 def load_and_plan(path: Path) -> LoadedPlan:
     """Validate the file, expand the matrix, estimate every job (no network, nothing paid)."""
-    from ..config import load_config
-    from ..estimate import estimate_jobs
+    from .. import catalog
+    from ..config import check_secrets, load_config
+    from ..estimate import estimate_plan
     from ..ledger import Ledger
     from ..plan import expand
     from ..runner import JobPlan
@@ -108,43 +104,50 @@ def load_and_plan(path: Path) -> LoadedPlan:
     jobs = expand(config)
     if not jobs:
         raise ConfigError(f"{path}: the experiments expand to no jobs", hint="list scenes and hosts")
+    check_secrets(config, sorted({j.host.name for j in jobs}))
     ledger = Ledger.open()
     try:
-        est = estimate_jobs(config, jobs, ledger=ledger)
+        est = estimate_plan(jobs, ledger)
     finally:
         ledger.close()
+    if config.budget is not None:
+        currency = config.budget.currency
+    else:
+        currency = next(iter(est.totals), "USD") if len(est.totals) == 1 else "USD"
+    total, notes = est.total_in(currency)
     plans = []
     for job, e in zip(jobs, est.jobs):
-        host = config.hosts[job.host]
+        cost, _ = catalog.convert(e.total_cost, e.currency, currency)
         plans.append(JobPlan(job_id=job.job_id, experiment=job.experiment, scene=job.scene,
-                             host_name=job.host, host=host, dataset_name=job.dataset,
-                             dataset=config.datasets[job.dataset], steps=job.steps, backend=job.backend,
+                             host_name=job.host.name, host=job.host, dataset_name=job.dataset.name,
+                             dataset=job.dataset, steps=job.steps, backend=job.backend,
                              device=job.device, max_seconds=job.max_seconds, downscale=job.downscale,
-                             seed=job.seed, estimate_cost=e.total_cost, estimate_seconds=e.total_seconds,
-                             currency=e.currency, estimate=_jsonable(e)))
+                             seed=job.seed, estimate_cost=cost, estimate_seconds=e.total_seconds,
+                             currency=e.currency, estimate=e.to_dict()))
     return LoadedPlan(path=path, name=config.name, config=config, budget=config.budget, jobs=plans,
-                      estimates=list(est.jobs), total_cost=est.total_cost, currency=est.currency,
-                      total_seconds=sum(p.estimate_seconds for p in plans))
+                      estimate=est, total_cost=total, currency=currency,
+                      total_seconds=est.total_seconds, notes=notes)
+
+
+PHASES = ("boot", "setup", "staging", "train", "eval", "pull", "teardown")
 
 
 def estimate_table(loaded: LoadedPlan, *, title: str, explain: bool = False) -> None:
-    """The estimate as people read it: per job, time and cost by phase, and the total."""
-    phases = ("boot", "setup", "staging", "train", "eval", "pull", "teardown")
+    """The estimate as people read it: per job, time by phase, billed time and cost; the total."""
     rows = []
-    for plan, e in zip(loaded.jobs, loaded.estimates):
-        by_phase = {p.name: p for p in getattr(e, "phases", [])}
+    for plan, e in zip(loaded.jobs, loaded.estimate.jobs):
+        by_phase = {p.phase: p for p in e.phases}
         cells = [plan.job_id, plan.host_name, plan.gpu]
-        for ph in phases:
+        for ph in PHASES:
             p = by_phase.get(ph)
             cells.append("-" if p is None else f"{p.seconds:.0f}s")
-        cells += [f"{e.total_seconds / 60:.1f} min", f"{money(e.total_cost)} {e.currency}"]
+        cells += [f"{e.billed_seconds / 60:.1f} min", f"{money(e.total_cost)} {e.currency}"]
         rows.append(cells)
-    print_table(title, ["job", "host", "gpu", *phases, "total", "cost"], rows)
+    print_table(title, ["job", "host", "gpu", *PHASES, "billed", "cost"], rows)
     if explain:
-        for plan, e in zip(loaded.jobs, loaded.estimates):
-            for p in getattr(e, "phases", []):
-                sys.stdout.write(f"{plan.job_id} {p.name}: {p.seconds:.1f} s, {money(p.cost)} "
-                                 f"{e.currency} — {getattr(p, 'source', '')}\n")
+        sys.stdout.write(loaded.estimate.explain().rstrip("\n") + "\n")
+    for note in loaded.notes:
+        sys.stdout.write(f"converted: {note}\n")
     sys.stdout.write(f"total: {money(loaded.total_cost)} {loaded.currency}, "
                      f"{loaded.total_seconds / 60:.1f} job-minutes\n")
 

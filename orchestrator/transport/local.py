@@ -64,8 +64,10 @@ class LocalTransport:
         logf = shlex.quote(self.abspath(log_path))
         inner = shlex.quote("".join(f"export {k}={shlex.quote(v)}; " for k, v in (env or {}).items())
                             + command)
-        script = (f"mkdir -p \"$(dirname {logf})\" && "
-                  f"nohup setsid bash -c {inner} >>{logf} 2>&1 </dev/null & echo $!")
+        # Two statements, not `mkdir && nohup ... &`: that would background the whole list in a
+        # subshell still holding our stdout pipe, and this call would wait for the command.
+        script = (f"mkdir -p \"$(dirname {logf})\" || exit 1\n"
+                  f"nohup setsid bash -c {inner} >>{logf} 2>&1 </dev/null &\necho $!")
         res = self.run(script, timeout_s=60)
         try:
             return int(res.stdout.strip().splitlines()[-1])
