@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
 from remote_payload.stage.cli import stage
-from remote_payload.stage.errors import BadData, NoMirror
+from remote_payload.stage.errors import BadData
 from remote_payload.stage.extract import extract
 from remote_payload.stage.fetch import FetchPolicy
 

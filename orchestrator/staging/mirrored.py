@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from ..errors import DatasetInvalid, StagingError
 from ..secrets import redact
