@@ -106,6 +106,7 @@ class RemoteStatus:
     pid: int = 0
     exit_code: int | None = None
     error: str | None = None
+    updated_at: str = ""     # ISO-8601 UTC, written by the pipeline
 
     @classmethod
     def parse(cls, text: str | None) -> "RemoteStatus | None":
@@ -125,7 +126,8 @@ class RemoteStatus:
                    total_steps=int(data.get("total_steps") or 0), loss=num("loss"), psnr=num("psnr"),
                    eta_s=num("eta_s"), pid=int(data.get("pid") or 0),
                    exit_code=data.get("exit_code") if isinstance(data.get("exit_code"), int) else None,
-                   error=data.get("error") if isinstance(data.get("error"), str) else None)
+                   error=data.get("error") if isinstance(data.get("error"), str) else None,
+                   updated_at=str(data.get("updated_at") or ""))
 
 
 def job_key(job_id: str, settings: dict[str, object]) -> str:

@@ -118,6 +118,7 @@ class Runner:
         self._providers: dict[str, Provider] = {}
         self._plock = threading.Lock()
         self._stage_locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self.attempts: dict[str, _Attempt] = {}   # job id -> its bookkeeping (for benchmarks)
 
     def provider_for(self, job: JobPlan) -> Provider:
         with self._plock:
@@ -149,7 +150,7 @@ class Runner:
         prov: Provisioned | None = None
         provider: Provider | None = None
         transport: Transport | None = None
-        attempt = _Attempt()
+        attempt = self.attempts[jid] = _Attempt()
         try:
             provider = self.provider_for(job)
             self.view.update(jid, phase="boot")
@@ -161,7 +162,7 @@ class Runner:
                 self.view.update(jid, currency=prov.currency)
                 transport = connect(provider, prov.instance_id, job.host, ledger=self.ledger,
                                     instance_row=prov.row_id)
-            attempt.host_ready_mono = time.monotonic()
+            attempt.host_ready = time.time()
             summary = self._on_host(job, provider, prov, transport, attempt)
             out = self._result(job, prov, summary, attempt)
             attempt.succeeded = True
@@ -201,6 +202,7 @@ class Runner:
                 boot_box["ended"] = time.time()
 
         th = threading.Thread(target=bootstrap, name=f"bootstrap-{jid}", daemon=True)
+        env0 = time.time()
         th.start()
         s0 = time.time()
         self.view.update(jid, phase="staging")
@@ -213,6 +215,7 @@ class Runner:
         finally:
             self.ledger.record_phase(self.run_id, jid, "staging", s0, time.time())
             th.join(timeout=900)
+            attempt.env_data_s = time.time() - env0
             self.ledger.record_phase(self.run_id, jid, "setup", t0, boot_box.get("ended", time.time()))
         if "error" in boot_box:
             raise boot_box["error"]
@@ -232,7 +235,7 @@ class Runner:
             t.run(f"kill -0 {current.pid}", check=False, timeout_s=30).ok
         if alive:
             log.info("%s: re-attaching to the running pipeline (pid %d)", jid, current.pid)
-            attempt.train_started_mono = time.monotonic()
+            attempt.started = time.time()
             return current
         if current is not None and current.phase == "done" and current.exit_code == 0:
             # A finished job is not a cache for a new run: start clean so timings are real.
@@ -246,7 +249,7 @@ class Runner:
             seed=job.seed))
         attempt.pipeline_pid = t.start_detached(f"cd {q(t.root)} && {run_cmd}",
                                                 log_path=f"{attempt.job_dir}/log.txt", env=env)
-        attempt.train_started_mono = time.monotonic()
+        attempt.started = time.time()
         stop_cmd = provider.self_stop_command(prov.instance_id) or (
             f"kill -TERM {attempt.pipeline_pid}")
         idle_s = float(getattr(job.host, "idle_timeout_s", None) or 600.0)
@@ -286,7 +289,6 @@ class Runner:
             if status is not None:
                 if eval_t0 is None and status.phase not in ("check", "train"):
                     eval_t0 = time.time()
-                    attempt.train_ended_mono = time.monotonic()
                     self.ledger.record_phase(self.run_id, jid, "train", train_t0, eval_t0)
                 self.view.update(jid, phase=status.phase, step=status.step, total_steps=status.total_steps,
                                  loss=status.loss, psnr=status.psnr,
@@ -310,7 +312,8 @@ class Runner:
                 raise JobInterrupted(f"the pipeline did not stop within {self.opts.interrupt_grace_s:g} s")
             time.sleep(self.opts.poll_s)
         end = time.time()
-        attempt.train_ended_mono = attempt.train_ended_mono or time.monotonic()
+        attempt.exit_seen = time.time()
+        attempt.final_status = status
         if eval_t0 is None:
             self.ledger.record_phase(self.run_id, jid, "train", train_t0, end)
         else:
@@ -377,7 +380,7 @@ class Runner:
         if provider is None or prov is None:
             return
         jid = job.job_id
-        attempt.teardown_start_mono = time.monotonic()
+        attempt.teardown_started = time.time()
         self.view.update(jid, note="teardown")
         t0 = time.time()
         try:
@@ -399,7 +402,7 @@ class Runner:
                     t.close()
                 except Exception:
                     pass
-            attempt.teardown_end_mono = time.monotonic()
+            attempt.released = time.time()
             self.ledger.record_phase(self.run_id, jid, "teardown", t0, time.time())
             self.view.update(jid, note="", cost=self.ledger.instance_cost(prov.row_id))
 
@@ -410,18 +413,21 @@ class Runner:
 
 @dataclass(slots=True)
 class _Attempt:
-    """Mutable bookkeeping of one job attempt (monotonic times feed bench_overhead)."""
+    """Mutable bookkeeping of one job attempt."""
     job_dir: str = ""
     pipeline_pid: int = 0
     watchdog_pid: int = 0
     out_dir: str | None = None
     stop_status: str | None = None
     succeeded: bool = False
-    host_ready_mono: float = 0.0
-    train_started_mono: float = 0.0
-    train_ended_mono: float = 0.0
-    teardown_start_mono: float = 0.0
-    teardown_end_mono: float = 0.0
+    # wall-clock instants (time.time()), read by bench/bench_overhead.py
+    host_ready: float = 0.0          # instance RUNNING and transport connected
+    env_data_s: float = 0.0          # bootstrap ║ staging wall time (environment and data work)
+    started: float = 0.0             # pipeline + watchdog started (detached)
+    exit_seen: float = 0.0           # the controller saw the pipeline's exit code
+    teardown_started: float = 0.0
+    released: float = 0.0            # instance released (billing closed)
+    final_status: Any = None
 
 
 def host_python(host: Any, provider: Provider) -> str:

@@ -206,6 +206,7 @@ def test_remote_status_parsing_and_job_key() -> None:
     st = RemoteStatus.parse('{"phase": "train", "step": 5, "total_steps": 30, "loss": 0.1, '
                             '"psnr": null, "pid": 42, "exit_code": null}')
     assert st == RemoteStatus(phase="train", step=5, total_steps=30, loss=0.1, pid=42)
+    assert RemoteStatus.parse('{"phase": "done", "exit_code": 0, "updated_at": "2026-01-01T00:00:00Z"}').updated_at.startswith("2026")
     assert RemoteStatus.parse("") is None and RemoteStatus.parse("{not json") is None
     assert RemoteStatus.parse('{"step": 1}') is None
     a = job_key("ngp-default-here", {"steps": 30})
