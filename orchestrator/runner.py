@@ -173,6 +173,8 @@ class Runner:
             return self._finish(job, attempt.stop_status or "interrupted", prov, str(exc),
                                 out_dir=attempt.out_dir)
         except OrchestratorError as exc:
+            if self.stop.is_set():   # e.g. a boot wait or a command cut short by Ctrl-C
+                return self._finish(job, "interrupted", prov, f"interrupted: {exc}")
             log.error("%s: %s", jid, redact(str(exc)))
             return self._finish(job, "failed", prov, str(exc))
         except Exception as exc:   # a bug must still end in teardown and a clean outcome
@@ -295,10 +297,18 @@ class Runner:
                                  cost=self.ledger.instance_cost(prov.row_id))
                 if status.exit_code is not None:
                     break
-            elif time.monotonic() > no_status_deadline:
-                tail = t.read_text(f"{attempt.job_dir}/log.txt") or ""
-                raise JobError(f"the pipeline wrote no status within 120 s: {tail.strip()[-300:]}",
-                               job_id=jid, phase="start")
+            else:
+                gone = bool(attempt.pipeline_pid) and not t.run(
+                    f"kill -0 {attempt.pipeline_pid} 2>/dev/null", check=False, timeout_s=30).ok
+                if gone:   # it may have written its final status just after our read
+                    status = pl.RemoteStatus.parse(t.read_text(f"{attempt.job_dir}/status.json"))
+                    if status is not None:
+                        continue
+                if gone or time.monotonic() > no_status_deadline:
+                    tail = (t.read_text(f"{attempt.job_dir}/log.txt") or "").strip().splitlines()[-3:]
+                    why = "exited" if gone else "wrote no status within 120 s"
+                    raise JobError(f"the pipeline {why} before reporting: {' | '.join(tail)}",
+                                   job_id=jid, phase="start")
             if interrupt_deadline is None and (self.stop.is_set() or self.guard.over_cap()):
                 attempt.stop_status = "interrupted" if self.stop.is_set() else "budget_stopped"
                 pid = status.pid if status and status.pid else attempt.pipeline_pid
