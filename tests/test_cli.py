@@ -180,3 +180,44 @@ def test_internal_error_is_one_line_and_traceback_only_with_debug(
     assert "Traceback" not in err
     assert cli.main(["--debug", "status"]) == cli.EXIT_INTERNAL
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_status_shows_open_instances_and_down_releases_them(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance left open (as after a controller crash) is listed with its accrued cost and
+    released by `down --all --yes`: state destroyed, billing interval closed, processes ended."""
+    from orchestrator.ledger import Ledger
+    from orchestrator.providers.local import LocalProvider, marked_pids
+    from orchestrator.provisioning import provision
+    from orchestrator.transport import connect
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ORCHESTRATE_HOME", str(home))
+
+    class Host:
+        name, provider, gpu, price_per_hour, currency, root = "here", "local", "cpu", 36.0, "USD", None
+
+    ledger = Ledger.open(home)
+    provider = LocalProvider(Host())
+    ledger.create_run("r1", "t")
+    p = provision(provider, Host(), ledger=ledger, run_id="r1", job_id="j1", label="orch-r1-j1")
+    ledger.close()
+    t = connect(provider, p.instance_id, Host())
+    t.start_detached("sleep 120", log_path="jobs/j1/log.txt", env={"ORCHESTRATE_INSTANCE": p.instance_id})
+
+    res = run_cli(["status", "--json"], home, tmp_path)
+    assert res.returncode == 0, res.stderr
+    [inst] = json.loads(res.stdout)["open_instances"]
+    assert inst["instance_id"] == p.instance_id and inst["state"] == "running" and inst["cost"] > 0
+    res = run_cli(["down", "--all"], home, tmp_path)           # not a TTY and no --yes: refuses
+    assert res.returncode != 0 and "--yes" in res.stderr
+    assert marked_pids(p.instance_id) != []
+    res = run_cli(["down", "--all", "--yes", "--json"], home, tmp_path)
+    assert res.returncode == 0, res.stderr
+    [released] = json.loads(res.stdout)["released"]
+    assert released["instance_id"] == p.instance_id and released["result"] == "destroyed"
+    assert marked_pids(p.instance_id) == []
+    [row] = ledger_rows(home, "instances")
+    assert row["state"] == "destroyed"
+    assert all(b["ended_at"] for b in ledger_rows(home, "billing"))
+    assert json.loads(run_cli(["status", "--json"], home, tmp_path).stdout)["open_instances"] == []
