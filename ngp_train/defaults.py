@@ -1,0 +1,43 @@
+"""Device-dependent defaults: the paper's values on CUDA, scaled to the images on CPU.
+
+On a GPU the instant-ngp configuration is used as published (T = 2^19, N_max = 2048, 128³
+occupancy grid, √3/1024 steps, 2^18 samples per step). On CPU the costly parts are scaled to what
+the images can show (see cpu-training-notes): a smaller table, N_max and marching step following
+the image resolution, a 64³ grid and ~16k samples per step; the grid is updated every 16 steps on 1/8 + 1/8 of its cells
+after one full pass (a full 64³ pass costs as much as ~15 training steps here). The chosen values are recorded in the
+snapshot and in summary.json.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDefaults:
+    log2_hashmap_size: int
+    max_resolution: float
+    occupancy_resolution: int
+    march_steps: int
+    target_samples_per_step: int
+    grid_update_every: int | None        # None: instant-ngp's min(16, max(1, step/16))
+    grid_warmup_steps: int               # steps during which every cell is updated
+    grid_sample_fraction: float          # after warm-up: this fraction uniform + this fraction occupied
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_defaults(device_type: str, image_size: int) -> DeviceDefaults:
+    """Defaults for `device_type` ("cpu" or "cuda") and the larger image side in pixels."""
+    if device_type == "cuda":
+        return DeviceDefaults(19, 2048.0, 128, 1024, 1 << 18, None, 256, 0.25)
+    return DeviceDefaults(
+        log2_hashmap_size=16 if image_size <= 128 else 17,
+        max_resolution=float(min(2048, max(64, 8 * image_size))),
+        occupancy_resolution=64,
+        march_steps=int(min(1024, max(128, 4 * image_size))),
+        target_samples_per_step=1 << 14,
+        grid_update_every=16,
+        grid_warmup_steps=1,
+        grid_sample_fraction=0.125,
+    )

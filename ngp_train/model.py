@@ -1,0 +1,110 @@
+"""A NeRF model: a field, an occupancy grid and the glue that renders rays with them.
+
+World coordinates are mapped to the unit cube as instant-ngp does for synthetic scenes
+(`p / (2·bound) + 0.5`, bound 1.5 ⇔ `p·0.33 + 0.5`); marching, the grid and the field all work
+in unit-cube coordinates.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .field import FieldConfig, make_field
+from .occupancy import OccupancyGrid
+from .volrend import RenderOutput, march, volume_render
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    field: FieldConfig
+    occupancy_resolution: int = 128
+    march_steps: int = 1024            # steps across the unit cube's diagonal: step = √3 / march_steps
+    bound: float = 1.5
+    use_occupancy: bool = True
+    grid_update_every: int | None = None
+    grid_warmup_steps: int = 256
+    grid_sample_fraction: float = 0.25
+
+    @property
+    def step_size(self) -> float:
+        return math.sqrt(3.0) / self.march_steps
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["field"] = self.field.to_dict()
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["field"] = FieldConfig.from_dict(d["field"])
+        return ModelConfig(**d)
+
+
+def camera_rays(c2w: torch.Tensor, px: torch.Tensor, py: torch.Tensor, focal: float, width: int, height: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """World rays through pixel centres. c2w (R, 4, 4) or (4, 4); px, py (R,) integer pixel
+    coordinates → origins (R, 3), unit directions (R, 3). Blender/OpenGL camera (looks along −Z)."""
+    d_cam = torch.stack([(px.to(c2w.dtype) + 0.5 - 0.5 * width) / focal,
+                         -(py.to(c2w.dtype) + 0.5 - 0.5 * height) / focal,
+                         -torch.ones_like(px, dtype=c2w.dtype)], dim=-1)
+    if c2w.dim() == 2:
+        d = d_cam @ c2w[:3, :3].T
+        o = c2w[:3, 3].expand_as(d)
+    else:
+        d = torch.einsum("rij,rj->ri", c2w[:, :3, :3], d_cam)
+        o = c2w[:, :3, 3]
+    return o, d / d.norm(dim=-1, keepdim=True)
+
+
+class NerfModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: str = "torch", seed: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.field = make_field(cfg.field, backend, seed)
+        self.grid = OccupancyGrid(cfg.occupancy_resolution, min_step_size=cfg.step_size,
+                                  warmup_steps=cfg.grid_warmup_steps, sample_fraction=cfg.grid_sample_fraction)
+
+    def to_unit(self, p: torch.Tensor) -> torch.Tensor:
+        return p / (2.0 * self.cfg.bound) + 0.5
+
+    def density_unit(self, x: torch.Tensor) -> torch.Tensor:
+        return self.field.density(x)[0]
+
+    def render_rays(self, origins: torch.Tensor, dirs: torch.Tensor, background: torch.Tensor, *,
+                    jitter: torch.Tensor | None = None, autocast: bool = False) -> RenderOutput:
+        """origins, dirs (R, 3) world; background (3,) or (R, 3). Gradients flow to the field."""
+        o = self.to_unit(origins)
+        occ = self.grid.lookup if self.cfg.use_occupancy else None
+        with torch.no_grad():
+            samples = march(o, dirs, self.cfg.step_size, occ, jitter=jitter)
+
+        def positions(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
+            return (o[ri] + dirs[ri] * (0.5 * (ts + te)).unsqueeze(1)).clamp(0.0, 1.0)
+
+        def sigma_fn(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(o.device.type, enabled=autocast):
+                return self.field.density(positions(ts, te, ri))[0].float()
+
+        def rgb_sigma_fn(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(o.device.type, enabled=autocast):
+                rgb, sigma = self.field(positions(ts, te, ri), dirs[ri])
+            return rgb.float(), sigma.float()
+
+        return volume_render(samples, o.shape[0], rgb_sigma_fn, background=background, sigma_fn=sigma_fn)
+
+    @torch.no_grad()
+    def render_image(self, c2w: torch.Tensor, width: int, height: int, focal: float,
+                     background: torch.Tensor, *, chunk: int = 8192, autocast: bool = False) -> torch.Tensor:
+        """(H, W, 3) image in [0, 1] from camera-to-world c2w (4, 4)."""
+        dev = background.device
+        py, px = torch.meshgrid(torch.arange(height, device=dev), torch.arange(width, device=dev), indexing="ij")
+        px, py = px.reshape(-1), py.reshape(-1)
+        out = []
+        for s in range(0, px.numel(), chunk):
+            o, d = camera_rays(c2w.to(dev), px[s:s + chunk], py[s:s + chunk], focal, width, height)
+            out.append(self.render_rays(o, d, background, autocast=autocast).rgb.clamp(0, 1))
+        return torch.cat(out).view(height, width, 3)

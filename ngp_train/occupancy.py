@@ -1,0 +1,99 @@
+"""Occupancy grid over the unit cube, maintained as instant-ngp does.
+
+Each cell stores an optical thickness (density × minimum step size). An update evaluates the
+density at one random point in each chosen cell, decays the stored value by 0.95 and keeps the
+maximum: `value = max(value · decay, new)`. All cells are updated for the first 256 steps, then a
+quarter of the cells chosen uniformly plus a quarter chosen among the occupied ones (both
+configurable: on CPU the full pass is costly, see defaults.py). A cell is
+occupied when its value exceeds min(threshold, mean). A grid with no occupied cell (at the start,
+or after a collapse) is treated as fully occupied so training can recover.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+DensityFn = Callable[[torch.Tensor], torch.Tensor]   # positions (N, 3) in [0, 1]³ → sigma (N,)
+
+
+def update_interval(step: int) -> int:
+    """Steps between grid updates: min(16, max(1, step / 16)), as instant-ngp."""
+    return min(16, max(1, step // 16))
+
+
+def should_update(step: int, every: int | None) -> bool:
+    """instant-ngp's schedule when `every` is None, else every `every` steps (and at step 0)."""
+    return step % (update_interval(step) if every is None else every) == 0
+
+
+class OccupancyGrid(nn.Module):
+    """resolution³ cells over [0, 1]³; state in buffers so it is saved with the model."""
+
+    def __init__(self, resolution: int = 128, *, decay: float = 0.95, threshold: float = 0.01,
+                 min_step_size: float = 3 ** 0.5 / 1024, warmup_steps: int = 256,
+                 sample_fraction: float = 0.25) -> None:
+        super().__init__()
+        self.resolution = int(resolution)
+        self.decay = float(decay)
+        self.threshold = float(threshold)
+        self.min_step_size = float(min_step_size)
+        self.warmup_steps = int(warmup_steps)
+        self.sample_fraction = float(sample_fraction)
+        n = self.resolution ** 3
+        self.register_buffer("values", torch.zeros(n))
+        self.register_buffer("occupied", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def n_cells(self) -> int:
+        return self.resolution ** 3
+
+    def cell_index(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat cell index (N,) int64 of positions x (N, 3) in [0, 1]³ (x-fastest)."""
+        r = self.resolution
+        c = (x * r).long().clamp_(0, r - 1)
+        return c[:, 0] + c[:, 1] * r + c[:, 2] * (r * r)
+
+    def _cell_coords(self, idx: torch.Tensor) -> torch.Tensor:
+        r = self.resolution
+        return torch.stack([idx % r, (idx // r) % r, idx // (r * r)], dim=-1)
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor:
+        """Occupied flags (N,) for positions (N, 3); everything is occupied when no cell is."""
+        if not bool(self.occupied.any()):
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return self.occupied[self.cell_index(x)]
+
+    @torch.no_grad()
+    def update(self, step: int, density_fn: DensityFn, *, chunk: int = 65536,
+               generator: torch.Generator | None = None) -> None:
+        """One update at training step `step` (call it when `step % update_interval(step) == 0`)."""
+        dev = self.values.device
+        n = self.n_cells
+        if step < self.warmup_steps:
+            cells = torch.arange(n, device=dev)
+        else:
+            k = max(1, int(n * self.sample_fraction))
+            uniform = torch.randint(0, n, (k,), device=dev, generator=generator)
+            occ = torch.nonzero(self.occupied).squeeze(1)
+            if occ.numel() > 0:
+                pick = torch.randint(0, occ.numel(), (k,), device=dev, generator=generator)
+                cells = torch.cat([uniform, occ[pick]])
+            else:
+                cells = uniform
+        new = torch.zeros(n, device=dev)
+        for s in range(0, cells.numel(), chunk):
+            c = cells[s:s + chunk]
+            jitter = torch.rand((c.numel(), 3), device=dev, generator=generator)
+            x = (self._cell_coords(c).float() + jitter) / self.resolution
+            sigma = density_fn(x).float() * self.min_step_size
+            new.scatter_reduce_(0, c, sigma, reduce="amax")
+        self.values.copy_(torch.maximum(self.values * self.decay, new))
+        thr = min(self.threshold, float(self.values.mean()))
+        self.occupied.copy_(self.values > thr)
+        self.n_updates += 1
+
+    def occupied_fraction(self) -> float:
+        return float(self.occupied.float().mean())

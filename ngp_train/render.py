@@ -1,0 +1,62 @@
+"""Render a split of a scene from a snapshot: one PNG per frame, named like the dataset's frames."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import load_split, validate_dataset
+from .errors import SnapshotError
+from .model import ModelConfig, NerfModel
+from .snapshot import load_snapshot
+from .train import resolve_backend, resolve_device
+
+log = logging.getLogger(__name__)
+
+RenderProgress = Callable[[int, int], None]     # (frames done, frames total)
+
+
+def load_model(snapshot_path: str | Path, device: str = "auto", backend: str = "auto") -> tuple[NerfModel, dict]:
+    """Rebuild the model stored in a snapshot on `device`; returns (model in eval mode, snapshot dict)."""
+    dev = resolve_device(device)
+    state = load_snapshot(snapshot_path, dev)
+    saved_backend = state.get("backend", "torch")
+    use = resolve_backend("torch" if saved_backend == "torch" else backend, dev)
+    if saved_backend != use:
+        raise SnapshotError(f"{snapshot_path}: trained with backend {saved_backend!r}, which is not usable here")
+    cfg = ModelConfig.from_dict(state["model_config"])
+    model = NerfModel(cfg, use).to(dev)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise SnapshotError(f"{snapshot_path}: weights do not match the stored model ({str(e)[:80]})") from None
+    model.eval()
+    return model, state
+
+
+def render_split(snapshot_path: str | Path, data_dir: str | Path, split: str, out_dir: str | Path,
+                 device: str = "auto", progress: RenderProgress | None = None, *,
+                 downscale: int | None = None) -> list[Path]:
+    """Render every frame of `split` on a white background into out_dir/<frame>.png (RGB)."""
+    from PIL import Image
+
+    validate_dataset(data_dir)
+    model, state = load_model(snapshot_path, device)
+    dev = next(iter(model.buffers())).device
+    data = load_split(data_dir, split, downscale if downscale is not None else int(state.get("downscale", 1)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    white = torch.ones(3, device=dev)
+    written = []
+    for k, name in enumerate(data.names):
+        img = model.render_image(torch.from_numpy(data.c2w[k]), data.width, data.height, data.focal, white,
+                                 autocast=dev.type == "cuda")
+        path = out / f"{name}.png"
+        Image.fromarray((img.clamp(0, 1) * 255).round().byte().cpu().numpy()).save(path)
+        written.append(path)
+        if progress is not None:
+            progress(k + 1, len(data.names))
+    log.info("rendered %d %s frames to %s", len(written), split, out)
+    return written
