@@ -262,3 +262,14 @@ def test_stop_kills_detached_processes_of_that_instance_only(fake_cloud, tmp_pat
     p.destroy(a)
     time.sleep(0.2)
     assert not Path(f"/proc/{pids[b]}").exists() or "Z" in Path(f"/proc/{pids[b]}/stat").read_text().split()[2]
+
+
+def test_each_instance_has_its_own_home_and_our_python(fake_cloud):
+    p = provider(fake_cloud, "runpod")
+    a, b = (p.create(InstanceSpec(label=f"orch-h-{i}", gpu="RTX 4090")) for i in (1, 2))
+    homes = [ssh_run(fake_cloud, wait_state(p, i, InstanceState.RUNNING),
+                     "echo $HOME; python3 -c 'import sys; print(sys.executable)'").split() for i in (a, b)]
+    assert homes[0][0] != homes[1][0] and homes[0][0].endswith(a) and homes[1][0].endswith(b)
+    assert os.path.realpath(homes[0][1]) == os.path.realpath(sys.executable)
+    p.destroy(a)
+    p.destroy(b)

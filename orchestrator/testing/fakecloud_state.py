@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -289,8 +290,14 @@ class World:
 
     # -- sshd -----------------------------------------------------------------------------
     def _start_sshd(self, inst: Instance) -> None:
+        # Each instance gets its own HOME (so `~/orchestrate` is per machine, as on a real cloud,
+        # and root's ~/.bashrc is not run by every session), and this interpreter first on PATH.
+        home = self.state_dir / "homes" / inst.id
+        home.mkdir(parents=True, exist_ok=True)
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
         env = {"CONTAINER_ID": inst.id, "CONTAINER_API_KEY": inst.scoped_key,
-               "RUNPOD_POD_ID": inst.id, "RUNPOD_API_KEY": inst.scoped_key, **inst.env}
+               "RUNPOD_POD_ID": inst.id, "RUNPOD_API_KEY": inst.scoped_key,
+               "HOME": str(home), "PATH": path, **inst.env}
         set_env = " ".join(f"{k}={v}" for k, v in env.items() if " " not in v and '"' not in v)
         srv = self.servers.get(inst.id)
         if srv is None:
