@@ -56,7 +56,7 @@ def validate(scene_dir: Path, scene: str) -> None:
     try:
         validate_dataset(scene_dir)
     except DatasetError as exc:
-        raise BadData(f"dataset scene {scene!r} is not usable: {str(exc).splitlines()[0]}") from None
+        raise BadData(str(exc).splitlines()[0] if str(exc) else f"scene {scene!r} is not usable") from None
 
 
 def _report_attempts(emit: Emit, dl: Download) -> None:
