@@ -186,3 +186,23 @@ def test_a_killed_host_process_is_reported_not_waited_for(transport: LocalTransp
             stage(transport, ds)
         th.join(timeout=30)
         assert killed and _time.monotonic() - t0 < 15
+
+
+def test_preflight_rejects_hopeless_declarations_before_renting(scene_dir: Path, tmp_path: Path) -> None:
+    from orchestrator.staging.preflight import preflight
+    preflight(dataset("ok", ["https://m/ns.zip", "s3://b/k.zip", "hf://datasets/o/n/f.zip", f"file://{scene_dir.parent}"]),
+              ["lego"])
+    preflight(dataset("local", [f"file://{scene_dir.parent}"]), ["lego"])
+    cases = [
+        (dataset("x", ["ftp://m/ns.zip"]), [], "unsupported scheme 'ftp'"),
+        (dataset("x", ["mirror.example/ns.zip"]), [], "is not a URL"),
+        (dataset("x", ["s3://bucket"]), [], "needs s3://bucket/key"),
+        (dataset("x", []), [], "declares neither mirrors nor generate"),
+        (dataset("x", ["https://m/ns.zip"], sha256={"ns.zip": "abc"}), [], "must be 64 hex digits"),
+        (dataset("x", [f"file://{scene_dir.parent}"]), ["chair"], "no local copy of scene 'chair'"),
+        (dataset("x", [f"file://{tmp_path}/nope.zip"]), ["lego"], "no local copy of scene 'lego'"),
+    ]
+    for ds, scenes, message in cases:
+        with pytest.raises(StagingError, match=message) as err:
+            preflight(ds, scenes)
+        assert "\n" not in str(err.value)

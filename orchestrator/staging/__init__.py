@@ -83,5 +83,7 @@ def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, 
 
 from .estimate import estimate_staging_seconds  # noqa: E402  (re-exported for the estimate)
 from .mirrored import StageTuning, stage_mirrored  # noqa: E402
+from .preflight import mirror_problem, preflight  # noqa: E402  (offline checks before renting)
 
-__all__ = ["StageProgress", "StageTuning", "content_key", "estimate_staging_seconds", "stage_dataset"]
+__all__ = ["StageProgress", "StageTuning", "content_key", "estimate_staging_seconds", "mirror_problem",
+           "preflight", "stage_dataset"]
