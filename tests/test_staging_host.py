@@ -404,3 +404,15 @@ def test_per_scene_archives_via_placeholder(tmp_path: Path, scene_dir: Path) -> 
                         emit=lambda e: None)
             assert got == tmp_path / "ds" / name and (got / "padding.bin").is_file()
         assert sorted(r.path for r in download_gets(m, None)) == ["/chair.zip", "/lego.zip"]
+
+
+def test_a_mirror_holding_a_shorter_copy_is_dropped(tmp_path: Path, archive: bytes) -> None:
+    with MirrorServer({"/ns.zip": archive[:-4096]}) as short, \
+            MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=4_000_000)) as good:
+        out, emit = events()
+        stage(tmp_path / "ds", "lego", [short.url("/ns.zip"), good.url("/ns.zip")], {}, policy=FAST,
+              timeout_s=60, emit=emit)
+        assert download_gets(short, "/ns.zip") == []              # probed (faster!) but never used
+        assert [r.range for r in download_gets(good, "/ns.zip")] == ["bytes=0-"]
+    probes = {e["mirror"]: e["total_bytes"] for e in out if e["event"] == "probe"}
+    assert probes == {short.url("/ns.zip"): len(archive) - 4096, good.url("/ns.zip"): len(archive)}
