@@ -21,7 +21,7 @@ from remote_payload.stage.fetch import FetchPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = FetchPolicy(probe_bytes=64 * 1024, probe_timeout_s=3.0, stall_floor_bytes_per_s=64 * 1024,
-                   stall_period_s=0.5)
+                   stall_period_s=1.0)
 PAD_BYTES = 3 * 1024 * 1024
 
 
@@ -100,7 +100,7 @@ def test_picks_the_fast_mirror_over_a_throttled_one(tmp_path: Path, archive: byt
 def test_stall_fails_over_and_resumes_from_the_byte_reached(tmp_path: Path, archive: bytes) -> None:
     stall_at = 1_000_000
     with MirrorServer({"/ns.zip": archive}, MirrorBehaviour(stall_at_byte=stall_at)) as stalling, \
-            MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=4_000_000)) as good:
+            MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=2_500_000)) as good:
         out, emit = events()
         scene = stage(tmp_path / "ds", "lego", [good.url("/ns.zip"), stalling.url("/ns.zip")],
                       {"ns.zip": hashlib.sha256(archive).hexdigest()}, policy=FAST, timeout_s=60, emit=emit)
@@ -119,7 +119,7 @@ def test_stall_fails_over_and_resumes_from_the_byte_reached(tmp_path: Path, arch
 def test_truncated_body_is_detected_and_resumed_elsewhere(tmp_path: Path, archive: bytes) -> None:
     cut = 1_500_000
     with MirrorServer({"/ns.zip": archive}, MirrorBehaviour(truncate_at_byte=cut)) as trunc, \
-            MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=4_000_000)) as good:
+            MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=2_500_000)) as good:
         out, emit = events()
         stage(tmp_path / "ds", "lego", [trunc.url("/ns.zip"), good.url("/ns.zip")], {},
               policy=FAST, timeout_s=60, emit=emit)
