@@ -146,9 +146,9 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
 def _start_detached(transport: "Transport", command: str, log_path: str) -> int:
     """Start `command` in its own session with every stream redirected and return its pid at once.
 
-    Done with `transport.run` rather than `Transport.start_detached` because both transports
-    currently background `mkdir ... && nohup ...` as one list, whose subshell keeps the command's
-    stdout open, so the call returns only when the command ends (no live progress)."""
+    Built on `transport.run` so that it returns at once on every transport: the mkdir and the
+    background job are separate statements (`mkdir ... && nohup ... &` would background the whole
+    list in a subshell that keeps the pipe open until the command ends: no live progress)."""
     q = shlex.quote
     script = (f"mkdir -p {q(log_path.rsplit('/', 1)[0])}; "
               f"nohup setsid bash -c {q(command)} >>{q(log_path)} 2>&1 </dev/null & echo $!")
