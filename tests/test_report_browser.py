@@ -9,96 +9,30 @@ embedded as a data: URI, one by relative path), and write a screenshot for the r
 from __future__ import annotations
 
 import csv
-import functools
 import os
-import shutil
 import statistics
-import subprocess
-import threading
 from datetime import datetime, timezone
-from html.parser import HTMLParser
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from orchestrator.ledger import Ledger
 from orchestrator.report import write_report
+from orchestrator.report.browser import ReportDom, chromium, chromium_path, serve_dir
 from orchestrator.report.synthetic import FakeJob, add_finished_job
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 T0 = datetime(2026, 3, 1, 10, tzinfo=timezone.utc).timestamp()
-
-
-class _Dom(HTMLParser):
-    """Cells of #results (per row: data-job → {col: (data-value, text)}) and <video> attrs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: dict[str, dict[str, tuple[str | None, str]]] = {}
-        self.videos: list[dict[str, str | None]] = []
-        self._table: str | None = None
-        self._row: str | None = None
-        self._cell: tuple[str, str | None] | None = None
-        self._text = ""
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self._table = a.get("id")
-        elif tag == "tr" and self._table == "results" and a.get("data-job"):
-            self._row = a["data-job"]
-            self.rows[self._row] = {}
-        elif tag == "td" and self._row is not None:
-            self._cell, self._text = (a.get("data-col", ""), a.get("data-value")), ""
-        elif tag == "video":
-            self.videos.append(a)
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._text += data
-
-    def handle_endtag(self, tag):
-        if tag == "td" and self._cell is not None and self._row is not None:
-            col, value = self._cell
-            self.rows[self._row][col] = (value, self._text)
-            self._cell = None
-        elif tag == "tr":
-            self._row = None
-        elif tag == "table":
-            self._table = None
-
-
-def _chromium(url: str, user_dir: Path, *extra: str) -> str:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={user_dir}", "--virtual-time-budget=8000",
-           *extra, url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 @pytest.fixture()
 def served(tmp_path):
-    """A loopback HTTP server over tmp_path; yields its base URL."""
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a, **k: None       # type: ignore[attr-defined]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve_dir(tmp_path) as url:
+        yield url
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
+@pytest.mark.skipif(chromium_path() is None, reason="chromium not installed")
 def test_html_report_in_headless_chromium(tmp_path, served):
     led = Ledger.open(tmp_path / "home")
     led.create_run("r1", "browser-demo")
@@ -114,8 +48,7 @@ def test_html_report_in_headless_chromium(tmp_path, served):
     page = tmp_path / "site" / "report.html"
     write_report(led, None, "html", page, embed_video_max_bytes=small)   # one embedded, one by path
 
-    dom = _Dom()
-    dom.feed(_chromium(f"{served}/site/report.html", tmp_path / "chrome", "--dump-dom"))
+    dom = ReportDom(chromium(f"{served}/site/report.html", tmp_path / "chrome", "--dump-dom"))
 
     # The table is there, with the numbers recomputed from the metrics files.
     assert set(dom.rows) == {"ngp-lego-h100", "ngp-chair-cpu", "2 jobs"}
@@ -149,8 +82,7 @@ def test_html_report_in_headless_chromium(tmp_path, served):
 
     # A missing file is reported as such, not silently shown as a black box.
     (outs[1] / "videos" / "compare.mp4").rename(tmp_path / "moved.mp4")
-    broken = _Dom()
-    broken.feed(_chromium(f"{served}/site/report.html", tmp_path / "chrome", "--dump-dom"))
+    broken = ReportDom(chromium(f"{served}/site/report.html", tmp_path / "chrome", "--dump-dom"))
     states = {v["data-job"]: v.get("data-state") for v in broken.videos}
     assert states == {"ngp-lego-h100": "loaded", "ngp-chair-cpu": "error"}
     (tmp_path / "moved.mp4").rename(outs[1] / "videos" / "compare.mp4")
@@ -159,6 +91,6 @@ def test_html_report_in_headless_chromium(tmp_path, served):
     shot_dir = Path(os.environ.get("ORCHESTRATE_ARTIFACTS") or tmp_path)
     shot_dir.mkdir(parents=True, exist_ok=True)
     shot = shot_dir / "report_screenshot.png"
-    _chromium(f"{served}/site/report.html", tmp_path / "chrome", "--window-size=1280,2200",
+    chromium(f"{served}/site/report.html", tmp_path / "chrome", "--window-size=1280,2200",
               "--hide-scrollbars", f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
