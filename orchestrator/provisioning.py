@@ -60,7 +60,7 @@ def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job
                         max_price_per_hour=getattr(host, "max_price_per_hour", None),
                         image=getattr(host, "image", None),
                         disk_gb=float(getattr(host, "disk_gb", None) or 20.0),
-                        region=getattr(host, "region", None))
+                        region=getattr(host, "region", None), onstart=_boot_guard(provider, host))
     billing = provider.billing
     row_id = ledger.record_intent(run_id=run_id, job_id=job_id, host_name=str(getattr(host, "name", "")),
                                   provider=provider.name, label=label, gpu=spec.gpu,
@@ -89,6 +89,16 @@ def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job
     if info.endpoint is not None:
         ledger.set_endpoint(row_id, str(info.endpoint))
     return result
+
+
+def _boot_guard(provider: Provider, host: Any) -> str | None:
+    """The provider's start-up dead-man's switch, where it has one (vast.ai `onstart`): it stops
+    the instance when the controller dies before the pipeline's own watchdog starts."""
+    guard = getattr(provider, "boot_guard", None)
+    if guard is None:
+        return None
+    return guard(root=str(getattr(host, "root", None) or "~/orchestrate"),
+                 idle_timeout_s=float(getattr(host, "idle_timeout_s", None) or 600.0))
 
 
 def _cleanup_failed_create(provider: Provider, label: str, ledger: Ledger, row_id: int,

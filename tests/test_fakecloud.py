@@ -273,3 +273,25 @@ def test_each_instance_has_its_own_home_and_our_python(fake_cloud):
     assert os.path.realpath(homes[0][1]) == os.path.realpath(sys.executable)
     p.destroy(a)
     p.destroy(b)
+
+
+def test_boot_guard_stops_an_instance_nobody_set_up(fake_cloud, tmp_path):
+    """vast `onstart` dead-man's switch: no work root activity for idle_timeout_s -> self-stop."""
+    p = provider(fake_cloud, "vastai")
+    guard = p.boot_guard(root=str(tmp_path / "never-made"), idle_timeout_s=2)
+    iid = p.create(InstanceSpec(label="orch-bg-1", gpu="RTX 4090", onstart=guard))
+    wait_state(p, iid, InstanceState.RUNNING)
+    assert wait_state(p, iid, InstanceState.STOPPED, timeout_s=15).endpoint is None
+
+
+def test_boot_guard_hands_over_to_the_job_watchdog(fake_cloud, tmp_path):
+    root = tmp_path / "root"
+    (root / "jobs" / "j1").mkdir(parents=True)
+    (root / "jobs" / "j1" / "heartbeat").touch()
+    p = provider(fake_cloud, "vastai")
+    iid = p.create(InstanceSpec(label="orch-bg-2", gpu="RTX 4090",
+                                onstart=p.boot_guard(root=str(root), idle_timeout_s=1)))
+    wait_state(p, iid, InstanceState.RUNNING)
+    time.sleep(4)
+    assert p.describe(iid).state == InstanceState.RUNNING
+    p.destroy(iid)

@@ -16,6 +16,7 @@ from orchestrator.testing.faultmatrix import POINTS, Harness, cleanup, run_point
 pytestmark = [pytest.mark.sshd, pytest.mark.timeout(900)]
 
 
+@pytest.mark.slow   # three full pipelines (train + render 20 views) on a 2-core machine: minutes
 def test_run_with_each_provider_kind_bill_matches_ledger(fake_cloud, tmp_path):
     h = Harness(tmp_path, fake_cloud, "vastai", idle_timeout_s=30, steps=20)
     doc = json.loads(h.config.read_text())
@@ -46,14 +47,17 @@ def test_run_with_each_provider_kind_bill_matches_ledger(fake_cloud, tmp_path):
         ledger.close()
 
 
-@pytest.mark.parametrize("point", ["after_intent", "during_training"])
-def test_sigkill_then_down_orphans_leaves_nothing(fake_cloud, tmp_path, point):
-    r = run_point(tmp_path, fake_cloud, "vastai", point, "down")
+@pytest.mark.parametrize("provider, point", [("vastai", "after_intent"), ("vastai", "after_create"),
+                                             ("runpod", "during_boot"), ("vastai", "during_staging"),
+                                             ("vastai", "during_training"), ("lambda", "after_intent")])
+def test_sigkill_then_down_orphans_leaves_nothing(fake_cloud, tmp_path, provider, point):
+    r = run_point(tmp_path, fake_cloud, provider, point, "down")
     assert r.killed, r.note
     assert r.created == 1 and r.leaked == 0, table([r])
     assert fake_cloud.live_count() == 0
 
 
+@pytest.mark.slow   # the watchdog waits for the pipeline to finish (it never stops useful work)
 def test_sigkill_during_training_watchdog_stops_the_instance_alone(fake_cloud, tmp_path):
     r = run_point(tmp_path, fake_cloud, "vastai", "during_training", "watchdog", idle_timeout_s=5)
     assert r.killed, r.note

@@ -163,3 +163,13 @@ def test_missing_key_is_config_error(monkeypatch):
     monkeypatch.delenv("NOPE_KEY", raising=False)
     with pytest.raises(ConfigError, match="NOPE_KEY"):
         VastProvider({"api_base": "http://127.0.0.1:9", "api_key_env": "NOPE_KEY"})
+
+
+def test_onstart_boot_guard_sent_with_create(api):
+    api.set("PUT", "/api/v0/asks/5/", (200, {"success": True, "new_contract": 8}))
+    p = client(api)
+    guard = p.boot_guard(root="~/orchestrate", idle_timeout_s=600)
+    p.create(InstanceSpec(label="orch-a-b", gpu="RTX 4090", offer_id="5", onstart=guard))
+    sent = api.requests[0].body["onstart"]
+    assert sent == guard and '"$HOME"/orchestrate' in sent and "$CONTAINER_API_KEY" in sent
+    assert "600 seconds ago" in sent and KEY not in sent

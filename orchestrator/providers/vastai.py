@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,17 @@ class VastProvider:
     def self_stop_command(self, instance_id: str) -> str | None:
         """vast.ai gives every instance `$CONTAINER_ID` and a key scoped to it
         (`$CONTAINER_API_KEY`): the instance can stop itself without the user's key."""
-        url = f"{self.api_base}/api/v0/instances/{instance_id}/"
+        return self._stop_command(shlex.quote(f"{self.api_base}/api/v0/instances/{instance_id}/"))
+
+    def boot_guard(self, *, root: str, idle_timeout_s: float) -> str | None:
+        """The `onstart` dead-man's switch (see _bootguard): the id is not known before the
+        create, so the stop command reads it from `$CONTAINER_ID` on the instance."""
+        url = shlex.quote(f"{self.api_base}/api/v0/instances/") + '"$CONTAINER_ID"/'
+        return boot_guard_script(self._stop_command(url), root=root, idle_timeout_s=idle_timeout_s)
+
+    @staticmethod
+    def _stop_command(url_word: str) -> str:
         return ("curl -fsS --max-time 30 --retry 3 -X PUT "
                 "-H \"Authorization: Bearer $CONTAINER_API_KEY\" "
                 "-H 'Content-Type: application/json' "
-                "-d '{\"state\": \"stopped\"}' " + shlex.quote(url))
+                "-d '{\"state\": \"stopped\"}' " + url_word)

@@ -128,7 +128,8 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
             return 200, {"success": False, "error": "no_such_ask", "msg": f"Instance type {ask.group(1)} is no longer available."}
         world.pause("create")
         inst = world.create("vastai", ask.group(1), str(body.get("label") or ""),
-                            disk_gb=float(body.get("disk") or 20), env=body.get("env") or {})
+                            disk_gb=float(body.get("disk") or 20), env=body.get("env") or {},
+                            onstart=str(body.get("onstart") or ""))
         _maybe_lose(world)
         return 200, {"success": True, "new_contract": int(inst.id)}
     if m:

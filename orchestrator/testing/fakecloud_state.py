@@ -100,6 +100,7 @@ class Instance:
     used_ports: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     extra_keys: list[str] = field(default_factory=list)
+    onstart: str = ""
     intervals: list[list[Any]] = field(default_factory=list)   # [kind, start, end|None]
     ended_at: float | None = None
 
@@ -207,7 +208,8 @@ class World:
         return secrets.token_hex(16)
 
     def create(self, provider: str, offer_id: str, label: str, *, disk_gb: float = 20.0,
-               env: dict[str, str] | None = None, extra_keys: list[str] | None = None) -> Instance:
+               env: dict[str, str] | None = None, extra_keys: list[str] | None = None,
+               onstart: str = "") -> Instance:
         with self.lock:
             offer = self.find_offer(provider, offer_id)
             if offer is None:
@@ -222,7 +224,7 @@ class World:
                             / HOURS_PER_MONTH,
                             status="booting", created_at=t, ready_at=t + self.faults.boot_s,
                             scoped_key="ck-" + secrets.token_hex(12), never_ssh=never,
-                            env=dict(env or {}), extra_keys=list(extra_keys or []))
+                            env=dict(env or {}), extra_keys=list(extra_keys or []), onstart=onstart)
             inst.open_interval("gpu", t)
             self.instances[inst.id] = inst
             self.save()
@@ -279,25 +281,20 @@ class World:
                 if inst.status == "booting" and inst.ready_at is not None and now >= inst.ready_at:
                     inst.ready_at = None
                     inst.status = "running"
-                    if not inst.never_ssh:
-                        try:
+                    try:
+                        if not inst.never_ssh:
                             self._start_sshd(inst)
-                        except (SSHServerError, OSError, subprocess.SubprocessError) as exc:
-                            log.warning("fakecloud: sshd for %s did not start: %s", inst.id, exc)
+                        if inst.onstart:
+                            self._run_onstart(inst)
+                    except (SSHServerError, OSError, subprocess.SubprocessError) as exc:
+                        log.warning("fakecloud: instance %s did not start cleanly: %s", inst.id, exc)
                     changed = True
             if changed:
                 self.save()
 
     # -- sshd -----------------------------------------------------------------------------
     def _start_sshd(self, inst: Instance) -> None:
-        # Each instance gets its own HOME (so `~/orchestrate` is per machine, as on a real cloud,
-        # and root's ~/.bashrc is not run by every session), and this interpreter first on PATH.
-        home = self.state_dir / "homes" / inst.id
-        home.mkdir(parents=True, exist_ok=True)
-        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
-        env = {"CONTAINER_ID": inst.id, "CONTAINER_API_KEY": inst.scoped_key,
-               "RUNPOD_POD_ID": inst.id, "RUNPOD_API_KEY": inst.scoped_key,
-               "HOME": str(home), "PATH": path, **inst.env}
+        env = self._instance_env(inst)
         set_env = " ".join(f"{k}={v}" for k, v in env.items() if " " not in v and '"' not in v)
         srv = self.servers.get(inst.id)
         if srv is None:
@@ -313,6 +310,28 @@ class World:
         srv.start()
         inst.port = srv.port
         inst.used_ports.append(srv.port)
+
+    def _instance_env(self, inst: Instance) -> dict[str, str]:
+        """What processes on the instance see. Each instance gets its own HOME (so `~/orchestrate`
+        is per machine, as on a real cloud, and root's ~/.bashrc is not run by every session),
+        this interpreter first on PATH, and the provider's self-stop variables."""
+        home = self.state_dir / "homes" / inst.id
+        home.mkdir(parents=True, exist_ok=True)
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
+        return {"CONTAINER_ID": inst.id, "CONTAINER_API_KEY": inst.scoped_key,
+                "RUNPOD_POD_ID": inst.id, "RUNPOD_API_KEY": inst.scoped_key,
+                "HOME": str(home), "PATH": path, **inst.env}
+
+    def _run_onstart(self, inst: Instance) -> None:
+        """vast.ai runs the instance's `onstart` at every container start; so do we."""
+        env = self._instance_env(inst)
+        proc = subprocess.Popen(["bash", "-c", inst.onstart], env=env, cwd=env["HOME"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait(timeout=10)   # an onstart backgrounds its long-running parts
+        except subprocess.TimeoutExpired:
+            log.warning("fakecloud: onstart of %s still running after 10 s", inst.id)
 
     def _kill_sshd(self, inst: Instance) -> None:
         """Power off: the sshd, its sessions, and every process the instance started (found by

@@ -169,7 +169,7 @@ class Harness:
 
 
 def run_point(workdir: Path, fc: FakeCloud, provider: str, point: str, mode: str, *,
-              idle_timeout_s: float = 5.0) -> PointResult:
+              idle_timeout_s: float = 10.0) -> PointResult:
     """One cell of the matrix on a fresh ORCHESTRATE_HOME (the fake cloud is shared)."""
     workdir.mkdir(parents=True, exist_ok=True)
     before = set(fc.world.instances)
