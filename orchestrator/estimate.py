@@ -13,6 +13,7 @@ currencies are never added silently: `PlanEstimate.totals` holds one total per c
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -26,8 +27,12 @@ from .plan import Job
 if TYPE_CHECKING:
     from .ledger import Ledger
 
+log = logging.getLogger(__name__)
+
 PHASES: tuple[str, ...] = ("boot", "setup", "staging", "train", "eval", "pull", "teardown")
 GENERATED_TEST_VIEWS = 20          # ngp_train.synth DEFAULT_COUNTS["test"]
+GENERATED_VIEWS = 128              # ngp_train.synth DEFAULT_COUNTS: 100 train + 8 val + 20 test
+MIN_GENERATE_S = 2.0               # process start and PNG writing, whatever the size
 BLENDER_TEST_VIEWS = 200           # NeRF-synthetic test split
 BLENDER_SIZE_PX = 800
 MARKETPLACES = ("vastai",)         # offers vary; max_price_per_hour is the price to plan with
@@ -190,7 +195,32 @@ def _train(job: Job, history: History | None) -> tuple[float, str, str]:
     return secs, source, detail
 
 
-def _phase_seconds(job: Job, phase: str, history: History | None) -> tuple[float, str, str]:
+def _staging(job: Job, probe_mirrors: bool) -> tuple[float, str, str]:
+    """Generated: views x pixels at the measured rate. Mirrored: the staging module's probe
+    (HEAD Content-Length or the file:// copy's size, at an assumed rate) when allowed, else
+    the phases.csv default."""
+    gen = job.dataset.generate
+    if gen is not None:
+        per_mpx, src = _default(job.host.provider, "staging_generate_per_megapixel")
+        mpx = GENERATED_VIEWS * gen.size * gen.size / 1e6
+        return (max(MIN_GENERATE_S, mpx * per_mpx), "assumption",
+                f"{GENERATED_VIEWS} views at {gen.size}x{gen.size} = {mpx:.3g} MP at {per_mpx:g} s/MP ({src})")
+    if probe_mirrors:
+        try:
+            from .staging.estimate import estimate_staging_seconds
+            secs, how = estimate_staging_seconds(job.dataset)
+            what = {"head": "size from the mirror (HEAD), assumed download rate",
+                    "local": "size of the file:// copy, assumed transfer rate",
+                    "assumption": "assumed size and download rate"}.get(how, how)
+            return float(secs), "assumption", f"{what} (staging.estimate)"
+        except Exception as exc:  # noqa: BLE001 - a probe that fails only means "use the default"
+            log.debug("staging probe failed for %s: %s", job.dataset.name, exc)
+    secs, src = _default(job.host.provider, "staging_mirror")
+    return secs, "assumption", src
+
+
+def _phase_seconds(job: Job, phase: str, history: History | None,
+                   probe_mirrors: bool = False) -> tuple[float, str, str]:
     if history is not None and phase != "train":
         got = history.phase_seconds(job, phase)
         if got is not None:
@@ -199,9 +229,7 @@ def _phase_seconds(job: Job, phase: str, history: History | None) -> tuple[float
     if phase == "train":
         return _train(job, history)
     if phase == "staging":
-        kind = "staging_generate" if job.dataset.generate is not None else "staging_mirror"
-        secs, src = _default(job.host.provider, kind)
-        return secs, "assumption", src
+        return _staging(job, probe_mirrors)
     if phase == "eval":
         row, _source, _d = _runtime(job)
         mpx, what = _eval_megapixels(job)
@@ -213,12 +241,14 @@ def _phase_seconds(job: Job, phase: str, history: History | None) -> tuple[float
     return secs, "assumption", src
 
 
-def estimate_job(job: Job, ledger: "Ledger | None" = None, *, history: History | None = None) -> JobEstimate:
-    """Per-phase seconds and cost of one job; history from `ledger` refines the tables."""
+def estimate_job(job: Job, ledger: "Ledger | None" = None, *, history: History | None = None,
+                 probe_mirrors: bool = True) -> JobEstimate:
+    """Per-phase seconds and cost of one job; history from `ledger` refines the tables.
+    `probe_mirrors=False` keeps the estimate offline (no HEAD request to a dataset mirror)."""
     if history is None and ledger is not None:
         history = History.from_ledger(ledger)
     price, currency, price_source, price_detail, granularity, _gd = _price(job)
-    raw = {p: _phase_seconds(job, p, history) for p in PHASES}
+    raw = {p: _phase_seconds(job, p, history, probe_mirrors) for p in PHASES}
     setup_s, staging_s = raw["setup"][0], raw["staging"][0]
     phases = []
     for p in PHASES:
@@ -235,10 +265,11 @@ def estimate_job(job: Job, ledger: "Ledger | None" = None, *, history: History |
                        billed_total * price / 3600.0)
 
 
-def estimate_plan(jobs: Iterable[Job], ledger: "Ledger | None" = None) -> PlanEstimate:
+def estimate_plan(jobs: Iterable[Job], ledger: "Ledger | None" = None, *,
+                  probe_mirrors: bool = True) -> PlanEstimate:
     """Every job's estimate, with totals per currency (never silently mixed)."""
     history = History.from_ledger(ledger) if ledger is not None else None
-    ests = tuple(estimate_job(j, history=history) for j in jobs)
+    ests = tuple(estimate_job(j, history=history, probe_mirrors=probe_mirrors) for j in jobs)
     totals: dict[str, float] = {}
     for e in ests:
         totals[e.currency] = totals.get(e.currency, 0.0) + e.total_cost

@@ -44,7 +44,7 @@ ssh,boot,0,assumption: test
 ssh,setup,20,assumption: test
 ssh,teardown,2,assumption: test
 ssh,pull,8,assumption: test
-*,staging_generate,50,assumption: test generate
+*,staging_generate_per_megapixel,40,assumption: test generate
 *,staging_mirror,300,assumption: test mirror
 *,videos,4,assumption: test videos
 """
@@ -91,15 +91,16 @@ def config(extra_hosts: str = "", steps: str = "1000", more: str = "") -> str:
 def test_arithmetic_matches_hand_computation(tiny_catalog: Path) -> None:
     (job,) = expand(parse_config(config()))
     e = estimate_job(job)
-    # boot 100 + setup 40 + staging 50 overlapping setup (adds 10) + train 1000/100 = 10
+    # boot 100 + setup 40 + staging 128 views * 100*100 px = 1.28 MP at 40 s/MP = 51.2 s, overlapping
+    # setup (adds 11.2) + train 1000/100 = 10
     # + eval 20 views * 100*100 px = 0.2 MP at 1 MP/s = 0.2 s, + 4 s videos + pull 20 + teardown 10
-    expect = {"boot": (100, 100), "setup": (40, 40), "staging": (50, 10), "train": (10, 10),
+    expect = {"boot": (100, 100), "setup": (40, 40), "staging": (51.2, 11.2), "train": (10, 10),
               "eval": (4.2, 4.2), "pull": (20, 20), "teardown": (10, 10)}
     for name, (secs, billed) in expect.items():
         p = e.phase(name)
         assert p.seconds == pytest.approx(secs) and p.billed_seconds == pytest.approx(billed), name
         assert p.cost == pytest.approx(billed * 2.0 / 3600)
-    assert e.total_seconds == pytest.approx(194.2)
+    assert e.total_seconds == pytest.approx(195.4)
     assert e.billed_seconds == 240.0                       # rounded up to 60 s granularity
     assert e.total_cost == pytest.approx(240 * 2.0 / 3600)
     assert (e.price_per_hour, e.currency, e.price_source, e.granularity_s) == (2.0, "USD", "catalog", 60.0)
@@ -119,10 +120,23 @@ def test_max_seconds_caps_training(tiny_catalog: Path) -> None:
 def test_mirror_dataset_and_downscale(tiny_catalog: Path) -> None:
     text = config().replace("dataset: gen", "dataset: mir, downscale: 2")
     (job,) = expand(parse_config(text))
-    e = estimate_job(job)
+    e = estimate_job(job, probe_mirrors=False)
     # 200 test views at 400x400 = 32 MP at 1 MP/s + 4 s videos; staging 300 s of which 260 s past setup
     assert e.phase("eval").seconds == pytest.approx(36.0)
     assert (e.phase("staging").seconds, e.phase("staging").billed_seconds) == (300.0, 260.0)
+
+
+def test_file_mirror_is_sized_by_the_staging_probe(tiny_catalog: Path, tmp_path: Path) -> None:
+    from orchestrator.staging.estimate import ASSUMED_UPLOAD_BYTES_PER_S
+    scene = tmp_path / "data" / "lego"
+    scene.mkdir(parents=True)
+    (scene / "blob.bin").write_bytes(b"\0" * 2_000_000)
+    text = config().replace('mirrors: ["https://example.invalid/s.zip"]', f'mirrors: ["file://{tmp_path / "data"}"]')
+    (job,) = expand(parse_config(text.replace("dataset: gen", "dataset: mir")))
+    st = estimate_job(job).phase("staging")
+    assert st.seconds == pytest.approx(2_000_000 / ASSUMED_UPLOAD_BYTES_PER_S)
+    assert st.source == "assumption" and "size of the file:// copy" in st.detail
+    assert estimate_job(job, probe_mirrors=False).phase("staging").seconds == 300.0
 
 
 def test_price_selection(tiny_catalog: Path) -> None:
@@ -133,10 +147,10 @@ def test_price_selection(tiny_catalog: Path) -> None:
     assert (est["rp"].price_per_hour, est["rp"].price_source) == (1.5, "catalog")      # cheapest row
     assert "community" in est["rp"].price_detail
     assert (est["cn"].price_per_hour, est["cn"].currency, est["cn"].price_source) == (12.0, "CNY", "config")
-    # ssh host: boot 0 + setup 20 + staging 50 (adds 30) + train 1000/400 = 2.5 + eval 0.2/4 + 4
-    # + pull 8 + teardown 2 = 66.55 s -> 67 s at 1 s granularity (no catalog row for ssh)
-    assert est["cn"].total_seconds == pytest.approx(66.55)
-    assert est["cn"].total_cost == pytest.approx(67 * 12 / 3600)
+    # ssh host: boot 0 + setup 20 + staging 51.2 (adds 31.2) + train 1000/400 = 2.5 + eval 0.2/4 + 4
+    # + pull 8 + teardown 2 = 67.75 s -> 68 s at 1 s granularity (no catalog row for ssh)
+    assert est["cn"].total_seconds == pytest.approx(67.75)
+    assert est["cn"].total_cost == pytest.approx(68 * 12 / 3600)
 
 
 def test_no_price_is_a_clear_error(tiny_catalog: Path) -> None:
@@ -187,8 +201,8 @@ def test_history_changes_source_and_figure(tiny_catalog: Path, tmp_path: Path) -
     assert (after.phase("boot").seconds, after.phase("boot").source) == (80.0, "history (median of 3)")
     assert after.phase("eval").seconds == pytest.approx(4.0)            # render + metrics summed
     assert after.phase("setup").source == "assumption"                 # never recorded: table stays
-    # 80 + 40 + 10 + 42 + 4 + 20 + 10 = 206 s -> 240 s billed
-    assert after.total_seconds == pytest.approx(206.0) and after.billed_seconds == 240.0
+    # 80 + 40 + 11.2 + 42 + 4 + 20 + 10 = 207.2 s -> 240 s billed
+    assert after.total_seconds == pytest.approx(207.2) and after.billed_seconds == 240.0
     assert "history (median of 3)" in estimate_plan([job], ledger).explain()
     ledger.close()
 
@@ -217,8 +231,8 @@ def test_json_round_trips_through_the_report_reader(tiny_catalog: Path) -> None:
     (job,) = expand(parse_config(config()))
     e = estimate_job(job)
     seconds, cost, phases, source = _estimate_parts(e.to_dict())
-    assert seconds == pytest.approx(194.2) and cost == pytest.approx(e.total_cost)
-    assert phases == pytest.approx({"boot": 100, "setup": 40, "staging": 50, "train": 10, "eval": 4.2,
+    assert seconds == pytest.approx(195.4) and cost == pytest.approx(e.total_cost)
+    assert phases == pytest.approx({"boot": 100, "setup": 40, "staging": 51.2, "train": 10, "eval": 4.2,
                                     "pull": 20, "teardown": 10})
     assert source == "train: runtime table; price: catalog"
 
