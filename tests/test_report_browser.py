@@ -51,7 +51,7 @@ def test_html_report_in_headless_chromium(tmp_path, served):
     dom = ReportDom(chromium(f"{served}/site/report.html", tmp_path / "chrome", "--dump-dom"))
 
     # The table is there, with the numbers recomputed from the metrics files.
-    assert set(dom.rows) == {"ngp-lego-h100", "ngp-chair-cpu", "2 jobs"}
+    assert set(dom.rows) == {("r1", "ngp-lego-h100"), ("r1", "ngp-chair-cpu"), ("mean", "2 jobs")}
     psnrs = []
     for job, out in zip(jobs, outs):
         with (out / "metrics.csv").open() as fh:
@@ -59,14 +59,14 @@ def test_html_report_in_headless_chromium(tmp_path, served):
         psnr = statistics.fmean(float(r["psnr"]) for r in rows)
         ssim = statistics.fmean(float(r["ssim"]) for r in rows)
         psnrs.append(psnr)
-        cells = dom.rows[job.job_id]
+        cells = dom.rows[("r1", job.job_id)]
         assert float(cells["psnr"][0]) == pytest.approx(psnr) and cells["psnr"][1] == f"{psnr:.2f}"
         assert float(cells["ssim"][0]) == pytest.approx(ssim) and cells["ssim"][1] == f"{ssim:.4f}"
         assert cells["gpu"][1] == job.gpu and cells["backend"][1] == job.backend
         cost = 60 * job.price_per_hour / 3600                 # 60 s billed at 1 s granularity
         assert float(cells["cost"][0]) == pytest.approx(cost)
         assert float(cells["cost_per_db"][0]) == pytest.approx(cost / psnr)
-    mean = dom.rows["2 jobs"]
+    mean = dom.rows[("mean", "2 jobs")]
     assert mean["run"][1] == "mean" and float(mean["psnr"][0]) == pytest.approx(statistics.fmean(psnrs))
 
     # Every video element loaded its file (the page's script sets data-state on loadeddata).

@@ -65,14 +65,15 @@ def serve_dir(directory: Path) -> Iterator[str]:
 
 
 class ReportDom(HTMLParser):
-    """rows: data-job → {column: (data-value, shown text)} of #results; videos: attributes."""
+    """rows: (data-run, data-job) → {column: (data-value, shown text)} of #results (the mean
+    row is ("mean", "<n> jobs")); videos: each <video>'s attributes."""
 
     def __init__(self, html: str) -> None:
         super().__init__()
-        self.rows: dict[str, dict[str, tuple[str | None, str]]] = {}
+        self.rows: dict[tuple[str, str], dict[str, tuple[str | None, str]]] = {}
         self.videos: list[dict[str, str | None]] = []
         self._table: str | None = None
-        self._row: str | None = None
+        self._row: tuple[str, str] | None = None
         self._cell: tuple[str, str | None] | None = None
         self._text = ""
         self.feed(html)
@@ -82,7 +83,7 @@ class ReportDom(HTMLParser):
         if tag == "table":
             self._table = a.get("id")
         elif tag == "tr" and self._table == "results" and a.get("data-job"):
-            self._row = a["data-job"]
+            self._row = (a.get("data-run") or "", a["data-job"])
             self.rows[self._row] = {}
         elif tag == "td" and self._row is not None:
             self._cell, self._text = (a.get("data-col") or "", a.get("data-value")), ""
