@@ -68,15 +68,27 @@ class BudgetGuard:
         self._cap_recorded = False
         self._lock = threading.Lock()
 
+    def _in_budget_currency(self, amount: float, currency: str | None) -> float:
+        if not amount or not currency or currency.upper() == self.budget.currency.upper():
+            return amount
+        from .catalog import convert   # the rates the pre-run check used
+        return convert(amount, currency, self.budget.currency)[0]
+
+    def _accrued_by_job(self) -> dict[str, float]:
+        accrued: dict[str, float] = {}
+        for inst in self.ledger.instances(run_id=self.run_id):
+            cost = self._in_budget_currency(self.ledger.instance_cost(inst.row_id), inst.currency)
+            accrued[inst.job_id] = accrued.get(inst.job_id, 0.0) + cost
+        return accrued
+
     def spent(self) -> float:
-        return self.ledger.run_cost(self.run_id)
+        """The run's spend so far in the budget's currency (open intervals accrued to now)."""
+        return sum(self._accrued_by_job().values())
 
     def projected(self) -> tuple[float, float]:
         """(spent, remaining estimate of the running jobs)."""
-        spent = self.spent()
-        accrued: dict[str, float] = {}
-        for inst in self.ledger.instances(run_id=self.run_id):
-            accrued[inst.job_id] = accrued.get(inst.job_id, 0.0) + self.ledger.instance_cost(inst.row_id)
+        accrued = self._accrued_by_job()
+        spent = sum(accrued.values())
         done = {j.job_id for j in self.ledger.jobs(self.run_id) if j.status in JOB_DONE_STATES}
         remaining = sum(max(0.0, est - accrued.get(jid, 0.0))
                         for jid, est in self._committed.items() if jid not in done)
@@ -104,8 +116,8 @@ class BudgetGuard:
         for b in self.ledger.open_billing():
             inst = self.ledger.instance(b.instance_row)
             if inst is not None and inst.run_id == self.run_id:
-                reserve += (b.price_per_hour or 0.0) / 3600.0 * (
-                    self.stop_reserve_s + (b.granularity_s or 1.0))
+                per_s = self._in_budget_currency((b.price_per_hour or 0.0) / 3600.0, b.currency)
+                reserve += per_s * (self.stop_reserve_s + (b.granularity_s or 1.0))
         return reserve
 
     def over_cap(self) -> bool:

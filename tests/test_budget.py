@@ -70,3 +70,17 @@ def test_no_cap_never_refuses_or_stops(led):
     guard = BudgetGuard(Budget(None), led, "r")
     running_instance(led, "a", age_s=1e6)
     assert guard.may_start("b", 1e9) and not guard.over_cap()
+
+
+def test_spend_in_another_currency_is_converted_to_the_budget_currency(led):
+    from orchestrator.catalog import convert
+
+    guard = BudgetGuard(Budget(100.0, "USD"), led, "r")
+    row = led.record_intent(run_id="r", job_id="cny", host_name="h", provider="ssh",
+                            label="orch-r-cny", gpu="H100", price_per_hour=3600.0, currency="CNY")
+    led.instance_created(row, "i-cny", at=time.time() - 50)
+    cny = led.instance_cost(row)
+    assert cny >= 50.0
+    assert guard.spent() == pytest.approx(convert(cny, "CNY", "USD")[0], rel=1e-3)
+    assert guard.spent() < cny / 5                      # a yuan is not a dollar
+    assert guard.stop_reserve() == pytest.approx(convert(11.0, "CNY", "USD")[0])
