@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .transport.base import Transport
 
@@ -152,3 +153,141 @@ def watchdog_args(*, job_dir: str, idle_timeout_s: float, deadline_s: float, sto
                   poll_s: float = 5.0) -> str:
     return (f"remote_payload watchdog --job-dir {shlex.quote(job_dir)} --idle-timeout {idle_timeout_s:g}"
             f" --deadline {deadline_s:g} --stop-command {shlex.quote(stop_command)} --poll-s {poll_s:g}")
+
+
+# -- snapshots across hosts -------------------------------------------------------------------
+KEY_FILE = ".job_key"
+
+
+def mark_job_key(local_dir: Path, job_dir: str) -> None:
+    """Remember which host job directory (job id + settings hash) `local_dir` came from."""
+    (local_dir / KEY_FILE).write_text(job_dir.rsplit("/", 1)[-1] + "\n")
+
+
+def restore_snapshot(transport: Transport, job_dir: str, runs_dir: Path, job_id: str) -> Path | None:
+    """A new host (the old one was destroyed) gets the snapshot that an interrupted run of the
+    same job and settings brought home, so a rerun resumes instead of starting over."""
+    key = job_dir.rsplit("/", 1)[-1]
+    found = []
+    for marker in runs_dir.glob(f"*/{job_id}/{KEY_FILE}"):
+        snap = marker.parent / "snapshot.pt"
+        try:
+            if marker.read_text().strip() == key and snap.is_file():
+                found.append((snap.stat().st_mtime, snap))
+        except OSError:
+            continue
+    if not found:
+        return None
+    snap = max(found)[1]
+    log.info("%s: resuming from %s", job_id, snap)
+    transport.put(snap, f"{job_dir}/out/snapshot.pt")
+    return snap
+
+
+def save_snapshot(transport: Transport, job_dir: str, local_dir: Path) -> None:
+    """After an interrupt: bring the snapshot home (best effort) for a rerun on another host."""
+    from .errors import OrchestratorError
+    try:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        transport.get(f"{job_dir}/out/snapshot.pt", local_dir / "snapshot.pt")
+        mark_job_key(local_dir, job_dir)
+    except (OrchestratorError, OSError) as exc:
+        log.warning("could not bring the snapshot of %s home: %s", job_dir, exc)
+
+
+# -- starting and collecting ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Started:
+    pipeline_pid: int
+    watchdog_pid: int
+    attached: RemoteStatus | None    # set when a live pipeline was found and re-attached to
+
+
+def attach_or_start(transport: Transport, *, job_dir: str, python: str, payload_dir: str, run_args: str,
+                    instance_id: str, self_stop_command: str | None, idle_timeout_s: float,
+                    deadline_s: float, runs_dir: Path, job_id: str) -> Started:
+    """Never a second pipeline: re-attach to a live one (pid in status.json); else clear a
+    finished job dir (a new run must not reuse old results), keep an interrupted one (its
+    snapshot resumes), and start pipeline + watchdog detached, both marked with the instance."""
+    q = shlex.quote
+    current = RemoteStatus.parse(transport.read_text(f"{job_dir}/status.json"))
+    if current is not None and current.exit_code is None and current.pid > 0 and \
+            transport.run(f"kill -0 {current.pid}", check=False, timeout_s=30).ok:
+        log.info("%s: re-attaching to the running pipeline (pid %d)", job_id, current.pid)
+        return Started(current.pid, 0, current)
+    if current is not None and current.phase == "done" and current.exit_code == 0:
+        transport.run(f"rm -rf {q(job_dir)}", timeout_s=300)
+    transport.run(f"mkdir -p {q(job_dir)}/out && rm -f {q(job_dir)}/status.json && touch {q(job_dir)}/heartbeat",
+                  timeout_s=60)
+    if not transport.run(f"test -f {q(job_dir)}/out/snapshot.pt", check=False, timeout_s=30).ok:
+        restore_snapshot(transport, job_dir, runs_dir, job_id)
+    env = {"ORCHESTRATE_INSTANCE": instance_id, "PYTHONUNBUFFERED": "1"}
+    pid = transport.start_detached(f"cd {q(transport.root)} && {payload_command(python, payload_dir, run_args)}",
+                                   log_path=f"{job_dir}/log.txt", env=env)
+    stop_cmd = self_stop_command or f"kill -TERM {pid}"
+    wd_pid = transport.start_detached(
+        payload_command(python, payload_dir, watchdog_args(job_dir=job_dir, idle_timeout_s=idle_timeout_s,
+                                                           deadline_s=deadline_s, stop_command=stop_cmd)),
+        log_path=f"{job_dir}/watchdog.log", env=env)
+    return Started(pid, wd_pid, None)
+
+
+def pull_results(transport: Transport, job_dir: str, local: Path) -> dict[str, Any] | None:
+    """Copy JOB_DIR/out (+ log.txt, status.json, secrets scrubbed) to `local`; the summary."""
+    import json
+    from .secrets import redact
+    transport.get(f"{job_dir}/out", local)
+    for extra in ("log.txt", "status.json"):
+        text = transport.read_text(f"{job_dir}/{extra}")
+        if text is not None:
+            (local / extra).write_text(redact(text))
+    mark_job_key(local, job_dir)
+    try:
+        summary = json.loads((local / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+@dataclass(slots=True)
+class Prepared:
+    """Outcome of environment set-up overlapped with staging (wall-clock instants)."""
+    setup_started: float
+    setup_ended: float = 0.0
+    staging_started: float = 0.0
+    staging_ended: float = 0.0
+    env_data_s: float = 0.0
+    data_dir: str = ""
+    error: BaseException | None = None
+
+
+def bootstrap_and_stage(transport: Transport, *, python: str, payload_dir: str,
+                        stage: "Callable[[], str]") -> Prepared:
+    """Run `remote_payload bootstrap` in a thread while `stage()` stages the dataset (DESIGN:
+    environment set-up ║ staging). The first error of either is returned in `error`."""
+    out = Prepared(setup_started=time.time())
+    errors: list[BaseException] = []
+
+    def bootstrap() -> None:
+        try:
+            transport.run(payload_command(python, payload_dir, "remote_payload bootstrap --out env.json"),
+                          timeout_s=900)
+        except BaseException as exc:   # handed to the caller
+            errors.append(exc)
+        finally:
+            out.setup_ended = time.time()
+
+    th = threading.Thread(target=bootstrap, name="bootstrap", daemon=True)
+    th.start()
+    out.staging_started = time.time()
+    try:
+        out.data_dir = stage()
+    except BaseException as exc:
+        errors.insert(0, exc)
+    finally:
+        out.staging_ended = time.time()
+        th.join(timeout=900)
+        out.setup_ended = out.setup_ended or time.time()
+        out.env_data_s = time.time() - out.staging_started
+    out.error = errors[0] if errors else None
+    return out

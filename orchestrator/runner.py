@@ -17,7 +17,7 @@ import shlex
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,7 +139,15 @@ class Runner:
 
     # -- one job --------------------------------------------------------------------------
     def run_job(self, job: JobPlan) -> JobOutcome:
-        """Never raises: every ending is an outcome (and a ledger status)."""
+        """Never raises: every ending is an outcome (and a ledger status). The cost is read
+        after teardown, so it includes the last billed second."""
+        outcome = self._run_job(job)
+        attempt = self.attempts.get(job.job_id)
+        if attempt is not None and attempt.row_id is not None:
+            outcome = replace(outcome, cost=self.ledger.instance_cost(attempt.row_id))
+        return outcome
+
+    def _run_job(self, job: JobPlan) -> JobOutcome:
         jid = job.job_id
         if self.stop.is_set():
             return self._finish(job, "cancelled", None, "not started: the run was interrupted")
@@ -158,6 +166,7 @@ class Runner:
                 prov = provision(provider, job.host, ledger=self.ledger, run_id=self.run_id, job_id=jid,
                                  label=make_label(self.run_id, jid), ready_timeout_s=self.opts.ready_timeout_s,
                                  stop=self.stop)
+                attempt.row_id = prov.row_id
                 self.ledger.update_job(self.run_id, jid, instance_row=prov.row_id)
                 self.view.update(jid, currency=prov.currency)
                 transport = connect(provider, prov.instance_id, job.host, ledger=self.ledger,
@@ -188,39 +197,24 @@ class Runner:
         jid = job.job_id
         python = host_python(job.host, provider)
         self.view.update(jid, phase="setup")
-        t0 = time.time()
         pushed = pl.push_payload(t)
         self._check_stop()
-        # Environment detection and dataset staging overlap (DESIGN: ║).
-        boot_box: dict[str, Any] = {}
-
-        def bootstrap() -> None:
-            try:
-                t.run(pl.payload_command(python, pushed.remote_dir, "remote_payload bootstrap --out env.json"),
-                      timeout_s=900)
-            except BaseException as exc:   # handed to the main thread
-                boot_box["error"] = exc
-            finally:
-                boot_box["ended"] = time.time()
-
-        th = threading.Thread(target=bootstrap, name=f"bootstrap-{jid}", daemon=True)
-        env0 = time.time()
-        th.start()
-        s0 = time.time()
-        self.view.update(jid, phase="staging")
         with self._plock:   # two jobs staging the same scene on one host: one does it
             lock = self._stage_locks.setdefault((job.host_name, job.dataset_name, job.scene), threading.Lock())
-        try:
+
+        def stage() -> str:
+            self.view.update(jid, phase="staging")
             with lock:
-                data_dir = stage_dataset(t, job.dataset, job.scene, python=python,
-                                         payload_dir=pushed.remote_dir, progress=None)
-        finally:
-            self.ledger.record_phase(self.run_id, jid, "staging", s0, time.time())
-            th.join(timeout=900)
-            attempt.env_data_s = time.time() - env0
-            self.ledger.record_phase(self.run_id, jid, "setup", t0, boot_box.get("ended", time.time()))
-        if "error" in boot_box:
-            raise boot_box["error"]
+                return stage_dataset(t, job.dataset, job.scene, python=python,
+                                     payload_dir=pushed.remote_dir, progress=None)
+
+        ready = pl.bootstrap_and_stage(t, python=python, payload_dir=pushed.remote_dir, stage=stage)
+        self.ledger.record_phase(self.run_id, jid, "setup", ready.setup_started, ready.setup_ended)
+        self.ledger.record_phase(self.run_id, jid, "staging", ready.staging_started, ready.staging_ended)
+        attempt.env_data_s = ready.env_data_s
+        if ready.error is not None:
+            raise ready.error
+        data_dir = ready.data_dir
         self._check_stop()
 
         job_dir = f"{t.root}/jobs/{pl.job_key(jid, job.settings())}"
@@ -231,38 +225,21 @@ class Runner:
 
     def _attach_or_start(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                          python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:
-        jid, q = job.job_id, shlex.quote
-        current = pl.RemoteStatus.parse(t.read_text(f"{attempt.job_dir}/status.json"))
-        alive = current is not None and current.exit_code is None and current.pid > 0 and \
-            t.run(f"kill -0 {current.pid}", check=False, timeout_s=30).ok
-        if alive:
-            log.info("%s: re-attaching to the running pipeline (pid %d)", jid, current.pid)
-            attempt.started = time.time()
-            return current
-        if current is not None and current.phase == "done" and current.exit_code == 0:
-            # A finished job is not a cache for a new run: start clean so timings are real.
-            t.run(f"rm -rf {q(attempt.job_dir)}", timeout_s=300)
-        t.run(f"mkdir -p {q(attempt.job_dir)} && rm -f {q(attempt.job_dir)}/status.json && "
-              f"touch {q(attempt.job_dir)}/heartbeat", timeout_s=60)
-        env = {"ORCHESTRATE_INSTANCE": prov.instance_id, "PYTHONUNBUFFERED": "1"}
-        run_cmd = pl.payload_command(python, payload_dir, pl.run_args(
-            data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps, backend=job.backend,
-            device=job.device, scene=job.scene, max_seconds=job.max_seconds, downscale=job.downscale,
-            seed=job.seed))
-        attempt.pipeline_pid = t.start_detached(f"cd {q(t.root)} && {run_cmd}",
-                                                log_path=f"{attempt.job_dir}/log.txt", env=env)
-        attempt.started = time.time()
-        stop_cmd = provider.self_stop_command(prov.instance_id) or (
-            f"kill -TERM {attempt.pipeline_pid}")
         idle_s = float(getattr(job.host, "idle_timeout_s", None) or 600.0)
         deadline_s = float(getattr(job.host, "deadline_s", None) or max(3600.0, 3 * job.estimate_seconds))
-        attempt.watchdog_pid = t.start_detached(
-            pl.payload_command(python, payload_dir, pl.watchdog_args(
-                job_dir=attempt.job_dir, idle_timeout_s=idle_s, deadline_s=deadline_s, stop_command=stop_cmd)),
-            log_path=f"{attempt.job_dir}/watchdog.log", env=env)
-        self.ledger.add_event("pipeline_started", f"pid {attempt.pipeline_pid} in {attempt.job_dir}",
-                              self.run_id, jid)
-        return None
+        started = pl.attach_or_start(
+            t, job_dir=attempt.job_dir, python=python, payload_dir=payload_dir,
+            run_args=pl.run_args(data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps,
+                                 backend=job.backend, device=job.device, scene=job.scene,
+                                 max_seconds=job.max_seconds, downscale=job.downscale, seed=job.seed),
+            instance_id=prov.instance_id, self_stop_command=provider.self_stop_command(prov.instance_id),
+            idle_timeout_s=idle_s, deadline_s=deadline_s, runs_dir=self.opts.runs_dir, job_id=job.job_id)
+        attempt.started = time.time()
+        attempt.pipeline_pid, attempt.watchdog_pid = started.pipeline_pid, started.watchdog_pid
+        if started.attached is None:
+            self.ledger.add_event("pipeline_started", f"pid {started.pipeline_pid} in {attempt.job_dir}",
+                                  self.run_id, job.job_id)
+        return started.attached
 
     def _watch(self, job: JobPlan, prov: Provisioned, t: Transport, attempt: "_Attempt",
                status: pl.RemoteStatus | None) -> None:
@@ -332,6 +309,7 @@ class Runner:
         if code == 0:
             return
         if code == EXIT_INTERRUPTED or attempt.stop_status:
+            pl.save_snapshot(t, attempt.job_dir, self.opts.runs_dir / self.run_id / job.job_id)
             step = f" at step {status.step}/{status.total_steps}" if status else ""
             raise JobInterrupted(f"interrupted{step}; the snapshot is kept, rerun the same file to resume")
         err = (status.error if status else None) or "no error message"
@@ -340,23 +318,16 @@ class Runner:
                        exit_code=code)
 
     def _pull(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> dict[str, Any]:
-        import json
-        jid = job.job_id
-        self.view.update(jid, phase="pull")
-        local = self.opts.runs_dir / self.run_id / jid
-        with self.ledger.phase(self.run_id, jid, "pull"):
-            t.get(f"{attempt.job_dir}/out", local)
-            for extra in ("log.txt", "status.json"):
-                text = t.read_text(f"{attempt.job_dir}/{extra}")
-                if text is not None:
-                    (local / extra).write_text(redact(text))
-        attempt.out_dir = str(local)
-        self.ledger.update_job(self.run_id, jid, out_dir=str(local))
-        try:
-            return json.loads((local / "summary.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise JobError(f"results pulled but summary.json is unreadable: {exc}", job_id=jid,
-                           phase="pull") from None
+        self.view.update(job.job_id, phase="pull")
+        local = self.opts.runs_dir / self.run_id / job.job_id
+        with self.ledger.phase(self.run_id, job.job_id, "pull"):
+            attempt.out_dir = str(local)
+            self.ledger.update_job(self.run_id, job.job_id, out_dir=str(local))
+            summary = pl.pull_results(t, attempt.job_dir, local)
+        if summary is None:
+            raise JobError("results pulled but summary.json is missing or unreadable",
+                           job_id=job.job_id, phase="pull")
+        return summary
 
     def _pull_partial(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> None:
         """A job stopped at the budget keeps what it made (snapshot, train_log, log): pull it
@@ -425,6 +396,7 @@ class Runner:
 class _Attempt:
     """Mutable bookkeeping of one job attempt."""
     job_dir: str = ""
+    row_id: int | None = None
     pipeline_pid: int = 0
     watchdog_pid: int = 0
     out_dir: str | None = None
