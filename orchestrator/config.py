@@ -8,7 +8,6 @@ The schema is docs/contracts.md §5.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from .config_source import YMap, YSeq, fail, read_yaml
+from .config_source import YMap, YSeq, fail, nearest, read_yaml
 from .errors import ConfigError
 from .secrets import read_secret
 
@@ -154,31 +153,6 @@ def is_secret_key(key: str) -> bool:
     if k.endswith(("_env", "_file")):
         return False
     return k in SECRET_WORDS or k.endswith(tuple("_" + w for w in SECRET_WORDS))
-
-
-def _edit_distance(a: str, b: str) -> int:
-    """Edits (insert, delete, substitute, swap two neighbours) turning `a` into `b`."""
-    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            cost = 0 if a[i - 1] == b[j - 1] else 1
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[len(a)][len(b)]
-
-
-def nearest(word: str, choices: tuple[str, ...] | list[str]) -> str | None:
-    """The closest choice: fewest edits (a swap counts once), then difflib's similarity."""
-    if not choices or len(word) > 200:
-        return None
-    w = word.lower()
-    scored = sorted((_edit_distance(w, c.lower()),
-                     -difflib.SequenceMatcher(None, w, c.lower()).ratio(), c) for c in choices)
-    dist, neg_ratio, best = scored[0]
-    if dist <= max(1, len(w) // 3) or -neg_ratio >= 0.6:
-        return best
-    return None
 
 
 def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
