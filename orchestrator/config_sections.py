@@ -119,10 +119,12 @@ def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
         file = r.get(m, f"{kind}_file", path, "str")
         if env and file:
             r.fail(m, f"{kind}_file", f"{path}.{kind}_file", f"give either {kind}_env or {kind}_file, not both")
-        if env and not c._ENV_RE.match(env):
+        # Never echo the value: a user who pasted the secret itself here must not see it in logs.
+        if env and (not c._ENV_RE.match(env) or (len(env) >= 24 and any(ch.islower() for ch in env)
+                                                 and any(ch.isdigit() for ch in env))):
             r.fail(m, f"{kind}_env", f"{path}.{kind}_env",
-                   f"{env!r} is not an environment variable name (the value goes in the environment, "
-                   "not in this file)")
+                   "expected the name of an environment variable (e.g. VAST_API_KEY); this looks like "
+                   "the secret itself: put it in the environment and write the variable's name here")
         if file:
             try:
                 read_secret(file=file, what=f"{path}.{kind}_file")

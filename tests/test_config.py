@@ -228,8 +228,14 @@ def test_env_secret_checked_before_launch(monkeypatch: pytest.MonkeyPatch) -> No
     check_secrets(cfg, ["here"])                       # other hosts are not checked
     monkeypatch.setenv("ORCH_TEST_PW", "pw-value-1234")
     check_secrets(cfg, ["box"])
-    with pytest.raises(ConfigError, match="not an environment variable name"):
-        parse_config(replace_line(VALID, 12, "    password_env: hunter2 pw"))
+    for literal in ("hunter2 pw", "a3f9c0d1e2b4a5968778695a4b3c2d1e0f9a8b7c"):
+        with pytest.raises(ConfigError) as info:
+            parse_config(replace_line(VALID, 12, f"    password_env: {literal}"))
+        assert str(info.value).startswith("experiments.yaml:12: hosts.box.password_env: expected the name of an "
+                                          "environment variable")
+        assert literal not in str(info.value) and literal not in (info.value.hint or "")
+    assert parse_config(replace_line(VALID, 12, "    password_env: GPULINK_PASSWORD_2")).hosts["box"].password_env \
+        == "GPULINK_PASSWORD_2"
 
 
 def test_identity_file_must_be_readable(tmp_path: Path) -> None:
