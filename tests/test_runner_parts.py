@@ -212,3 +212,29 @@ def test_remote_status_parsing_and_job_key() -> None:
     a = job_key("ngp-default-here", {"steps": 30})
     assert a == job_key("ngp-default-here", {"steps": 30}) and a.startswith("ngp-default-here-")
     assert a != job_key("ngp-default-here", {"steps": 31})
+
+
+# -- live view ------------------------------------------------------------------------------------
+def test_live_view_logs_phase_changes_when_not_a_tty(caplog: pytest.LogCaptureFixture) -> None:
+    from orchestrator.live import LiveView
+    caplog.set_level("INFO", logger="orchestrator.live")
+    with LiveView([("j1", "here")], tty=False, log_every_s=3600) as view:
+        view.update("j1", phase="train", step=1, total_steps=30, loss=0.5)
+        view.update("j1", step=2, loss=0.4)              # same phase, within log_every_s: quiet
+        view.update("j1", phase="render", step=30, psnr=21.5, cost=0.25)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "j1 [here] train step 1/30 loss 0.5000" in lines[0]
+    assert "render step 30/30" in lines[1] and "psnr 21.50" in lines[1] and "cost 0.2500 USD" in lines[1]
+
+
+def test_live_view_table_on_a_tty_shows_every_job() -> None:
+    from rich.console import Console
+    from orchestrator.live import LiveView
+    view = LiveView([("j1", "here"), ("j2", "box")], tty=False)
+    view.update("j2", phase="train", step=7, total_steps=30, loss=0.125, psnr=18.0, cost=1.5, currency="CNY")
+    console = Console(width=160, record=True, file=open(os.devnull, "w"))
+    console.print(view._table())
+    text = console.export_text()
+    assert "j1" in text and "pending" in text
+    assert "7/30" in text and "0.1250" in text and "18.00" in text and "1.5000 CNY" in text
