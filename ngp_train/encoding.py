@@ -4,7 +4,7 @@ Hash grid, level l of L (tiny-cuda-nn `GridEncodingTemplated`):
     scale_l      = 2^(l · log2 b) · N_min − 1            (float32)
     resolution_l = ceil(scale_l) + 1
     params_l     = min(next_multiple(resolution_l³, 8), T)
-    pos          = x·scale_l + 0.5 (float32);  cell = floor(pos);  frac = pos − cell
+    pos          = fmaf(x, scale_l, 0.5) (float32);  cell = floor(pos);  frac = pos − cell
     index        = dense x + y·res + z·res²  when res³ ≤ params_l, else
                    x·1 ⊕ y·2654435761 ⊕ z·805459861 (uint32), then mod params_l
 Features of the 8 corners are blended trilinearly; table initialised uniform in ±1e-4.
@@ -73,8 +73,8 @@ def level_layout(cfg: HashGridConfig) -> tuple[Level, ...]:
     return tuple(levels)
 
 
-def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str, torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str, torch.Tensor],
+                   weight_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Table rows (L, N, 8) int64 and trilinear weights (L, N, 8) for positions x (N, 3) in [0, 1].
 
     Corner c of a cell has offset ((c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1). Work is done per
@@ -84,14 +84,15 @@ def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str
     XORs: ((a ⊕ b ⊕ c) mod T) + off == (a mod T) ⊕ (b mod T) ⊕ ((c mod T) | off).
     """
     n_dense = int(buffers["n_dense"])
-    scale = buffers["scale"].view(-1, 1).to(x.dtype)                # (L,1)
-    x = x.clamp(0.0, 1.0)
-    L, N = scale.shape[0], x.shape[0]
+    scale64 = buffers["scale"].view(-1, 1).to(torch.float64)         # (L,1) float32 values
+    x = x.to(torch.float32).clamp(0.0, 1.0)                           # positions are float32, as in tcnn
+    L, N = scale64.shape[0], x.shape[0]
     cells, fracs = [], []
     for axis in range(3):
-        pos = torch.addcmul(torch.full((1, 1), 0.5, dtype=x.dtype, device=x.device), x[:, axis].unsqueeze(0), scale)
+        # fmaf(scale, x, 0.5): the float32 product is exact in float64, the sum is rounded once.
+        pos = (x[:, axis].to(torch.float64).unsqueeze(0) * scale64 + 0.5).to(torch.float32)
         cell = torch.floor(pos)
-        fracs.append(pos - cell)                                     # (L,N)
+        fracs.append((pos - cell).to(weight_dtype))                  # (L,N), exact in float32
         c = cell.to(torch.int32)
         cells.append(torch.stack([c, c + 1], dim=-1))                # (L,N,2) int32
     parts = []
@@ -173,7 +174,7 @@ class HashGridEncoding(nn.Module):
 
     def corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Table rows and trilinear weights, both (L, N, 8)."""
-        return corner_indices(x, self.levels, self._buffers_dict())
+        return corner_indices(x, self.levels, self._buffers_dict(), self.table.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, w = self.corners(x)

@@ -95,5 +95,19 @@ class OccupancyGrid(nn.Module):
         self.occupied.copy_(self.values > thr)
         self.n_updates += 1
 
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Axis-aligned box (lo (3,), hi (3,)) around the occupied cells; the unit cube when none is."""
+        occ = self.occupied.view(self.resolution, self.resolution, self.resolution)   # (z, y, x)
+        dev = self.values.device
+        if not bool(occ.any()):
+            return torch.zeros(3, device=dev), torch.ones(3, device=dev)
+        lo, hi = [], []
+        for dims in ((0, 1), (0, 2), (1, 2)):          # reduce to x, y, z in turn
+            line = occ.any(dim=dims[0]).any(dim=dims[1] - 1)
+            idx = torch.nonzero(line).squeeze(1)
+            lo.append(idx.min())
+            hi.append(idx.max() + 1)
+        return torch.stack(lo).float() / self.resolution, torch.stack(hi).float() / self.resolution
+
     def occupied_fraction(self) -> float:
         return float(self.occupied.float().mean())

@@ -227,7 +227,8 @@ class Trainer:
         gt = rgba[:, :3] * rgba[:, 3:] + bg * (1.0 - rgba[:, 3:])
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.step, self.cfg.steps, self.cfg.lr)
-        out = self.model.render_rays(o, d, bg, jitter=torch.rand(n, device=dev), autocast=self.autocast)
+        out = self.model.render_rays(o, d, bg, jitter=torch.rand(n, device=dev), autocast=self.autocast,
+                                     early_stop=self.device.type == "cuda")
         self.step += 1
         if out.n_samples == 0:
             return None, 0                                       # nothing to learn from: skip

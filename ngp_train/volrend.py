@@ -41,26 +41,30 @@ def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, lo: float = 0.0, hi: flo
 
 
 def march(origins: torch.Tensor, dirs: torch.Tensor, step_size: float, occupied_fn: OccupiedFn | None = None,
-          *, jitter: torch.Tensor | None = None, max_steps: int | None = None) -> Samples:
-    """Fixed-step marching through the unit box, keeping samples whose midpoint is occupied.
+          *, jitter: torch.Tensor | None = None, max_steps: int | None = None,
+          box: tuple[float | torch.Tensor, float | torch.Tensor] = (0.0, 1.0)) -> Samples:
+    """Fixed-step marching through `box` (default the unit cube), keeping samples whose midpoint
+    is occupied.
 
-    origins, dirs: (R, 3) in unit-cube coordinates, dirs unit length. jitter (R,) in [0, 1)
-    shifts each ray's first step (training); None starts at the box entry. Returns flat samples.
+    origins, dirs: (R, 3) in unit-cube coordinates, dirs unit length. Steps are laid on the grid
+    t = k·step_size (+ jitter·step_size) so a tighter box only skips empty steps. jitter (R,) in
+    [0, 1) shifts each ray's samples (training); None: no shift. Returns flat samples.
     """
     r = origins.shape[0]
     dev = origins.device
-    t_near, t_far, hit = ray_aabb(origins, dirs)
+    t_near, t_far, hit = ray_aabb(origins, dirs, box[0], box[1])
     if r == 0 or not bool(hit.any()):
         empty = torch.zeros(0, device=dev)
         return Samples(torch.zeros(0, dtype=torch.int64, device=dev), empty, empty)
-    n_steps = torch.ceil((t_far - t_near) / step_size).clamp(min=0).long()
+    n_steps = torch.ceil((t_far - t_near) / step_size).clamp(min=0).long() + 1
     n_steps = torch.where(hit, n_steps, torch.zeros_like(n_steps))
     k_max = int(n_steps.max())
     if max_steps is not None:
         k_max = min(k_max, max_steps)
-    start = t_near if jitter is None else t_near + jitter * step_size
+    shift = 0.0 if jitter is None else jitter * step_size
+    start = torch.floor((t_near - shift) / step_size) * step_size + shift          # first step at or before t_near
     t0 = start.unsqueeze(1) + torch.arange(k_max, device=dev, dtype=origins.dtype) * step_size   # (R, K)
-    keep = t0 < t_far.unsqueeze(1)
+    keep = (t0 < t_far.unsqueeze(1)) & (t0 + step_size > t_near.unsqueeze(1))
     keep &= hit.unsqueeze(1)
     if occupied_fn is not None:
         rr, kk = torch.nonzero(keep, as_tuple=True)
