@@ -76,12 +76,12 @@ def test_end_to_end_produces_every_artifact_and_rerun_skips(scene: Path, tmp_pat
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     job = tmp_path / "job"
-    res = run_cmd("run", "--data", str(scene), "--job-dir", str(job), "--steps", "12",
+    res = run_cmd("run", "--data", str(scene), "--job-dir", str(job), "--steps", "8",
                   "--scene", "tiny", *FAST)
     assert res.returncode == 0, res.stderr[-2000:]
     st = status(job)
     assert (st["phase"], st["exit_code"], st["error"]) == ("done", 0, None)
-    assert (st["step"], st["total_steps"]) == (12, 12)
+    assert (st["step"], st["total_steps"]) == (8, 8)
     out = job / "out"
     stems = [f"r_{i}" for i in range(N_TEST)]
 
@@ -105,7 +105,7 @@ def test_end_to_end_produces_every_artifact_and_rerun_skips(scene: Path, tmp_pat
         assert float(r["ssim"]) == pytest.approx(want_ssim, abs=2e-3)
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["scene"] == "tiny" and summary["steps"] == 12
+    assert summary["scene"] == "tiny" and summary["steps"] == 8
     assert summary["n_test_images"] == N_TEST
     assert summary["psnr_mean"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]), abs=1e-5)
     assert summary["ssim_mean"] == pytest.approx(np.mean([float(r["ssim"]) for r in rows]), abs=1e-5)
@@ -120,31 +120,31 @@ def test_end_to_end_produces_every_artifact_and_rerun_skips(scene: Path, tmp_pat
         assert frames == N_TEST and secs > 0, name
 
     log_rows = read_rows(out / "train_log.csv")
-    assert int(log_rows[-1]["step"]) == 12
+    assert int(log_rows[-1]["step"]) == 8
     log_text = (job / "log.txt").read_text()
     assert "pipeline done" in log_text and "stage videos done" in log_text
 
     # a rerun finds every output and redoes nothing: the snapshot is not retrained
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "stages.json"}
     t0 = time.monotonic()
-    again = run_cmd("run", "--data", str(scene), "--job-dir", str(job), "--steps", "12",
+    again = run_cmd("run", "--data", str(scene), "--job-dir", str(job), "--steps", "8",
                     "--scene", "tiny", *FAST)
     assert again.returncode == 0, again.stderr[-2000:]
     stages = json.loads((out / "stages.json").read_text())
     assert all(stages[s]["skipped"] for s in ("train", "render", "gt", "metrics", "summary", "videos"))
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    assert status(job)["exit_code"] == 0 and status(job)["step"] == 12
+    assert status(job)["exit_code"] == 0 and status(job)["step"] == 8
     assert time.monotonic() - t0 < 60
 
 
 def test_killed_pipeline_resumes_from_snapshot(scene: Path, tmp_path: Path) -> None:
     job = tmp_path / "job"
-    args = ("--steps", "24", "--train-option", "snapshot_every_s=0.2")
+    args = ("--steps", "16", "--train-option", "snapshot_every_s=0.2")
     proc = start_run(scene, job, *args)
     try:
         snap = job / "out" / "snapshot.pt"
         wait_for(lambda: snap.exists() and (job / "status.json").exists()
-                 and status(job)["step"] >= 4, 240, "a snapshot during training")
+                 and status(job)["step"] >= 3, 240, "a snapshot during training")
         assert status(job)["phase"] == "train" and status(job)["pid"] == proc.pid
         proc.send_signal(signal.SIGKILL)       # a crash: no chance to clean up
         proc.wait(timeout=30)
@@ -152,18 +152,18 @@ def test_killed_pipeline_resumes_from_snapshot(scene: Path, tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
     crashed = status(job)
-    assert crashed["exit_code"] is None and crashed["step"] < 24   # the crash left it "running"
+    assert crashed["exit_code"] is None and crashed["step"] < 16   # the crash left it "running"
 
     res = run_cmd("run", "--data", str(scene), "--job-dir", str(job), *FAST, *args)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((job / "out" / "train_result.json").read_text())
-    assert result["steps"] == 24
-    assert result["resumed_from_step"] is not None and 1 <= result["resumed_from_step"] < 24
+    assert result["steps"] == 16
+    assert result["resumed_from_step"] is not None and 1 <= result["resumed_from_step"] < 16
     steps = [int(r["step"]) for r in read_rows(job / "out" / "train_log.csv")]
     assert steps.count(1) == 1                    # training did not start over from zero
-    assert steps == sorted(steps) and steps[-1] == 24
+    assert steps == sorted(steps) and steps[-1] == 16
     summary = json.loads((job / "out" / "summary.json").read_text())
-    assert summary["steps"] == 24 and summary["resumed_from_step"] == result["resumed_from_step"]
+    assert summary["steps"] == 16 and summary["resumed_from_step"] == result["resumed_from_step"]
     for name in ("render", "gt", "compare"):
         assert imageio_ffmpeg.count_frames_and_secs(str(job / "out" / "videos" / f"{name}.mp4"))[0] == N_TEST
 
