@@ -191,6 +191,8 @@ def parse_dataset(r: "_Reader", parent: YMap, name: str, m: YMap) -> "DatasetCon
 def _one(r: "_Reader", key: str, full_path: str, value: Any, line: int) -> Any:
     """Validate one setting value; errors name `full_path` (e.g. experiments[0].steps[1])."""
     c = _cfg()
+    if value is None and key != "max_seconds":
+        fail(r.filename, line, full_path, f"empty value; give a {key} value")
     holder = YMap(line)
     holder[full_path] = value
     holder.value_lines[full_path] = line

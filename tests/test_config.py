@@ -84,6 +84,8 @@ BAD = [
      "experiments.yaml:24: experiments[0].steps[1]: must be >= 1, got -20"),
     ("zero size", replace_line(VALID, 15, "  demo: {generate: {scene: default, size: 0}}"),
      "experiments.yaml:15: datasets.demo.generate.size: must be >= 8, got 0"),
+    ("null inside a list axis", replace_line(VALID, 24, "    steps: [10, null]"),
+     "experiments.yaml:24: experiments[0].steps[1]: empty value; give a steps value"),
     ("steps as text", replace_line(VALID, 28, "    steps: lots"),
      "experiments.yaml:28: experiments[1].steps: expected a whole number, got text 'lots'"),
     ("missing scene (generated)", replace_line(VALID, 22, "    scenes: [default, sphere]"),
