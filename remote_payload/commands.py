@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -55,10 +56,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job_dir = Path(args.job_dir).expanduser()
     job_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(job_dir / "log.txt", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.DEBUG)
-    logging.getLogger().addHandler(handler)
+    log_path = job_dir / "log.txt"
+    handler: logging.Handler | None = None
+    if not _stderr_is(log_path):   # started with 2>>log.txt (detached): lines are there already
+        handler = logging.FileHandler(log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.DEBUG)
+        logging.getLogger().addHandler(handler)
     try:
         return run_pipeline(RunOptions(
             data_dir=Path(args.data), job_dir=job_dir, steps=args.steps,
@@ -66,8 +70,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             scene=args.scene, downscale=args.downscale, seed=args.seed, fps=args.fps,
             train_options=tuple(args.train_option)))
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _stderr_is(path: Path) -> bool:
+    """True when this process's stderr already writes to `path` (same device and inode)."""
+    try:
+        err, target = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (err.st_dev, err.st_ino) == (target.st_dev, target.st_ino)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:

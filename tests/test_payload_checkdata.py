@@ -137,3 +137,19 @@ def test_run_rejects_bad_data_before_training(case: str, good: Path, tmp_path: P
     assert not (job / "out" / "snapshot.pt").exists() and not (job / "out" / "train_log.csv").exists()
     assert "Traceback" not in (job / "log.txt").read_text()
     assert elapsed < 60   # seconds (torch import on a busy machine), not a training run
+
+
+def test_detached_run_logging_to_log_txt_writes_each_line_once(good: Path, tmp_path: Path) -> None:
+    """The controller starts `run` with stdout/stderr appended to JOB_DIR/log.txt; the pipeline
+    must then not add its own handler on the same file (every line would appear twice)."""
+    d = make_case("results_only", good, tmp_path)
+    job = tmp_path / "job"
+    job.mkdir()
+    with open(job / "log.txt", "a") as log_fh:
+        code = subprocess.run([PY, "-m", "remote_payload", "run", "--data", str(d), "--job-dir",
+                               str(job)], stdout=log_fh, stderr=log_fh, timeout=120).returncode
+    assert code == 2
+    text = (job / "log.txt").read_text()
+    assert text.count("pipeline start") == 1
+    assert text.count("results-only copy") == 2     # the ERROR log line and the final `error:` line
+    assert text.strip().splitlines()[-1].startswith("error: ")
