@@ -101,6 +101,11 @@ def probe() -> dict[str, Any]:
             env["warnings"].append(
                 f"tiny-cuda-nn is not importable ({err}); using the torch backend. "
                 f"To build it for this GPU: {env['tcnn_build']}")
+    elif env["nvidia_smi"] is not None:
+        env["warnings"].append(
+            f"nvidia-smi sees {env['nvidia_smi']['name']} but torch {torch.__version__} has no usable "
+            "CUDA (a CPU-only wheel or a driver mismatch): install the torch build for this CUDA "
+            "driver, or training runs on the CPU")
     else:
         env["warnings"].append("no CUDA device: training runs on the CPU with the torch backend")
     return env

@@ -179,6 +179,10 @@ def video_stage(out: Path, stems: list[str], fps: float) -> bool:
         return False
     make_videos([out / "renders" / f"{s}.png" for s in stems],
                 [out / "gt" / f"{s}.png" for s in stems], vdir, fps=fps)
+    summary = read_json(out / "summary.json")
+    if summary is not None:   # record the ffmpeg that made the videos (may differ from before)
+        summary.setdefault("versions", {})["ffmpeg"] = _ffmpeg_version()
+        write_json_atomic(out / "summary.json", summary)
     return True
 
 

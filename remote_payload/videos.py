@@ -23,8 +23,13 @@ def ffmpeg_exe() -> str:
     found = shutil.which("ffmpeg")
     if found:
         return found
-    import imageio_ffmpeg
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    try:
+        import imageio_ffmpeg
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as exc:
+        raise StageFailed(f"no ffmpeg on this host ({type(exc).__name__}); install it "
+                          "(apt-get install ffmpeg) or `pip install imageio-ffmpeg`, then rerun: "
+                          "finished stages are kept", phase="videos") from None
 
 
 def _load_rgb(path: Path) -> np.ndarray:
@@ -42,7 +47,11 @@ def _pad_even(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def encode(frames: list[np.ndarray], out: Path, *, fps: float = 24.0, crf: int = 18) -> Path:
     """Encode RGB uint8 frames (all the same size) to an H.264 mp4 at `out`, atomically."""
-    import ffmpeg
+    try:
+        import ffmpeg
+    except ImportError:
+        raise StageFailed("ffmpeg-python is not installed on this host; `pip install "
+                          "ffmpeg-python`, then rerun: finished stages are kept", phase="videos") from None
 
     if not frames:
         raise StageFailed(f"no frames to encode into {out.name}", phase="videos")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,9 +37,20 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           n_train=12, n_val=1, n_test=N_TEST)
 
 
-def run_cmd(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+def run_cmd(*args: str, timeout_s: float = 300, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "remote_payload", *args], capture_output=True, text=True,
-                          timeout=timeout_s)
+                          timeout=timeout_s, env=env)
+
+
+def broken_ffmpeg_env(tmp_path: Path) -> dict[str, str]:
+    """PATH with an `ffmpeg` first that fails like a broken install (exit 1, message)."""
+    bin_dir = tmp_path / "badbin"
+    bin_dir.mkdir()
+    exe = bin_dir / "ffmpeg"
+    exe.write_text("#!/bin/sh\necho 'ffmpeg: broken build' >&2\nexit 1\n")
+    exe.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
 
 def start_run(scene: Path, job: Path, *extra: str) -> subprocess.Popen:
@@ -76,9 +88,19 @@ def test_end_to_end_produces_every_artifact_and_rerun_skips(scene: Path, tmp_pat
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     job = tmp_path / "job"
-    res = run_cmd("run", "--data", str(scene), "--job-dir", str(job), "--steps", "8",
-                  "--scene", "tiny", *FAST)
+    argv = ("run", "--data", str(scene), "--job-dir", str(job), "--steps", "8", "--scene", "tiny", *FAST)
+    # 1st run: the video stage fails (a broken ffmpeg on PATH) → exit 6, earlier stages kept
+    res = run_cmd(*argv, env=broken_ffmpeg_env(tmp_path))
+    assert res.returncode == 6, res.stderr[-2000:]
+    st = status(job)
+    assert (st["phase"], st["exit_code"]) == ("failed", 6)
+    assert st["error"].startswith("ffmpeg failed making render.mp4 (exit 1)")
+    assert (job / "out" / "summary.json").is_file() and not (job / "out" / "videos" / "render.mp4").exists()
+    # 2nd run: only the videos are made; training, rendering and scoring are not redone
+    res = run_cmd(*argv)
     assert res.returncode == 0, res.stderr[-2000:]
+    stages = json.loads((job / "out" / "stages.json").read_text())
+    assert [s for s, v in stages.items() if not v["skipped"]] == ["check", "videos"]
     st = status(job)
     assert (st["phase"], st["exit_code"], st["error"]) == ("done", 0, None)
     assert (st["step"], st["total_steps"]) == (8, 8)
@@ -224,3 +246,15 @@ def test_bad_train_option_is_rejected_before_anything_runs(scene: Path, tmp_path
         "error: --train-option log2_hashmap=12: 'log2_hashmap' is not a training option; "
         "did you mean 'log2_hashmap_size'?")
     assert not (job / "out").exists()
+
+
+@pytest.mark.gpu
+def test_end_to_end_on_cuda(scene: Path, tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    res = run_cmd("run", "--data", str(scene), "--job-dir", str(job), "--steps", "50",
+                  "--device", "cuda", "--backend", "auto")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((job / "out" / "summary.json").read_text())
+    assert summary["device"] == "cuda" and summary["backend"] in ("tcnn", "torch")
+    for name in ("render", "gt", "compare"):
+        assert imageio_ffmpeg.count_frames_and_secs(str(job / "out" / "videos" / f"{name}.mp4"))[0] == N_TEST
