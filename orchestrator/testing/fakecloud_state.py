@@ -38,9 +38,10 @@ DEFAULT_CATALOG: dict[str, list[tuple[str, str, float]]] = {
 }
 
 
-def kill_instance_processes(instance_id: str) -> list[int]:
-    """SIGKILL every process whose environment says CONTAINER_ID=<instance_id>."""
-    needle = f"CONTAINER_ID={instance_id}".encode()
+def kill_instance_processes(scoped_key: str) -> list[int]:
+    """SIGKILL every process started on one instance: those whose environment holds its scoped
+    key (CONTAINER_API_KEY=..., random per instance, so two fake clouds never collide)."""
+    needle = f"CONTAINER_API_KEY={scoped_key}".encode()
     killed: list[int] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -142,6 +143,7 @@ class World:
         self.faults = Faults()
         self.clock_offset_s = 0.0
         self.next_serial = 1
+        self.vast_id_base = 1_000_000 * (10 + secrets.randbelow(80))
         self.servers: dict[str, SSHServer] = {}
         self.api_key = api_key or ""
         self.inflight = {"create": 0, "destroy": 0}   # requests held by a *_delay_s fault
@@ -162,6 +164,7 @@ class World:
         data = json.loads(self.state_path.read_text())
         self.clock_offset_s = float(data.get("clock_offset_s", 0.0))
         self.next_serial = int(data.get("next_serial", 1))
+        self.vast_id_base = int(data.get("vast_id_base", self.vast_id_base))
         self.api_key = self.api_key or data.get("api_key", "")
         self.faults = Faults(**data.get("faults", {}))
         for d in data.get("instances", []):
@@ -173,6 +176,7 @@ class World:
     def save(self) -> None:
         with self.lock:
             data = {"clock_offset_s": self.clock_offset_s, "next_serial": self.next_serial,
+                    "vast_id_base": self.vast_id_base,
                     "api_key": self.api_key, "faults": asdict(self.faults),
                     "instances": [asdict(i) for i in self.instances.values()]}
             tmp = self.state_path.with_suffix(".tmp")
@@ -201,8 +205,8 @@ class World:
     def new_id(self, provider: str) -> str:
         n = self.next_serial
         self.next_serial += 1
-        if provider == "vastai":
-            return str(5_000_000 + n)
+        if provider == "vastai":   # a random base per fake cloud: ids differ between fake clouds
+            return str(self.vast_id_base + n)
         if provider == "runpod":
             return f"pod{n:04d}" + secrets.token_hex(4)
         return secrets.token_hex(16)
@@ -339,7 +343,7 @@ class World:
         srv = self.servers.pop(inst.id, None)
         if srv is not None:
             srv.stop()
-        kill_instance_processes(inst.id)
+        kill_instance_processes(inst.scoped_key)
         inst.port = None
 
     def shutdown(self) -> None:

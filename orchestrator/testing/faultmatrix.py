@@ -181,7 +181,7 @@ def run_point(workdir: Path, fc: FakeCloud, provider: str, point: str, mode: str
     h.settle()
     fc.world.set_faults({"boot_s": 0.3, "create_delay_s": 0.0, "destroy_delay_s": 0.0})
     stop_s = None
-    note = "" if killed else "the run ended before the point was seen"
+    note = "" if killed else f"the run ended (exit {h.proc.returncode}) before the point was seen"
     if mode == "down":
         res = h.cli("down", "--orphans", "--yes")
         if res.returncode != 0:
