@@ -15,11 +15,11 @@ import logging
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Iterator
-from contextlib import contextmanager
 
 from . import stages
 from .checkdata import check_data
@@ -305,6 +305,7 @@ def run_pipeline(opts: RunOptions) -> int:
         try:
             log.info("pipeline start: pid %d, data %s, job %s", os.getpid(), opts.data_dir, job_dir)
             Pipeline(opts, writer, stop).run()
+            writer.finish("done", 0)   # inside: a signal now still ends in a recorded state
         except PayloadError as exc:
             phase = "interrupted" if isinstance(exc, Interrupted) else "failed"
             (log.warning if phase == "interrupted" else log.error)("%s", exc)
@@ -319,6 +320,5 @@ def run_pipeline(opts: RunOptions) -> int:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        writer.finish("done", 0)
         log.info("pipeline done")
         return 0
