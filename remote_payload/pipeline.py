@@ -59,8 +59,11 @@ def build_train_config(opts: RunOptions) -> Any:
 
     from ngp_train.train import TrainConfig
 
+    # progress every step (overridable): status.json is then ~1 s fresh even at CPU speeds, and
+    # the writer throttles the writes; train_log.csv gets a row per step
     kw: dict[str, Any] = {"eval": False, "max_seconds": opts.max_seconds, "backend": opts.backend,
-                          "device": opts.device, "downscale": opts.downscale, "seed": opts.seed}
+                          "device": opts.device, "downscale": opts.downscale, "seed": opts.seed,
+                          "progress_every": 1}
     if opts.steps is not None:
         kw["steps"] = opts.steps
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -25,7 +25,7 @@ PY = sys.executable
 FAST = ["--device", "cpu", "--backend", "torch",
         "--train-option", "log2_hashmap_size=12", "--train-option", "max_resolution=64",
         "--train-option", "occupancy_resolution=16", "--train-option", "march_steps=64",
-        "--train-option", "target_samples_per_step=2048", "--train-option", "progress_every=1"]
+        "--train-option", "target_samples_per_step=2048"]
 N_TEST = 3
 
 
@@ -196,6 +196,15 @@ def test_sigterm_keeps_snapshot_exits_5_and_second_run_is_refused(scene: Path, t
     try:
         wait_for(lambda: (job / "status.json").exists() and status(job)["phase"] == "train"
                  and status(job)["step"] >= 2, 240, "training to start")
+        # while training, status.json is rewritten as steps go by (about once a second)
+        seen = []
+        end = time.monotonic() + 8
+        while time.monotonic() < end and len({x["updated_at"] for x in seen}) < 3:
+            seen.append(status(job))
+            time.sleep(0.2)
+        assert len({x["updated_at"] for x in seen}) >= 3
+        assert seen[-1]["step"] > seen[0]["step"] and seen[-1]["eta_s"] is not None
+        assert seen[-1]["loss"] is not None and seen[-1]["total_steps"] == 500
         # the controller re-attaching must never start a second copy
         second = run_cmd("run", "--data", str(scene), "--job-dir", str(job), *FAST, "--steps", "500",
                          timeout_s=60)
