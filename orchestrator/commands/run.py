@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import BudgetGuard, check_estimate, effective_budget
-from ..errors import BudgetError, ConfigError
+from ..errors import BudgetError
 from ..ledger import Ledger
 from ..live import LiveView
 from ..runner import JobOutcome, Runner, RunOptions
