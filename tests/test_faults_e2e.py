@@ -38,6 +38,9 @@ def test_run_with_each_provider_kind_bill_matches_ledger(fake_cloud, tmp_path):
         assert sorted(r.provider for r in rows) == ["lambda", "runpod", "vastai"]
         for r in rows:
             ours, theirs = ledger.instance_cost(r.row_id), bill["instances"][r.instance_id]["total"]
+            print(f"{r.provider:<7} ledger {ours:.6f} USD  fake cloud {theirs:.6f} USD  "
+                  f"diff {100 * (ours - theirs) / theirs:+.3f}%  "
+                  f"({bill['instances'][r.instance_id]['gpu_seconds']:.1f} s billed by the fake)")
             assert r.state == "destroyed" and theirs > 0
             assert abs(ours - theirs) <= 0.01 * theirs, (r.provider, ours, theirs)
         total = ledger.run_cost(out["run_id"])
