@@ -241,3 +241,21 @@ def test_notes_say_why_jobs_did_not_succeed_and_never_show_secrets(tmp_path):
         assert secret not in text and "cap hit; key ***" in text
     late = next(j for j in data["jobs"] if j["job"] == "late")
     assert late["psnr"] is None and late["status"] == "budget_stopped"
+
+
+def test_a_job_stopped_early_shows_its_training_time_and_curve_without_metrics(tmp_path):
+    led = Ledger.open(tmp_path / "home")
+    led.create_run("r", "r")
+    out = add_finished_job(led, "r", FakeJob("stopped", "lego", status="budget_stopped",
+                                             train_seconds=7.5, video=False),
+                           runs_root=tmp_path / "runs", start_epoch=T0)
+    (out / "metrics.csv").unlink()
+    (out / "summary.json").unlink()
+    import sqlite3
+    with sqlite3.connect(led.path) as raw:                  # nothing was evaluated: no result row
+        raw.execute("DELETE FROM results")
+    data = collect(led, None)
+    (job,) = data.jobs
+    assert job.out_dir == out and job.psnr is None and job.train_seconds == pytest.approx(7.5)
+    html = render(data, "html")
+    assert 'id="plot-training"' in html and 'id="plot-psnr-cost"' not in html

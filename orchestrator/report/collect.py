@@ -223,8 +223,8 @@ def _find_out_dir(job: JobRow, result: dict[str, Any] | None, runs_root: Path | 
         base = runs_root / job.run_id / job.job_id
         candidates += [base, base / "out"]
     for c in candidates:
-        if (c / "metrics.csv").is_file() or (c / "summary.json").is_file():
-            return c
+        if any((c / f).is_file() for f in ("metrics.csv", "summary.json", "train_log.csv")):
+            return c                # train_log only: a job stopped early (budget, Ctrl-C)
     return None
 
 

@@ -132,7 +132,8 @@ def plot_training_curves(data: ReportData) -> str | None:
     fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(9.5, 3.4))
     try:
         for j, pts in logs:
-            label = f"{j.scene} · {j.gpu} · {j.backend}"
+            label = f"{j.scene} · {j.gpu} · {j.backend}" + (
+                f" · {j.run_id}" if len(data.run_ids) > 1 else "")
             loss = [(p.seconds, p.loss) for p in pts if p.loss is not None and p.loss > 0]
             if loss:
                 ax_loss.plot(*zip(*loss), label=label, lw=1.2)
