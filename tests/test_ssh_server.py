@@ -106,3 +106,19 @@ def test_stop_frees_port(tmp_path) -> None:
     port = srv.port
     srv.stop()
     assert not srv.running and _refuses(port)
+
+
+def test_sessions_get_a_plain_rc_and_this_python(sshd_server: SSHServer) -> None:
+    import sys
+    rc = os.path.expanduser("~/.bashrc")
+    before = open(rc).read() if os.path.exists(rc) else None
+    c = _client(sshd_server)
+    try:
+        assert _run(c, "command -v python").strip() == os.path.join(os.path.dirname(sys.executable), "python")
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert _run(c, "echo x").strip() == "x"
+        assert time.monotonic() - t0 < 6     # no per-session shell init (pyenv rehash) to wait for
+    finally:
+        c.close()
+    assert (open(rc).read() if os.path.exists(rc) else None) == before   # the real rc untouched

@@ -21,9 +21,11 @@ import getpass
 import logging
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -121,9 +123,13 @@ class SSHServer:
 
     def __init__(self, *, password: str | None = None, base_dir: Path | str | None = None,
                  host: str = "127.0.0.1", extra_config: dict[str, str] | None = None,
-                 sshd_path: str | None = None) -> None:
+                 sshd_path: str | None = None, netns: str | None = None,
+                 port: int | None = None, plain_shell_rc: bool = True) -> None:
         self.host = host
         self.port = 0
+        self.netns = netns                  # run inside this network namespace (benchmarks)
+        self.fixed_port = port
+        self.plain_shell_rc = plain_shell_rc   # see _plain_rc
         self.user = getpass.getuser()
         self.password = password
         self.extra_config = dict(extra_config or {})
@@ -195,10 +201,32 @@ class SSHServer:
 
     def _command(self) -> list[str]:
         sshd = [self.sshd_path, "-D", "-f", str(self.config_path), "-E", str(self.log_path)]
-        if not self.password:
+        if self.netns:
+            sshd = ["ip", "netns", "exec", self.netns, *sshd]
+        binds = self._binds()
+        if not binds:
             return sshd
-        if os.geteuid() != 0 or not shutil.which("unshare"):
-            raise SSHServerError("password logins in the test sshd need root and unshare(1)")
+        # sshd runs in a private mount namespace; the binds are seen by its sessions only
+        script = "".join(f'mount --bind "${2 * i + 1}" "${2 * i + 2}" && ' for i in range(len(binds)))
+        script += f'shift {2 * len(binds)} && exec "$@"'
+        flat = [x for pair in binds for x in pair]
+        return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "sh",
+                *flat, *sshd]
+
+    def _binds(self) -> list[tuple[str, str]]:
+        """(source, target) bind mounts: the test password, and a plain shell rc."""
+        can = os.geteuid() == 0 and shutil.which("unshare") is not None
+        binds: list[tuple[str, str]] = []
+        if self.password:
+            if not can:
+                raise SSHServerError("password logins in the test sshd need root and unshare(1)")
+            binds.append((str(self._shadow_copy()), "/etc/shadow"))
+        bashrc = Path(os.path.expanduser(f"~{self.user}")) / ".bashrc"
+        if self.plain_shell_rc and can and bashrc.is_file():
+            binds.append((str(self._plain_rc()), str(bashrc)))
+        return binds
+
+    def _shadow_copy(self) -> Path:
         shadow = self.dir / "shadow"
         hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=self.password,
                                 capture_output=True, text=True, check=True, timeout=30).stdout.strip()
@@ -210,15 +238,24 @@ class SSHServer:
             rows.append(":".join(parts))
         shadow.write_text("\n".join(rows) + "\n")
         shadow.chmod(0o600)
-        script = 'mount --bind "$1" /etc/shadow && shift && exec "$@"'
-        return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "sh",
-                str(shadow), *sshd]
+        return shadow
+
+    def _plain_rc(self) -> Path:
+        """The sessions' ~/.bashrc: this interpreter's bin dir first on PATH, nothing else.
+        (A user rc that runs e.g. `pyenv init` costs ~0.5 s per session and takes a lock that a
+        session killed mid-start leaves behind, stalling every later login for 60 s.)"""
+        rc = self.dir / "session_bashrc"
+        bindir = os.path.dirname(sys.executable)
+        rc.write_text(f'export PATH={shlex.quote(bindir)}:"$PATH"\n')
+        return rc
 
     def start(self) -> "SSHServer":
         """Start on a free port never used by this server before (retries on a port race)."""
         if self.running:
             return self
         last_error = ""
+        if self.fixed_port:
+            return self._start_on(self.fixed_port)
         for _attempt in range(5):
             ok, last_error = self._spawn(free_port(self.host, avoid=self._used_ports))
             if ok:

@@ -33,6 +33,10 @@ CHUNK_BYTES = 1 << 20
 _SHA_CHUNK = 1 << 20
 
 
+class LinkLost(TransportError):
+    """The connection died under a command or transfer (the caller may reconnect and retry)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Listing:
     kind: str                       # "dir", "file" or "missing"
@@ -72,18 +76,17 @@ def _drain(chan: paramiko.Channel, timeout_s: float) -> tuple[int, bytes, bytes]
             chan.status_event.wait(0.02)
             if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready() \
                     and not chan.exit_status_ready():
-                raise TransportError("connection lost during a remote command")
+                raise LinkLost("connection lost during a remote command")
     return chan.recv_exit_status(), bytes(out), bytes(err)
 
 
-def remote_listing(t: paramiko.Transport, path: str) -> Listing:
-    """What exists at `path` on the host: a directory's files with sizes, a file, or nothing."""
+def _listing_script(path: str) -> str:
     q = shlex.quote(path)
-    cmd = (f"if [ -d {q} ]; then echo D; cd {q} && find . -type f -printf '%s %P\\0'; "
-           f"elif [ -f {q} ]; then echo F; stat -c '%s' {q}; else echo N; fi")
-    code, out, err = exec_capture(t, cmd, timeout_s=120)
-    if code != 0:
-        raise CommandError(f"list {path}", code, redact(err.decode(errors="replace")))
+    return (f"if [ -d {q} ]; then echo D; cd {q} && find . -type f -printf '%s %P\\0'; "
+            f"elif [ -f {q} ]; then echo F; stat -c '%s' {q}; else echo N; fi")
+
+
+def _parse_listing(out: bytes, path: str) -> Listing:
     head, _, rest = out.partition(b"\n")
     if head == b"N":
         return Listing("missing", {})
@@ -95,6 +98,14 @@ def remote_listing(t: paramiko.Transport, path: str) -> Listing:
             size, _, name = rec.partition(b" ")
             files[os.fsdecode(name)] = int(size)
     return Listing("dir", files)
+
+
+def remote_listing(t: paramiko.Transport, path: str) -> Listing:
+    """What exists at `path` on the host: a directory's files with sizes, a file, or nothing."""
+    code, out, err = exec_capture(t, _listing_script(path), timeout_s=120)
+    if code != 0:
+        raise CommandError(f"list {path}", code, redact(err.decode(errors="replace")))
+    return _parse_listing(out, path)
 
 
 def remote_sha256(t: paramiko.Transport, base: str, names: list[str]) -> dict[str, str]:
@@ -146,18 +157,6 @@ def plan_transfer(src: dict[str, int], dst: dict[str, int], src_sha: Callable[[l
 
 
 # -- streams --------------------------------------------------------------------------------------
-class _ChannelWriter(io.RawIOBase):
-    def __init__(self, chan: paramiko.Channel) -> None:
-        self.chan = chan
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:  # type: ignore[override]
-        self.chan.sendall(bytes(b))
-        return len(b)
-
-
 class _ChannelReader(io.RawIOBase):
     def __init__(self, chan: paramiko.Channel) -> None:
         self.chan = chan
@@ -169,18 +168,6 @@ class _ChannelReader(io.RawIOBase):
         data = self.chan.recv(len(b))
         b[:len(data)] = data
         return len(data)
-
-
-class _Counting(io.RawIOBase):
-    """Wraps a local file; reports bytes read to a progress callback."""
-
-    def __init__(self, f: io.BufferedReader, on_bytes: Callable[[int], None]) -> None:
-        self.f, self.on_bytes = f, on_bytes
-
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
-        data = self.f.read(n)
-        self.on_bytes(len(data))
-        return data
 
 
 class _Progress:
@@ -227,8 +214,8 @@ def put_tree(t: paramiko.Transport, local: Path, remote: str, *,
                          lambda names: {n: sha256_file(local_root / n) for n in names}, dst_sha)
     total = sum(src_files[n] for n in todo)
     if todo:
-        _send_tar(t, local_root, todo, base, rename_to, total, progress, timeout_s)
-        after = remote_listing(t, remote)
+        after = _send_tar(t, local_root, todo, base, rename_to, total, progress, timeout_s,
+                          then_list=remote)
         got = after.files if after.kind == "dir" else (
             {local.name: next(iter(after.files.values()))} if after.kind == "file" else {})
         short = [n for n in todo if got.get(n) != src_files[n]]
@@ -239,35 +226,51 @@ def put_tree(t: paramiko.Transport, local: Path, remote: str, *,
                          skipped_files=len(src_files) - len(todo))
 
 
+def _send_member(chan: paramiko.Channel, path: Path, arcname: str, meter: _Progress) -> None:
+    """One tar member: header, exactly `size` bytes of data (zero-filled if the file shrank,
+    which the size check afterwards catches), padding. Written straight to the channel in
+    large chunks: tarfile's stream writer copies its buffer on every small write."""
+    st = path.stat()
+    info = tarfile.TarInfo(arcname)
+    info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o777
+    pending = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    left = info.size
+    with open(path, "rb") as f:
+        while left > 0:
+            block = f.read(min(CHUNK_BYTES, left)) or b"\0" * min(CHUNK_BYTES, left)
+            left -= len(block)
+            meter.add(len(block))
+            chan.sendall(pending + block if pending else block)
+            pending = b""
+    pad = -info.size % tarfile.BLOCKSIZE
+    chan.sendall(pending + b"\0" * pad)
+
+
 def _send_tar(t: paramiko.Transport, local_root: Path, names: list[str], base: str,
-              rename_to: str | None, total: int, progress: ProgressFn | None, timeout_s: float) -> None:
+              rename_to: str | None, total: int, progress: ProgressFn | None, timeout_s: float,
+              then_list: str) -> Listing:
+    """Stream the files; the same remote command then lists `then_list` (saves a round trip)."""
     qb = shlex.quote(base)
-    cmd = f"mkdir -p {qb} && tar -x -f - -C {qb} --no-same-owner --no-same-permissions"
+    cmd = (f"mkdir -p {qb} && tar -x -f - -C {qb} --no-same-owner --no-same-permissions && "
+           f"{{ {_listing_script(then_list)}; }}")
     chan = t.open_session(timeout=30)
     chan.settimeout(timeout_s)
     meter = _Progress(total, progress)
     try:
         chan.exec_command(cmd)
-        writer = io.BufferedWriter(_ChannelWriter(chan), buffer_size=CHUNK_BYTES)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT,
-                          bufsize=CHUNK_BYTES) as tar:
-            for name in names:
-                path = local_root / name
-                st = path.stat()
-                info = tarfile.TarInfo(rename_to or name)
-                info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o777
-                with open(path, "rb") as f:
-                    tar.addfile(info, _Counting(f, meter.add))  # type: ignore[arg-type]
-        writer.flush()
+        for name in names:
+            _send_member(chan, local_root / name, rename_to or name, meter)
+        chan.sendall(b"\0" * (2 * tarfile.BLOCKSIZE))          # end-of-archive marker
         chan.shutdown_write()
-        code, _out, err = _drain(chan, timeout_s)
+        code, out, err = _drain(chan, timeout_s)
     except (OSError, EOFError, paramiko.SSHException) as exc:
-        raise TransportError(f"upload to {base} interrupted: {redact(str(exc)) or type(exc).__name__}",
+        raise LinkLost(f"upload to {base} interrupted: {redact(str(exc)) or type(exc).__name__}",
                              hint="run again: files already complete are skipped") from None
     finally:
         chan.close()
     if code != 0:
         raise CommandError(f"tar -x into {base}", code, redact(err.decode(errors="replace")))
+    return _parse_listing(out, then_list)
 
 
 def get_tree(t: paramiko.Transport, remote: str, local: Path, *,
@@ -320,7 +323,7 @@ def _receive_tar(t: paramiko.Transport, base: str, names: list[str], dest_root: 
                 _extract_member(tar, member, dest_root, rename, meter)
         code, _out, err = _drain(chan, timeout_s)
     except (OSError, EOFError, tarfile.TarError, paramiko.SSHException) as exc:
-        raise TransportError(f"download from {base} interrupted: {redact(str(exc)) or type(exc).__name__}",
+        raise LinkLost(f"download from {base} interrupted: {redact(str(exc)) or type(exc).__name__}",
                              hint="run again: files already complete are skipped") from None
     finally:
         chan.close()
