@@ -3,8 +3,9 @@
 On a GPU the instant-ngp configuration is used as published (T = 2^19, N_max = 2048, 128³
 occupancy grid, √3/1024 steps, 2^18 samples per step). On CPU the costly parts are scaled to what
 the images can show (see cpu-training-notes): a smaller table, N_max and marching step following
-the image resolution, a 64³ grid and ~16k samples per step; the grid is updated every 16 steps on 1/8 + 1/8 of its cells
-after one full pass (a full 64³ pass costs as much as ~15 training steps here). The chosen values are recorded in the
+the image resolution, a 64³ grid and ~16k samples per step; the grid follows instant-ngp's update schedule, but after one
+full pass each update visits 1/8 uniform + 1/8 occupied cells (a full 64³ pass costs as much as
+~5 training steps here, and the schedule asks for ~70 of them in the first 256 steps). The chosen values are recorded in the
 snapshot and in summary.json.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ def device_defaults(device_type: str, image_size: int) -> DeviceDefaults:
         occupancy_resolution=64,
         march_steps=int(min(1024, max(128, 4 * image_size))),
         target_samples_per_step=1 << 14,
-        grid_update_every=16,
+        grid_update_every=None,
         grid_warmup_steps=1,
         grid_sample_fraction=0.125,
     )
