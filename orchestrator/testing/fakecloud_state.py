@@ -347,7 +347,8 @@ class World:
         inst.port = None
 
     def shutdown(self) -> None:
-        """Kill every sshd (and its sessions); instances stay in the state file."""
+        """Kill every sshd (and its sessions) and every process the instances started, as if the
+        machines lost power; instances stay in the state file (and boot again on restart)."""
         with self.lock:
             for srv in list(self.servers.values()):
                 try:
@@ -357,6 +358,7 @@ class World:
             self.servers.clear()
             for inst in self.instances.values():
                 inst.port = None
+                kill_instance_processes(inst.scoped_key)
             self.save()
 
     # -- inspection -----------------------------------------------------------------------

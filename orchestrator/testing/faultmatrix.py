@@ -135,8 +135,9 @@ class Harness:
             return lambda: fc.world.inflight["destroy"] > 0
         raise ValueError(f"unknown point {point!r}")
 
-    def kill_at(self, point: str, timeout_s: float = 120.0) -> bool:
-        """Wait for the point, then SIGKILL the controller. False if the run ended first."""
+    def kill_at(self, point: str, timeout_s: float = 900.0) -> str:
+        """Wait for the point, then SIGKILL the controller. Returns "killed", "ended" (the run
+        ended first) or "timeout" (the point never came; the controller is SIGKILLed anyway)."""
         assert self.proc is not None
         cond = self.trigger(point)
         deadline = time.monotonic() + timeout_s
@@ -144,13 +145,13 @@ class Harness:
             if cond():
                 self.proc.send_signal(signal.SIGKILL)
                 self.proc.wait(timeout=30)
-                return True
+                return "killed"
             if self.proc.poll() is not None:
-                return False
+                return "ended"
             time.sleep(0.02)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
-        return False
+        return "timeout"
 
     def settle(self, timeout_s: float = 15.0) -> None:
         """Let requests the dead controller had in flight land at the fake cloud."""
@@ -177,11 +178,13 @@ def run_point(workdir: Path, fc: FakeCloud, provider: str, point: str, mode: str
                          **POINT_FAULTS.get(point, {})})
     h = Harness(workdir, fc, provider, idle_timeout_s=idle_timeout_s)
     h.start_run()
-    killed = h.kill_at(point)
+    outcome = h.kill_at(point)
+    killed = outcome == "killed"
     h.settle()
     fc.world.set_faults({"boot_s": 0.3, "create_delay_s": 0.0, "destroy_delay_s": 0.0})
     stop_s = None
-    note = "" if killed else f"the run ended (exit {h.proc.returncode}) before the point was seen"
+    note = {"killed": "", "ended": f"the run ended (exit {h.proc.returncode}) before the point was seen",
+            "timeout": "the point was not reached in time; killed anyway"}[outcome]
     if mode == "down":
         res = h.cli("down", "--orphans", "--yes")
         if res.returncode != 0:
