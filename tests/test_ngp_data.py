@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ngp_train.cameras import focal_from_angle
@@ -16,6 +17,14 @@ from ngp_train.data import load_split, validate_dataset
 from ngp_train.errors import DatasetError
 from ngp_train.metrics import evaluate_dirs, psnr, ssim
 from ngp_train.synth import SCENES, generate_scene
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # noqa: ANN201 - tiny tensors: one thread is as fast, and far faster on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

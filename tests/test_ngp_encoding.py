@@ -10,6 +10,14 @@ import torch
 from ngp_train.encoding import HashGridConfig, HashGridEncoding, level_layout, spherical_harmonics_deg4
 from ngp_train.field import FieldConfig, NgpField, trunc_exp
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # noqa: ANN201 - tiny tensors: one thread is as fast, and far faster on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 P1, P2 = 2654435761, 805459861
 
 

@@ -1,12 +1,22 @@
 """Ray marching, occupancy grid and volume rendering against closed-form values."""
 from __future__ import annotations
 
+import pytest
+
 import math
 
 import torch
 
 from ngp_train.occupancy import OccupancyGrid, should_update, update_interval
 from ngp_train.volrend import Samples, accumulate, march, ray_aabb, render_weights, transmittance, volume_render
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # noqa: ANN201 - tiny tensors: one thread is as fast, and far faster on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_ray_aabb_analytic() -> None:
