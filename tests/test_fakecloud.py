@@ -295,3 +295,21 @@ def test_boot_guard_hands_over_to_the_job_watchdog(fake_cloud, tmp_path):
     time.sleep(4)
     assert p.describe(iid).state == InstanceState.RUNNING
     p.destroy(iid)
+
+
+def test_boot_guard_waits_while_a_process_works_in_the_root(fake_cloud, tmp_path):
+    """A long bootstrap writes nothing for minutes (building tiny-cuda-nn) but is alive."""
+    root = tmp_path / "busy-root"
+    worker = subprocess.Popen(["bash", "-c", f'exec -a "worker {root}" sleep 6'])
+    try:
+        p = provider(fake_cloud, "vastai")
+        iid = p.create(InstanceSpec(label="orch-bg-3", gpu="RTX 4090",
+                                    onstart=p.boot_guard(root=str(root), idle_timeout_s=1)))
+        wait_state(p, iid, InstanceState.RUNNING)
+        time.sleep(3)
+        assert p.describe(iid).state == InstanceState.RUNNING      # the worker is still at it
+        worker.wait(timeout=10)
+        assert wait_state(p, iid, InstanceState.STOPPED, timeout_s=15).state == InstanceState.STOPPED
+    finally:
+        worker.kill()
+        worker.wait()
