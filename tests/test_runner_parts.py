@@ -238,3 +238,32 @@ def test_live_view_table_on_a_tty_shows_every_job() -> None:
     text = console.export_text()
     assert "j1" in text and "pending" in text
     assert "7/30" in text and "0.1250" in text and "18.00" in text and "1.5000 CNY" in text
+
+
+def test_failed_setup_releases_the_instance_and_exits_1(tmp_path: Path) -> None:
+    """A host whose interpreter is missing: set-up fails, the job is `failed`, the instance is
+    destroyed and its billing closed, the run exits 1 with the reason on one line per job."""
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+    home = tmp_path / "home"
+    (tmp_path / "experiments.yaml").write_text(
+        "name: t\nhosts:\n  here: {provider: local, price_per_hour: 3.6, python: /nonexistent/python3}\n"
+        "datasets:\n  demo: {generate: {size: 24}}\n"
+        "experiments:\n  - {name: ngp, dataset: demo, scenes: [default], hosts: [here], steps: 10}\n")
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "experiments.yaml", "--yes", "--json"],
+                         cwd=tmp_path, env={**os.environ, "ORCHESTRATE_HOME": str(home)},
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    [job] = json.loads(res.stdout)["jobs"]
+    assert job["status"] == "failed" and "/nonexistent/python3" in job["error"]
+    con = sqlite3.connect(home / "ledger.sqlite")
+    try:
+        [(state,)] = con.execute("SELECT state FROM instances").fetchall()
+        assert state == "destroyed"
+        assert con.execute("SELECT COUNT(*) FROM billing WHERE ended_at IS NULL").fetchone() == (0,)
+        assert con.execute("SELECT status FROM jobs").fetchall() == [("failed",)]
+    finally:
+        con.close()
