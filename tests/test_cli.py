@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +224,24 @@ def test_status_shows_open_instances_and_down_releases_them(tmp_path: Path,
     assert row["state"] == "destroyed"
     assert all(b["ended_at"] for b in ledger_rows(home, "billing"))
     assert json.loads(run_cli(["status", "--json"], home, tmp_path).stdout)["open_instances"] == []
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pseudo-terminal")
+def test_on_a_terminal_the_run_asks_and_no_starts_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (tmp_path / "experiments.yaml").write_text(GOOD)
+    cmd = f"{shlex.quote(sys.executable)} -m orchestrator.cli run experiments.yaml"
+    proc = subprocess.Popen(["script", "-qec", cmd, "/dev/null"], cwd=tmp_path, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "ORCHESTRATE_HOME": str(home)})
+    try:
+        time.sleep(3)   # let the prompt appear; the answer is read from the pseudo-terminal
+        out, _ = proc.communicate("n\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "estimated" in out
+    assert "[y/N]" in out and "not started" in out
+    assert proc.returncode == 1
+    assert_nothing_started(home)
+    assert ledger_rows(home, "runs") == []
