@@ -68,7 +68,7 @@ class LiveView:
 
     def _log_line(self, old: JobView, new: JobView) -> None:
         now = time.monotonic()
-        changed = old.phase != new.phase or old.note != new.note
+        changed = old.phase != new.phase or bool(new.note and old.note != new.note)
         if not changed and now - self._last_log.get(new.job_id, 0.0) < self._log_every_s:
             return
         if not changed and new.phase != "train":
