@@ -95,22 +95,22 @@ def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str
         fracs.append((pos - cell).to(weight_dtype))                  # (L,N), exact in float32
         c = cell.to(torch.int32)
         cells.append(torch.stack([c, c + 1], dim=-1))                # (L,N,2) int32
-    parts = []
+    rows = torch.empty((L, N, 2, 2, 2), dtype=torch.int64, device=x.device)   # written in place, no cat
     if n_dense > 0:
         res = buffers["resolution"][:n_dense].view(-1, 1, 1).to(torch.int64)
         cx, cy, cz = (c[:n_dense].to(torch.int64) for c in cells)
         idx = (cx.view(n_dense, N, 1, 1, 2) + (cy * res).view(n_dense, N, 1, 2, 1)
-               + (cz * (res * res)).view(n_dense, N, 2, 1, 1)).view(n_dense, N, 8)
-        idx = torch.remainder(idx, buffers["n_params"][:n_dense].view(-1, 1, 1).to(torch.int64))
-        parts.append(idx + buffers["offset"][:n_dense].view(-1, 1, 1))
+               + (cz * (res * res)).view(n_dense, N, 2, 1, 1))
+        idx = torch.remainder(idx, buffers["n_params"][:n_dense].view(-1, 1, 1, 1, 1).to(torch.int64))
+        torch.add(idx, buffers["offset"][:n_dense].view(-1, 1, 1, 1, 1), out=rows[:n_dense])
     if n_dense < L:
         m = L - n_dense
         mask = (buffers["n_params"][n_dense:].view(-1, 1, 1) - 1).to(torch.int64)
         hx = cells[0][n_dense:].to(torch.int64) & mask                               # prime 1
         hy = (cells[1][n_dense:] * _PRIMES_I32[1]).to(torch.int64) & mask            # uint32 bits, low part
         hz = ((cells[2][n_dense:] * _PRIMES_I32[2]).to(torch.int64) & mask) | buffers["offset"][n_dense:].view(-1, 1, 1)
-        parts.append((hx.view(m, N, 1, 1, 2) ^ hy.view(m, N, 1, 2, 1) ^ hz.view(m, N, 2, 1, 1)).view(m, N, 8))
-    rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        torch.bitwise_xor(hx.view(m, N, 1, 1, 2) ^ hy.view(m, N, 1, 2, 1), hz.view(m, N, 2, 1, 1), out=rows[n_dense:])
+    rows = rows.view(L, N, 8)
     wx, wy, wz = (torch.stack([1 - f, f], dim=-1) for f in fracs)      # (L,N,2)
     weights = (wx.view(L, N, 1, 1, 2) * wy.view(L, N, 1, 2, 1) * wz.view(L, N, 2, 1, 1)).view(L, N, 8)
     return rows, weights
