@@ -40,8 +40,8 @@ class Curve:
 
 
 def eval_times(budget_s: float) -> list[float]:
-    """1, 2, 4, 8, 16, 32 s, then every 30 s, and the end of the budget."""
-    ts, t = [], 1.0
+    """2, 4, 8, 16, 32 s, then every 30 s, and the end of the budget."""
+    ts, t = [], 2.0
     while t < min(budget_s, 32.0):
         ts.append(t)
         t *= 2

@@ -160,6 +160,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.resumed_from_step: int | None = None
         self.last_loss: float | None = None
+        self.last_psnr: float | None = None                      # of the last batch
         state = load_snapshot(self.snapshot_path, self.device) if self.snapshot_path.is_file() else None
         self.model_cfg = (ModelConfig.from_dict(state["model_config"]) if state is not None
                           else build_model_config(cfg, self.defaults))
@@ -295,7 +296,6 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progress:
     stopped = False
     pending: list[tuple[int, float, float, float | None]] = []
     last_snap = tr.train_seconds
-    tr.last_psnr = None
     log.info("training %s on %s (%s, %s) from step %d to %d", data_dir, tr.device, tr.backend,
              device_name(tr.device), tr.step, cfg.steps)
     while tr.step < cfg.steps:
@@ -318,7 +318,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progress:
             pending = []
             tr.save()
             last_snap = tr.train_seconds
-    _append_log(log_path, pending) if pending else None
+    if pending:
+        _append_log(log_path, pending)
     if tr.step > start_step or not tr.snapshot_path.exists():
         tr.save()
     result = TrainResult(tr.step, tr.train_seconds, tr.snapshot_path, tr.backend, tr.device.type,
