@@ -3,8 +3,6 @@ jobs with their estimates, tables (rich, or JSON with `--json`), confirmation pr
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +148,3 @@ def estimate_table(loaded: LoadedPlan, *, title: str, explain: bool = False) -> 
         sys.stdout.write(f"converted: {note}\n")
     sys.stdout.write(f"total: {money(loaded.total_cost)} {loaded.currency}, "
                      f"{loaded.total_seconds / 60:.1f} job-minutes\n")
-
-
-def home_hint() -> str:
-    return f"state in {os.environ.get('ORCHESTRATE_HOME') or '~/.local/state/orchestrate'}"
