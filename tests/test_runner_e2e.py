@@ -184,3 +184,53 @@ def test_sigint_interrupts_releases_and_rerun_resumes(tmp_path: Path) -> None:
     assert {r["status"] for r in rows(home, "SELECT * FROM runs")} == {"interrupted"}
     assert [j["status"] for j in rows(home, "SELECT * FROM jobs")] == ["interrupted", "interrupted"]
     assert_released(home)
+
+
+@pytest.mark.timeout(600)
+def test_killed_controller_leaves_no_bill_running(tmp_path: Path) -> None:
+    """SIGKILL to the controller mid-training (no teardown runs): the on-host watchdog stops the
+    instance (hard deadline 20 s, idle timeout 5 s) with the provider's own stop command (pipeline ended, instance
+    state `stopped`), and `orchestrate down --all --yes` then closes the ledger's interval."""
+    home = tmp_path / "home"
+    (tmp_path / "experiments.yaml").write_text(
+        config_text(steps=400).replace("idle_timeout_s: 120}", "idle_timeout_s: 5, deadline_s: 20}"))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "experiments.yaml", "--yes"],
+                            cwd=tmp_path, env=env_for(home), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and (_host_status(home) or {}).get("phase") != "train":
+            assert proc.poll() is None
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    [inst] = rows(home, "SELECT * FROM instances")
+    assert inst["state"] == "running"          # the controller died before its teardown
+    state_file = home / "local-instances" / f"{inst['instance_id']}.json"
+    watchdog_record = _host_job_dir(home) / "watchdog.json"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not watchdog_record.exists():
+        time.sleep(0.5)
+    record = json.loads(watchdog_record.read_text())
+    # at the 20 s deadline, or earlier: heartbeat stale (> 5 s) and no status update for 5 s
+    assert ("deadline" in record["reason"] or "stale" in record["reason"]) and record["stop_command_exit"] == 0
+    assert json.loads(state_file.read_text())["state"] == "stopped"
+    assert _wait_for(lambda: marked_pids(inst["instance_id"]) == [], 30)
+    st = _host_status(home)
+    assert st["exit_code"] is not None             # the pipeline ended (snapshot kept on SIGTERM)
+
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "down", "--all", "--yes", "--json"],
+                         cwd=tmp_path, env=env_for(home), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["released"][0]["result"] == "destroyed"
+    assert_released(home)
+
+
+def _wait_for(pred, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()
