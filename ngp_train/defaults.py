@@ -40,5 +40,5 @@ def device_defaults(device_type: str, image_size: int) -> DeviceDefaults:
         target_samples_per_step=1 << 14,
         grid_update_every=None,
         grid_warmup_steps=1,
-        grid_sample_fraction=0.125,
+        grid_sample_fraction=0.0625,
     )
