@@ -4,7 +4,7 @@ On a GPU the instant-ngp configuration is used as published (T = 2^19, N_max = 2
 occupancy grid, √3/1024 steps, 2^18 samples per step). On CPU the costly parts are scaled to what
 the images can show (see cpu-training-notes): a smaller table, N_max and marching step following
 the image resolution, a 64³ grid and ~16k samples per step; the grid follows instant-ngp's update schedule, but after one
-full pass each update visits 1/8 uniform + 1/8 occupied cells (a full 64³ pass costs as much as
+full pass each update visits 1/16 uniform + 1/16 occupied cells (a full 64³ pass costs as much as
 ~5 training steps here, and the schedule asks for ~70 of them in the first 256 steps). The chosen values are recorded in the
 snapshot and in summary.json.
 """
