@@ -191,8 +191,12 @@ def run_point(workdir: Path, fc: FakeCloud, provider: str, point: str, mode: str
             note = (note + "; " if note else "") + f"down exit {res.returncode}: {res.stdout[-200:]}{res.stderr[-200:]}"
     else:
         # The watchdog waits for a stale heartbeat (idle timeout) and polls every 5 s; a pipeline
-        # still training first runs to its end.
-        stop_s = h.wait_nothing_running(idle_timeout_s * 2 + 60)
+        # still making progress first runs to its end (it is never stopped while useful), so the
+        # wait is long on a slow machine; `stop_s` counts from the kill.
+        stop_s = h.wait_nothing_running(900.0)
+        st = h.job_status()
+        if stop_s is not None and st is not None and st.get("exit_code") is not None:
+            note = (note + "; " if note else "") + f"pipeline had finished (phase {st.get('phase')})"
     mine = [i for iid, i in list(fc.world.instances.items()) if iid not in before]
     leaked = sum(1 for i in mine if i.status != "terminated") if mode == "down" else \
         sum(1 for i in mine if i.status in ("booting", "running"))
