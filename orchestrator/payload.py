@@ -171,6 +171,8 @@ def restore_snapshot(transport: Transport, job_dir: str, runs_dir: Path, job_id:
     found = []
     for marker in runs_dir.glob(f"*/{job_id}/{KEY_FILE}"):
         snap = marker.parent / "snapshot.pt"
+        if (marker.parent / "summary.json").is_file():
+            continue        # a finished job: a new run trains afresh (timings and results are real)
         try:
             if marker.read_text().strip() == key and snap.is_file():
                 found.append((snap.stat().st_mtime, snap))
