@@ -45,6 +45,10 @@ def one_pass(home: Path, cfg: Path) -> list[dict]:
     run = cli(home, cfg.parent, "run", str(cfg), "--yes", "--json", "--concurrency", "1")
     if run["status"] != "succeeded":
         raise SystemExit(f"run {run['run_id']} did not succeed: {run}")
+    for job in run["jobs"]:             # every measured job trained from step 0
+        summary = json.loads((Path(job["out_dir"]) / "summary.json").read_text())
+        if summary.get("resumed_from_step") is not None:
+            raise SystemExit(f"{job['job']} resumed from step {summary['resumed_from_step']}")
     return cli(home, cfg.parent, "report", run["run_id"], "--json")["estimate_vs_actual"]
 
 
