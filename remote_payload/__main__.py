@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for h in logging.getLogger().handlers:
         h.setLevel(level)
+    for noisy in ("PIL", "matplotlib", "urllib3"):   # per-chunk DEBUG lines would flood log.txt
+        logging.getLogger(noisy).setLevel(logging.INFO)
     try:
         return int(args.func(args))
     except PayloadError as exc:
