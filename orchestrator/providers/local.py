@@ -12,7 +12,6 @@ it outlives `destroy`, so the dataset cache and a job's snapshot are found again
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -23,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import InstanceNotFound, ProviderError
+from ..errors import ProviderError
 from ..ledger import default_home, iso
+from ._records import InstanceRecords
 from .base import BillingRules, InstanceInfo, InstanceSpec, InstanceState, Offer
 
 log = logging.getLogger(__name__)
@@ -46,31 +46,9 @@ class LocalProvider:
         self.price_per_hour = float(getattr(host, "price_per_hour", None) or 0.0)
         self.currency = str(getattr(host, "currency", None) or "USD")
         self.state_dir = self.home / "local-instances"
+        self.records = InstanceRecords(self.state_dir, self.name, "local instance")
 
     # -- state files ----------------------------------------------------------------------
-    def _path(self, instance_id: str) -> Path:
-        if not instance_id or "/" in instance_id or instance_id.startswith("."):
-            raise InstanceNotFound(f"not a local instance id: {instance_id!r}", provider=self.name,
-                                   instance_id=instance_id)
-        return self.state_dir / f"{instance_id}.json"
-
-    def _read(self, instance_id: str) -> dict[str, Any]:
-        try:
-            return json.loads(self._path(instance_id).read_text())
-        except FileNotFoundError:
-            raise InstanceNotFound(f"local instance {instance_id} does not exist", provider=self.name,
-                                   instance_id=instance_id) from None
-        except (OSError, ValueError) as exc:
-            raise ProviderError(f"cannot read local instance {instance_id}: {exc}", provider=self.name,
-                                instance_id=instance_id) from None
-
-    def _write(self, instance_id: str, data: dict[str, Any]) -> None:
-        path = self._path(instance_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-
     def _info(self, data: dict[str, Any]) -> InstanceInfo:
         return InstanceInfo(instance_id=data["id"], state=InstanceState(data["state"]),
                             label=data.get("label", ""), endpoint=None, gpu=data.get("gpu", ""),
@@ -89,42 +67,36 @@ class LocalProvider:
         except OSError as exc:
             raise ProviderError(f"cannot create the local work root {self.root}: {exc.strerror or exc}",
                                 provider=self.name, hint="set host.root to a writable directory") from None
-        self._write(instance_id, {"id": instance_id, "label": spec.label, "state": "running",
+        self.records.write(instance_id, {"id": instance_id, "label": spec.label, "state": "running",
                                   "root": str(self.root), "gpu": self.gpu,
                                   "price_per_hour": self.price_per_hour, "currency": self.currency,
                                   "created_at": iso()})
         return instance_id
 
     def start(self, instance_id: str) -> None:
-        data = self._read(instance_id)
+        data = self.records.read(instance_id)
         if data["state"] == "terminated":
             raise ProviderError(f"local instance {instance_id} was destroyed", provider=self.name,
                                 instance_id=instance_id)
-        self._write(instance_id, {**data, "state": "running"})
+        self.records.write(instance_id, {**data, "state": "running"})
 
     def stop(self, instance_id: str) -> None:
-        data = self._read(instance_id)
+        data = self.records.read(instance_id)
         kill_marked(instance_id)
         if data["state"] != "terminated":
-            self._write(instance_id, {**data, "state": "stopped"})
+            self.records.write(instance_id, {**data, "state": "stopped"})
 
     def destroy(self, instance_id: str) -> None:
-        data = self._read(instance_id)
+        data = self.records.read(instance_id)
         kill_marked(instance_id)
-        self._write(instance_id, {**data, "state": "terminated"})
+        self.records.write(instance_id, {**data, "state": "terminated"})
 
     def describe(self, instance_id: str) -> InstanceInfo:
-        return self._info(self._read(instance_id))
+        return self._info(self.records.read(instance_id))
 
     def list(self, label_prefix: str) -> list[InstanceInfo]:
         out = []
-        if not self.state_dir.is_dir():
-            return out
-        for path in sorted(self.state_dir.glob("*.json")):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
+        for data in self.records.all():
             if str(data.get("label", "")).startswith(label_prefix):
                 out.append(self._info(data))
         return out
@@ -137,7 +109,7 @@ class LocalProvider:
                 f"{shlex.quote(instance_id)}")
 
     def work_root(self, instance_id: str) -> str:
-        return str(self._read(instance_id).get("root") or self.root)
+        return str(self.records.read(instance_id).get("root") or self.root)
 
 
 # -- processes ------------------------------------------------------------------------------

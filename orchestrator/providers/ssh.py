@@ -15,7 +15,6 @@ resolves to this machine (loopback or one of its own addresses), whatever the co
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import secrets
@@ -25,9 +24,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InstanceNotFound, ProviderError
+from ..errors import ConfigError, ProviderError
 from ..ledger import default_home, iso
 from ..secrets import redact
+from ._records import InstanceRecords
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class SSHProvider:
         self.price_per_hour = float(price) if price is not None else None
         self.currency = str(getattr(host, "currency", None) or "USD")
         self.state_dir = self.home / "ssh-instances"
+        self.records = InstanceRecords(self.state_dir, self.name, "ssh instance")
         sources = [k for k, v in (("host", self.address), ("ssh_alias", self.ssh_alias),
                                   ("endpoint_command", self.endpoint_command)) if v]
         if len(sources) != 1:
@@ -205,29 +206,6 @@ class SSHProvider:
         return [f for f in files if os.path.isfile(f)]
 
     # -- state files ------------------------------------------------------------------------------
-    def _path(self, instance_id: str) -> Path:
-        if not instance_id or "/" in instance_id or instance_id.startswith("."):
-            raise InstanceNotFound(f"not an ssh instance id: {instance_id!r}", provider=self.name,
-                                   instance_id=instance_id)
-        return self.state_dir / f"{instance_id}.json"
-
-    def _read(self, instance_id: str) -> dict[str, Any]:
-        try:
-            return json.loads(self._path(instance_id).read_text())
-        except FileNotFoundError:
-            raise InstanceNotFound(f"ssh instance {instance_id} is not registered", provider=self.name,
-                                   instance_id=instance_id) from None
-        except (OSError, ValueError) as exc:
-            raise ProviderError(f"cannot read ssh instance {instance_id}: {exc}", provider=self.name,
-                                instance_id=instance_id) from None
-
-    def _write(self, instance_id: str, data: dict[str, Any]) -> None:
-        path = self._path(instance_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**data, "updated_at": iso()}, indent=1))
-        os.replace(tmp, path)
-
     def _info(self, data: dict[str, Any], endpoint: Endpoint | None) -> InstanceInfo:
         return InstanceInfo(instance_id=data["id"], state=InstanceState(data["state"]),
                             label=data.get("label", ""), endpoint=endpoint, gpu=self.gpu,
@@ -242,20 +220,20 @@ class SSHProvider:
     def create(self, spec: InstanceSpec) -> str:
         """Register the host (there is nothing to rent: the user already did)."""
         instance_id = f"{self.host_name}-{secrets.token_hex(4)}"
-        self._write(instance_id, {"id": instance_id, "label": spec.label, "state": "running",
+        self.records.write(instance_id, {"id": instance_id, "label": spec.label, "state": "running",
                                   "host_name": self.host_name, "created_at": iso()})
         return instance_id
 
     def start(self, instance_id: str) -> None:
-        data = self._read(instance_id)
+        data = self.records.read(instance_id)
         if data["state"] == "terminated":
             raise ProviderError(f"ssh instance {instance_id} was released", provider=self.name,
                                 instance_id=instance_id)
-        self._write(instance_id, {**data, "state": "running"})
+        self.records.write(instance_id, {**data, "state": "running"})
 
     def stop(self, instance_id: str) -> None:
         """Stop paying: `stop_command` locally, or shutdown on the host (never on loopback)."""
-        data = self._read(instance_id)
+        data = self.records.read(instance_id)
         if data["state"] in ("stopped", "terminated"):
             return
         if self.stop_command:
@@ -265,7 +243,7 @@ class SSHProvider:
         else:
             log.warning("%s: no stop_command and no shutdown_on_host: the host keeps running "
                         "(and billing) until you stop it yourself", self.host_name)
-        self._write(instance_id, {**data, "state": "stopped"})
+        self.records.write(instance_id, {**data, "state": "stopped"})
 
     def _shutdown_on_host(self, instance_id: str) -> None:
         ep = self.resolve_endpoint()
@@ -299,22 +277,16 @@ class SSHProvider:
     def destroy(self, instance_id: str) -> None:
         """Stop the host (as `stop`) and forget the registration."""
         self.stop(instance_id)
-        self._write(instance_id, {**self._read(instance_id), "state": "terminated"})
+        self.records.write(instance_id, {**self.records.read(instance_id), "state": "terminated"})
 
     def describe(self, instance_id: str) -> InstanceInfo:
-        data = self._read(instance_id)
+        data = self.records.read(instance_id)
         endpoint = self.resolve_endpoint() if data["state"] == "running" else None
         return self._info(data, endpoint)
 
     def list(self, label_prefix: str) -> list[InstanceInfo]:
         out = []
-        if not self.state_dir.is_dir():
-            return out
-        for path in sorted(self.state_dir.glob("*.json")):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
+        for data in self.records.all():
             if data.get("host_name") == self.host_name and str(data.get("label", "")).startswith(label_prefix):
                 out.append(self._info(data, None))
         return out
