@@ -3,7 +3,8 @@
 On a GPU the instant-ngp configuration is used as published (T = 2^19, N_max = 2048, 128³
 occupancy grid, √3/1024 steps, 2^18 samples per step). On CPU the costly parts are scaled to what
 the images can show (see cpu-training-notes): a smaller table, N_max and marching step following
-the image resolution, a 64³ grid and ~16k samples per step; the grid follows instant-ngp's update schedule, but after one
+the image resolution, a 64³ grid and ~8k samples per step (twice the steps of 16k in the same time: the
+default scene reaches a given PSNR ~20% sooner, bench/bench_ngp.py); the grid follows instant-ngp's update schedule, but after one
 full pass each update visits 1/16 uniform + 1/16 occupied cells (a full 64³ pass costs as much as
 ~5 training steps here, and the schedule asks for ~70 of them in the first 256 steps). The chosen values are recorded in the
 snapshot and in summary.json.
@@ -37,7 +38,7 @@ def device_defaults(device_type: str, image_size: int) -> DeviceDefaults:
         max_resolution=float(min(2048, max(64, 8 * image_size))),
         occupancy_resolution=64,
         march_steps=int(min(1024, max(128, 4 * image_size))),
-        target_samples_per_step=1 << 14,
+        target_samples_per_step=1 << 13,
         grid_update_every=None,
         grid_warmup_steps=1,
         grid_sample_fraction=0.0625,
