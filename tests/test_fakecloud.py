@@ -275,20 +275,23 @@ def test_each_instance_has_its_own_home_and_our_python(fake_cloud):
     p.destroy(b)
 
 
-def test_boot_guard_stops_an_instance_nobody_set_up(fake_cloud, tmp_path):
-    """vast `onstart` dead-man's switch: no work root activity for idle_timeout_s -> self-stop."""
-    p = provider(fake_cloud, "vastai")
+@pytest.mark.parametrize("kind", ["vastai", "runpod"])
+def test_boot_guard_stops_an_instance_nobody_set_up(fake_cloud, tmp_path, kind):
+    """The create-time dead-man's switch (vast `onstart`, RunPod `dockerArgs`): no work root
+    activity for idle_timeout_s -> self-stop with the instance's own scoped key."""
+    p = provider(fake_cloud, kind)
     guard = p.boot_guard(root=str(tmp_path / "never-made"), idle_timeout_s=2)
     iid = p.create(InstanceSpec(label="orch-bg-1", gpu="RTX 4090", onstart=guard))
     wait_state(p, iid, InstanceState.RUNNING)
     assert wait_state(p, iid, InstanceState.STOPPED, timeout_s=15).endpoint is None
 
 
-def test_boot_guard_hands_over_to_the_job_watchdog(fake_cloud, tmp_path):
+@pytest.mark.parametrize("kind", ["vastai", "runpod"])
+def test_boot_guard_hands_over_to_the_job_watchdog(fake_cloud, tmp_path, kind):
     root = tmp_path / "root"
     (root / "jobs" / "j1").mkdir(parents=True)
     (root / "jobs" / "j1" / "heartbeat").touch()
-    p = provider(fake_cloud, "vastai")
+    p = provider(fake_cloud, kind)
     iid = p.create(InstanceSpec(label="orch-bg-2", gpu="RTX 4090",
                                 onstart=p.boot_guard(root=str(root), idle_timeout_s=1)))
     wait_state(p, iid, InstanceState.RUNNING)

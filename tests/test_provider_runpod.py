@@ -1,6 +1,10 @@
 """RunPod GraphQL client against a real local HTTP server answering documented shapes."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
@@ -140,4 +144,21 @@ def test_http_401_names_the_key_problem_without_the_key(api):
 
 def test_self_stop_command_uses_pod_key(api):
     cmd = client(api).self_stop_command("abc123xyz")
-    assert "$RUNPOD_API_KEY" in cmd and KEY not in cmd and 'podId: \\"abc123xyz\\"' in cmd
+    assert "$RUNPOD_API_KEY" in cmd and KEY not in cmd
+    assert json.loads(sent_body(cmd))["query"] == 'mutation { podStop(input: {podId: "abc123xyz"}) { id desiredStatus } }'
+
+
+def test_boot_guard_reads_the_pod_id_and_hands_over_to_the_image_start(api):
+    guard = client(api).boot_guard(root="~/orchestrate", idle_timeout_s=60)
+    assert KEY not in guard and guard.startswith("bash -c ")
+    assert "exec /start.sh" in guard and guard.rstrip("'").endswith("exec sleep infinity")
+    assert "$RUNPOD_POD_ID" in guard                  # run on the pod: tests/test_fakecloud.py
+
+
+def sent_body(cmd: str, env: dict[str, str] | None = None) -> str:
+    """The -d argument `cmd` would POST, as bash expands it (curl replaced by a printer)."""
+    shim = 'curl() { while [ $# -gt 0 ]; do if [ "$1" = -d ]; then printf %s "$2"; return; fi; shift; done; }; '
+    out = subprocess.run(["bash", "-c", shim + cmd], capture_output=True, text=True, timeout=10,
+                         env={"PATH": os.environ["PATH"], **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return out.stdout

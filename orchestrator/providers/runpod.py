@@ -13,11 +13,13 @@ Billing (reference provider-apis.md): per second; volume $0.20/GB-month while st
 from __future__ import annotations
 
 import logging
+import shlex
 from typing import Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
 
 log = logging.getLogger(__name__)
@@ -206,7 +208,22 @@ class RunPodProvider:
     def self_stop_command(self, instance_id: str) -> str | None:
         """RunPod puts `$RUNPOD_POD_ID` and a pod-scoped `$RUNPOD_API_KEY` in every pod, so the
         pod can stop itself (podStop) without the user's key."""
-        query = 'mutation { podStop(input: {podId: \\"%s\\"}) { id desiredStatus } }' % instance_id
+        return self._stop_command(shlex.quote(instance_id))
+
+    def boot_guard(self, *, root: str, idle_timeout_s: float) -> str | None:
+        """The dead-man's switch for the time before the pipeline's watchdog (see _bootguard).
+        RunPod runs `dockerArgs` as the container's start command in place of the image's own,
+        so the guard starts detached and then hands over to the image's start script
+        (`/start.sh` in RunPod's images: it starts sshd), or keeps the container up without one.
+        The pod id is not known before the create: the stop reads `$RUNPOD_POD_ID`."""
+        guard = boot_guard_script(self._stop_command('"$RUNPOD_POD_ID"'), root=root,
+                                  idle_timeout_s=idle_timeout_s)
+        return "bash -c " + shlex.quote(
+            f"{guard} if [ -x /start.sh ]; then exec /start.sh; fi; exec sleep infinity")
+
+    def _stop_command(self, pod_id_word: str) -> str:
+        """curl podStop for the pod named by the shell word `pod_id_word`, with the pod's key."""
+        payload = 'printf \'{"query": "mutation { podStop(input: {podId: \\\\"%s\\\\"}) { id desiredStatus } }"}\' '
         return ("curl -fsS --max-time 30 --retry 3 -X POST "
                 "-H \"Authorization: Bearer $RUNPOD_API_KEY\" -H 'Content-Type: application/json' "
-                f"-d '{{\"query\": \"{query}\"}}' '{self.api_base}/graphql'")
+                f"-d \"$({payload}{pod_id_word})\" {shlex.quote(self.api_base + '/graphql')}")

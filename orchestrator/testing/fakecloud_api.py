@@ -213,7 +213,8 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
         keys = [env.pop("PUBLIC_KEY")] if "PUBLIC_KEY" in env else []
         world.pause("create")
         inst = world.create("runpod", str(inp["gpuTypeId"]), str(inp.get("name") or ""),
-                            disk_gb=float(inp.get("volumeInGb") or 0), env=env, extra_keys=keys)
+                            disk_gb=float(inp.get("volumeInGb") or 0), env=env, extra_keys=keys,
+                            onstart=str(inp.get("dockerArgs") or ""))
         _maybe_lose(world)
         return 200, {"data": {field: {"id": inst.id, "desiredStatus": "RUNNING", "costPerHr": inst.price_per_hour}}}
     if field == "myself":

@@ -327,11 +327,16 @@ class World:
                 "HOME": str(home), "PATH": path, **inst.env}
 
     def _run_onstart(self, inst: Instance) -> None:
-        """vast.ai runs the instance's `onstart` at every container start; so do we."""
+        """vast.ai runs the instance's `onstart` at every container start, and RunPod its
+        `dockerArgs` as the container's start command (the container's main process, killed
+        with the instance's other processes at stop); so do we. Our sshd stands in for the
+        image's own start script."""
         env = self._instance_env(inst)
         proc = subprocess.Popen(["bash", "-c", inst.onstart], env=env, cwd=env["HOME"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        if inst.provider == "runpod":
+            return
         try:
             proc.wait(timeout=10)   # an onstart backgrounds its long-running parts
         except subprocess.TimeoutExpired:
