@@ -68,9 +68,9 @@ class LocalProvider:
             raise ProviderError(f"cannot create the local work root {self.root}: {exc.strerror or exc}",
                                 provider=self.name, hint="set host.root to a writable directory") from None
         self.records.write(instance_id, {"id": instance_id, "label": spec.label, "state": "running",
-                                  "root": str(self.root), "gpu": self.gpu,
-                                  "price_per_hour": self.price_per_hour, "currency": self.currency,
-                                  "created_at": iso()})
+                                         "root": str(self.root), "gpu": self.gpu,
+                                         "price_per_hour": self.price_per_hour, "currency": self.currency,
+                                         "created_at": iso()})
         return instance_id
 
     def start(self, instance_id: str) -> None:

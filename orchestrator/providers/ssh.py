@@ -221,7 +221,7 @@ class SSHProvider:
         """Register the host (there is nothing to rent: the user already did)."""
         instance_id = f"{self.host_name}-{secrets.token_hex(4)}"
         self.records.write(instance_id, {"id": instance_id, "label": spec.label, "state": "running",
-                                  "host_name": self.host_name, "created_at": iso()})
+                                         "host_name": self.host_name, "created_at": iso()})
         return instance_id
 
     def start(self, instance_id: str) -> None:
