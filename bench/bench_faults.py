@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,8 @@ def main() -> int:
     ap.add_argument("--idle-timeout", type=float, default=5.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so the fake cloud's sshds and instance processes are shut down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
         with FakeCloud(Path(tmp) / "cloud") as fc:
