@@ -155,10 +155,10 @@ def test_boot_guard_reads_the_pod_id_and_hands_over_to_the_image_start(api):
     assert "$RUNPOD_POD_ID" in guard                  # run on the pod: tests/test_fakecloud.py
 
 
-def sent_body(cmd: str, env: dict[str, str] | None = None) -> str:
+def sent_body(cmd: str) -> str:
     """The -d argument `cmd` would POST, as bash expands it (curl replaced by a printer)."""
     shim = 'curl() { while [ $# -gt 0 ]; do if [ "$1" = -d ]; then printf %s "$2"; return; fi; shift; done; }; '
     out = subprocess.run(["bash", "-c", shim + cmd], capture_output=True, text=True, timeout=10,
-                         env={"PATH": os.environ["PATH"], **(env or {})})
+                         env={"PATH": os.environ["PATH"]})
     assert out.returncode == 0, out.stderr
     return out.stdout
