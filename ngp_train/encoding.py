@@ -75,69 +75,93 @@ def level_layout(cfg: HashGridConfig) -> tuple[Level, ...]:
 
 def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str, torch.Tensor],
                    weight_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table rows (L, N, 8) int64 and trilinear weights (L, N, 8) for positions x (N, 3) in [0, 1].
+    """Table rows (L, 8, N) int64 and trilinear weights (L, 8, N) for positions x (N, 3) in [0, 1].
 
-    Corner c of a cell has offset ((c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1). Work is done per
-    axis on contiguous (L, N, 2) tensors and combined by broadcasting into (L, N, 2, 2, 2) =
-    (…, z, y, x). For hashed levels the masking to the table size and the level's row offset (a
-    multiple of the table size) are folded into the per-axis terms, so the full-size work is two
-    XORs: ((a ⊕ b ⊕ c) mod T) + off == (a mod T) ⊕ (b mod T) ⊕ ((c mod T) | off).
+    Corner c of a cell has offset ((c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1). The sample index
+    is innermost so every broadcast runs over contiguous rows of N (with a corner or feature axis
+    innermost, the same arithmetic was ~3× slower on CPU). Dense levels add a per-level corner
+    offset (dx + dy·res + dz·res²) to each cell's base index; the index is wrapped modulo the
+    level size as tiny-cuda-nn does (it is < 2·size, so one conditional subtraction is exact).
+    For hashed levels the masking to the table size and the level's row offset (a multiple of
+    the table size) are folded into the per-axis terms, so the full-size work is two XORs:
+    ((a ⊕ b ⊕ c) mod T) + off == (a mod T) ⊕ (b mod T) ⊕ ((c mod T) | off).
     """
     n_dense = int(buffers["n_dense"])
-    scale64 = buffers["scale"].view(-1, 1).to(torch.float64)         # (L,1) float32 values
-    x = x.to(torch.float32).clamp(0.0, 1.0)                           # positions are float32, as in tcnn
+    scale64 = buffers["scale"].to(torch.float64)                      # (L,) float32 values
     L, N = scale64.shape[0], x.shape[0]
-    cells, fracs = [], []
-    for axis in range(3):
-        # fmaf(scale, x, 0.5): the float32 product is exact in float64, the sum is rounded once.
-        pos = (x[:, axis].to(torch.float64).unsqueeze(0) * scale64 + 0.5).to(torch.float32)
-        cell = torch.floor(pos)
-        fracs.append((pos - cell).to(weight_dtype))                  # (L,N), exact in float32
-        c = cell.to(torch.int32)
-        cells.append(torch.stack([c, c + 1], dim=-1))                # (L,N,2) int32
-    rows = torch.empty((L, N, 2, 2, 2), dtype=torch.int64, device=x.device)   # written in place, no cat
+    xt = x.to(torch.float32).clamp(0.0, 1.0).T.to(torch.float64)      # positions are float32, as in tcnn
+    # fmaf(scale, x, 0.5): the float32 product is exact in float64, the sum is rounded once.
+    pos = (xt.unsqueeze(1) * scale64.view(1, L, 1) + 0.5).to(torch.float32)      # (3, L, N)
+    cellf = torch.floor(pos)
+    frac = (pos - cellf).to(weight_dtype)                              # exact in float32
+    cell = cellf.to(torch.int32)
+    rows = torch.empty((L, 8, N), dtype=torch.int64, device=x.device)  # written in place, no cat
     if n_dense > 0:
-        res = buffers["resolution"][:n_dense].view(-1, 1, 1).to(torch.int64)
-        cx, cy, cz = (c[:n_dense].to(torch.int64) for c in cells)
-        idx = (cx.view(n_dense, N, 1, 1, 2) + (cy * res).view(n_dense, N, 1, 2, 1)
-               + (cz * (res * res)).view(n_dense, N, 2, 1, 1))
-        idx = torch.remainder(idx, buffers["n_params"][:n_dense].view(-1, 1, 1, 1, 1).to(torch.int64))
-        torch.add(idx, buffers["offset"][:n_dense].view(-1, 1, 1, 1, 1), out=rows[:n_dense])
+        c = cell[:, :n_dense].to(torch.int64)
+        res = buffers["resolution"][:n_dense].view(-1, 1).to(torch.int64)
+        base = c[0] + c[1] * res + c[2] * (res * res)                                  # (D, N)
+        idx = base.unsqueeze(1) + buffers["dense_corner_offset"]                        # (D, 8, N)
+        size = buffers["n_params"][:n_dense].view(-1, 1, 1).to(torch.int64)
+        idx = torch.where(idx >= size, idx - size, idx)
+        torch.add(idx, buffers["offset"][:n_dense].view(-1, 1, 1), out=rows[:n_dense])
     if n_dense < L:
         m = L - n_dense
-        mask = (buffers["n_params"][n_dense:].view(-1, 1, 1) - 1).to(torch.int64)
-        hx = cells[0][n_dense:].to(torch.int64) & mask                               # prime 1
-        hy = (cells[1][n_dense:] * _PRIMES_I32[1]).to(torch.int64) & mask            # uint32 bits, low part
-        hz = ((cells[2][n_dense:] * _PRIMES_I32[2]).to(torch.int64) & mask) | buffers["offset"][n_dense:].view(-1, 1, 1)
-        torch.bitwise_xor(hx.view(m, N, 1, 1, 2) ^ hy.view(m, N, 1, 2, 1), hz.view(m, N, 2, 1, 1), out=rows[n_dense:])
-    rows = rows.view(L, N, 8)
-    wx, wy, wz = (torch.stack([1 - f, f], dim=-1) for f in fracs)      # (L,N,2)
-    weights = (wx.view(L, N, 1, 1, 2) * wy.view(L, N, 1, 2, 1) * wz.view(L, N, 2, 1, 1)).view(L, N, 8)
+        c = cell[:, n_dense:]
+        c2 = torch.stack([c, c + 1], dim=2)                                            # (3, M, 2, N) int32
+        mask = (buffers["n_params"][n_dense:] - 1).view(-1, 1, 1)
+        hx = c2[0] & mask                                                               # prime 1
+        hy = (c2[1] * _PRIMES_I32[1]) & mask                                            # uint32 bits, low part
+        hz = ((c2[2] * _PRIMES_I32[2]) & mask) | buffers["offset"][n_dense:].view(-1, 1, 1).to(torch.int32)
+        hzy = (hz.view(m, 2, 1, N) ^ hy.view(m, 1, 2, N)).view(m, 4, 1, N)              # (z, y)
+        torch.bitwise_xor(hzy, hx.view(m, 1, 2, N), out=rows[n_dense:].view(m, 4, 2, N))
+    w2 = torch.stack([1 - frac, frac], dim=2)                                           # (3, L, 2, N)
+    wyx = (w2[1].view(L, 2, 1, N) * w2[0].view(L, 1, 2, N)).view(L, 1, 4, N)
+    weights = (w2[2].view(L, 2, 1, N) * wyx).view(L, 8, N)
     return rows, weights
 
 
 class _GatherBlend(torch.autograd.Function):
-    """out[n, l·F:(l+1)·F] = Σ_c w[l, n, c] · table[rows[l, n, c]]; backward by index_add_."""
+    """out[n, l·F:(l+1)·F] = Σ_c w[l, c, n] · table[rows[l, c, n]]; rows, w (L, 8, N).
+
+    Forward: one `embedding_bag` with per-sample weights. Backward by hand: the gradient of
+    each table row is a scatter-add of w·g over the (L·8·N) lookups; with F even, pairs of
+    features travel as one complex number, so a single 1-D `scatter_add_` does the work
+    (embedding_bag's own backward, and `index_add_` on (P, F) rows, were 2-10× slower here).
+    """
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        L, N, C = rows.shape
+        L, C, N = rows.shape
         F_ = table.shape[1]
-        out = torch.nn.functional.embedding_bag(rows.view(-1, C), table, mode="sum",
-                                                per_sample_weights=weights.reshape(-1, C).to(table.dtype))
+        out = torch.nn.functional.embedding_bag(rows.transpose(1, 2).reshape(L * N, C), table, mode="sum",
+                                                per_sample_weights=weights.to(table.dtype).transpose(1, 2)
+                                                .reshape(L * N, C))
         ctx.save_for_backward(rows, weights)
-        ctx.table_shape = table.shape
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
         return out.view(L, N, F_).permute(1, 0, 2).reshape(N, L * F_)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
         rows, weights = ctx.saved_tensors
-        L, N, C = rows.shape
+        L, C, N = rows.shape
         P, F_ = ctx.table_shape
-        g = grad_out.reshape(N, L, F_).permute(1, 0, 2)                              # (L,N,F)
-        contrib = weights.to(g.dtype).unsqueeze(-1) * g.unsqueeze(2)                 # (L,N,8,F)
-        grad_table = torch.zeros((P, F_), dtype=g.dtype, device=g.device)
-        grad_table.index_add_(0, rows.reshape(-1), contrib.reshape(-1, F_))
+        g = grad_out.reshape(N, L, F_).permute(1, 0, 2)                                # (L, N, F)
+        if g.dtype not in (torch.float32, torch.float64):
+            g = g.float()
+        w = weights.to(g.dtype)
+        flat = rows.reshape(-1)
+        if F_ % 2 == 0:
+            gc = torch.view_as_complex(g.contiguous().view(L, N, F_ // 2, 2))              # (L, N, F/2)
+            grad = torch.zeros((P, F_ // 2), dtype=gc.dtype, device=g.device)
+            for k in range(F_ // 2):
+                grad[:, k].scatter_add_(0, flat, (w * gc[:, :, k].unsqueeze(1)).reshape(-1))
+            grad_table = torch.view_as_real(grad).reshape(P, F_)
+        else:
+            grad_table = torch.zeros((F_, P), dtype=g.dtype, device=g.device)
+            for k in range(F_):
+                grad_table[k].scatter_add_(0, flat, (w * g[:, :, k].unsqueeze(1)).reshape(-1))
+            grad_table = grad_table.T.contiguous()
+        grad_table = grad_table.to(ctx.table_dtype)
         return grad_table, None, None
 
 
@@ -161,6 +185,10 @@ class HashGridEncoding(nn.Module):
         if any(lv.dense for lv in self.levels[n_dense:]):
             raise ValueError("dense levels must come first")
         self.register_buffer("n_dense", torch.tensor(n_dense), False)
+        c = torch.arange(8)
+        res = torch.tensor([lv.resolution for lv in self.levels[:n_dense]], dtype=torch.int64).view(-1, 1)
+        self.register_buffer("dense_corner_offset",                 # (D, 8, 1): dx + dy·res + dz·res²
+                             ((c & 1) + ((c >> 1) & 1) * res + ((c >> 2) & 1) * res * res).unsqueeze(-1), False)
         for lv in self.levels[n_dense:]:
             if lv.n_params & (lv.n_params - 1):
                 raise ValueError("hashed levels need a power-of-two table size")
@@ -170,10 +198,11 @@ class HashGridEncoding(nn.Module):
         return self.cfg.out_dim
 
     def _buffers_dict(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("scale", "resolution", "n_params", "offset", "dense", "n_dense")}
+        return {k: getattr(self, k) for k in ("scale", "resolution", "n_params", "offset", "dense", "n_dense",
+                                              "dense_corner_offset")}
 
     def corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Table rows and trilinear weights, both (L, N, 8)."""
+        """Table rows and trilinear weights, both (L, 8, N)."""
         return corner_indices(x, self.levels, self._buffers_dict(), self.table.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -84,10 +84,10 @@ class NerfModel(nn.Module):
         the trainer turns it off there (the dropped samples carry ~zero weight either way).
         """
         o = self.to_unit(origins)
-        occ = self.grid.lookup if self.cfg.use_occupancy else None
+        flags = self.grid.flags() if self.cfg.use_occupancy else None
         with torch.no_grad():
             lo, hi = self.grid.bounds() if self.cfg.use_occupancy else (0.0, 1.0)
-            samples = march(o, dirs, self.cfg.step_size, occ, jitter=jitter, box=(lo, hi))
+            samples = march(o, dirs, self.cfg.step_size, jitter=jitter, box=(lo, hi), occupancy=flags)
 
         def positions(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
             return (o[ri] + dirs[ri] * (0.5 * (ts + te)).unsqueeze(1)).clamp(0.0, 1.0)

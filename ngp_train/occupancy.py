@@ -45,6 +45,8 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("values", torch.zeros(n))
         self.register_buffer("occupied", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
+        self._summary_key: tuple[int, int] | None = None
+        self._summary: tuple[bool, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_cells(self) -> int:
@@ -60,9 +62,38 @@ class OccupancyGrid(nn.Module):
         r = self.resolution
         return torch.stack([idx % r, (idx // r) % r, idx // (r * r)], dim=-1)
 
+    def _occupancy_summary(self) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        """(any cell occupied, box lo, box hi), recomputed only when `occupied` changed (its
+        version counter moves on every in-place write: an update, a loaded state dict)."""
+        key = (self.occupied._version, self.occupied.data_ptr())
+        if self._summary is None or self._summary_key != key:
+            self._summary = self._compute_summary()
+            self._summary_key = key
+        return self._summary
+
+    def _compute_summary(self) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        occ = self.occupied.view(self.resolution, self.resolution, self.resolution)   # (z, y, x)
+        dev = self.values.device
+        if not bool(occ.any()):
+            return False, torch.zeros(3, device=dev), torch.ones(3, device=dev)
+        lo, hi = [], []
+        for dims in ((0, 1), (0, 2), (1, 2)):          # reduce to x, y, z in turn
+            line = occ.any(dim=dims[0]).any(dim=dims[1] - 1)
+            idx = torch.nonzero(line).squeeze(1)
+            lo.append(idx.min())
+            hi.append(idx.max() + 1)
+        return True, torch.stack(lo).float() / self.resolution, torch.stack(hi).float() / self.resolution
+
+    def flags(self) -> torch.Tensor | None:
+        """The occupied flags as a (res, res, res) grid indexed [z, y, x]; None when no cell is
+        occupied (then everything counts as occupied), as `lookup` treats it."""
+        if not self._occupancy_summary()[0]:
+            return None
+        return self.occupied.view(self.resolution, self.resolution, self.resolution)
+
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
         """Occupied flags (N,) for positions (N, 3); everything is occupied when no cell is."""
-        if not bool(self.occupied.any()):
+        if not self._occupancy_summary()[0]:
             return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         return self.occupied[self.cell_index(x)]
 
@@ -97,17 +128,8 @@ class OccupancyGrid(nn.Module):
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Axis-aligned box (lo (3,), hi (3,)) around the occupied cells; the unit cube when none is."""
-        occ = self.occupied.view(self.resolution, self.resolution, self.resolution)   # (z, y, x)
-        dev = self.values.device
-        if not bool(occ.any()):
-            return torch.zeros(3, device=dev), torch.ones(3, device=dev)
-        lo, hi = [], []
-        for dims in ((0, 1), (0, 2), (1, 2)):          # reduce to x, y, z in turn
-            line = occ.any(dim=dims[0]).any(dim=dims[1] - 1)
-            idx = torch.nonzero(line).squeeze(1)
-            lo.append(idx.min())
-            hi.append(idx.max() + 1)
-        return torch.stack(lo).float() / self.resolution, torch.stack(hi).float() / self.resolution
+        _, lo, hi = self._occupancy_summary()
+        return lo, hi
 
     def occupied_fraction(self) -> float:
         return float(self.occupied.float().mean())

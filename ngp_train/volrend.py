@@ -42,13 +42,16 @@ def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, lo: float = 0.0, hi: flo
 
 def march(origins: torch.Tensor, dirs: torch.Tensor, step_size: float, occupied_fn: OccupiedFn | None = None,
           *, jitter: torch.Tensor | None = None, max_steps: int | None = None,
-          box: tuple[float | torch.Tensor, float | torch.Tensor] = (0.0, 1.0)) -> Samples:
+          box: tuple[float | torch.Tensor, float | torch.Tensor] = (0.0, 1.0),
+          occupancy: torch.Tensor | None = None) -> Samples:
     """Fixed-step marching through `box` (default the unit cube), keeping samples whose midpoint
     is occupied.
 
     origins, dirs: (R, 3) in unit-cube coordinates, dirs unit length. Steps are laid on the grid
     t = k·step_size (+ jitter·step_size) so a tighter box only skips empty steps. jitter (R,) in
-    [0, 1) shifts each ray's samples (training); None: no shift. Returns flat samples.
+    [0, 1) shifts each ray's samples (training); None: no shift. `occupancy`, a bool grid
+    (res, res, res) indexed [z, y, x] over the unit cube, may be given instead of `occupied_fn`
+    (same result, faster). Returns flat samples.
     """
     r = origins.shape[0]
     dev = origins.device
@@ -66,12 +69,23 @@ def march(origins: torch.Tensor, dirs: torch.Tensor, step_size: float, occupied_
     t0 = start.unsqueeze(1) + torch.arange(k_max, device=dev, dtype=origins.dtype) * step_size   # (R, K)
     keep = (t0 < t_far.unsqueeze(1)) & (t0 + step_size > t_near.unsqueeze(1))
     keep &= hit.unsqueeze(1)
-    if occupied_fn is not None:
-        rr, kk = torch.nonzero(keep, as_tuple=True)
-        mid = t0[rr, kk] + 0.5 * step_size
-        pts = origins[rr] + dirs[rr] * mid.unsqueeze(1)
-        occ = occupied_fn(pts.clamp(0.0, 1.0))
-        rr, kk = rr[occ], kk[occ]
+    if occupied_fn is not None or occupancy is not None:
+        mid = t0 + 0.5 * step_size                                                      # (R, K)
+        if occupancy is not None:
+            # The same test on the (R, K) layout: per-axis broadcasts instead of gathering an
+            # (S, 3) point list (about 3x faster for ~10^5 candidates on CPU).
+            res = occupancy.shape[0]
+            flat = None
+            for a in range(3):
+                c = ((origins[:, a:a + 1] + dirs[:, a:a + 1] * mid).clamp(0.0, 1.0) * res).long().clamp_(0, res - 1)
+                flat = c if flat is None else flat.add_(c * res ** a)
+            keep &= occupancy.reshape(-1)[flat]
+            rr, kk = torch.nonzero(keep, as_tuple=True)
+        else:
+            rr, kk = torch.nonzero(keep, as_tuple=True)
+            pts = origins[rr] + dirs[rr] * mid[rr, kk].unsqueeze(1)
+            occ = occupied_fn(pts.clamp(0.0, 1.0))
+            rr, kk = rr[occ], kk[occ]
     else:
         rr, kk = torch.nonzero(keep, as_tuple=True)
     ts = t0[rr, kk]

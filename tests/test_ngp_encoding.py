@@ -123,7 +123,7 @@ def test_gradcheck_float64() -> None:
 def test_trilinear_weights_sum_to_one_and_init_range() -> None:
     enc = HashGridEncoding(HashGridConfig(log2_hashmap_size=14, max_resolution=256), seed=5)
     _, w = enc.corners(torch.rand(100, 3))
-    torch.testing.assert_close(w.sum(-1), torch.ones(16, 100), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.sum(1), torch.ones(16, 100), atol=1e-6, rtol=0)
     t = enc.table.detach()
     assert float(t.abs().max()) <= 1e-4 and float(t.std()) > 3e-5    # uniform ±1e-4
 
@@ -155,3 +155,21 @@ def test_field_architecture_matches_paper() -> None:
     assert [(m.in_features, m.out_features) for m in col] == [(32, 64), (64, 64), (64, 3)]
     rgb, sigma = f(torch.rand(7, 3), torch.nn.functional.normalize(torch.randn(7, 3), dim=-1))
     assert rgb.min() > 0 and rgb.max() < 1 and bool((sigma > 0).all())
+
+
+@pytest.mark.parametrize("features", [1, 2, 4])
+def test_hand_written_backward_equals_autograd_of_plain_gather(features: int) -> None:
+    # The backward scatters w·g per lookup (pairs of features as complex numbers when F is even);
+    # autograd through a plain index-and-sum must give the same table gradient.
+    cfg = HashGridConfig(n_levels=6, n_features_per_level=features, log2_hashmap_size=10, base_resolution=4,
+                         max_resolution=64)
+    enc = HashGridEncoding(cfg, seed=7)
+    x = torch.rand(300, 3, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(300, cfg.out_dim, generator=torch.Generator().manual_seed(4))
+    (enc(x) * g).sum().backward()
+    rows, w = enc.corners(x)                                                   # (L, 8, N)
+    table = enc.table.detach().clone().requires_grad_(True)
+    ref = (table[rows] * w.unsqueeze(-1)).sum(1)                               # (L, N, F)
+    (ref.permute(1, 0, 2).reshape(300, -1) * g).sum().backward()
+    assert float(table.grad.abs().max()) > 0
+    torch.testing.assert_close(enc.table.grad, table.grad, atol=1e-6, rtol=1e-5)

@@ -106,3 +106,31 @@ def test_occupancy_update_threshold_decay_and_fallback() -> None:
     assert int(grid.occupied.sum()) == 512                          # 0.95 > min(0.01, mean)
     assert [update_interval(s) for s in (0, 15, 32, 100, 1000)] == [1, 1, 2, 6, 16]
     assert should_update(48, None) and not should_update(49, None) and should_update(32, 16)
+
+
+def test_march_on_the_grid_equals_march_with_the_lookup_callback() -> None:
+    g = torch.Generator().manual_seed(11)
+    grid = OccupancyGrid(16)
+    grid.occupied.copy_(torch.rand(16 ** 3, generator=g) < 0.2)
+    o = torch.rand(300, 3, generator=g) * 1.4 - 0.2                 # inside and outside the cube
+    d = torch.nn.functional.normalize(torch.randn(300, 3, generator=g), dim=-1)
+    jitter = torch.rand(300, generator=g)
+    a = march(o, d, 0.01, grid.lookup, jitter=jitter)
+    b = march(o, d, 0.01, jitter=jitter, occupancy=grid.flags())
+    assert a.n > 1000
+    assert torch.equal(a.ray_indices, b.ray_indices) and torch.equal(a.t_starts, b.t_starts)
+
+
+def test_cached_bounds_follow_every_change_of_the_grid() -> None:
+    grid = OccupancyGrid(8)
+    assert grid.flags() is None                                     # nothing occupied yet
+    grid.occupied.view(8, 8, 8)[1, 2, 3] = True
+    lo, hi = grid.bounds()
+    torch.testing.assert_close(lo, torch.tensor([3, 2, 1]) / 8)
+    torch.testing.assert_close(hi, torch.tensor([4, 3, 2]) / 8)
+    other = OccupancyGrid(8)
+    other.occupied.view(8, 8, 8)[5, 6, 7] = True
+    grid.load_state_dict(other.state_dict())                       # a resumed snapshot
+    torch.testing.assert_close(grid.bounds()[0], torch.tensor([7, 6, 5]) / 8)
+    grid.update(0, lambda x: torch.zeros(x.shape[0]))                # decays to nothing: empty grid
+    assert grid.flags() is None and torch.equal(grid.bounds()[1], torch.ones(3))
