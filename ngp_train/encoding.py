@@ -75,7 +75,10 @@ def level_layout(cfg: HashGridConfig) -> tuple[Level, ...]:
 
 def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str, torch.Tensor],
                    weight_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table rows (L, 8, N) int64 and trilinear weights (L, 8, N) for positions x (N, 3) in [0, 1].
+    """Table rows (L, 8, N) and trilinear weights (L, 8, N) for positions x (N, 3) in [0, 1].
+
+    Rows are int32 when the table has fewer than 2^31 rows (half the memory traffic of int64;
+    `embedding_bag` takes them as they are, the backward widens them once), else int64.
 
     Corner c of a cell has offset ((c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1). The sample index
     is innermost so every broadcast runs over contiguous rows of N (with a corner or feature axis
@@ -95,13 +98,14 @@ def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str
     cellf = torch.floor(pos)
     frac = (pos - cellf).to(weight_dtype)                              # exact in float32
     cell = cellf.to(torch.int32)
-    rows = torch.empty((L, 8, N), dtype=torch.int64, device=x.device)  # written in place, no cat
+    idt = buffers["offset"].dtype                                       # int32 unless the table needs 64 bits
+    rows = torch.empty((L, 8, N), dtype=idt, device=x.device)          # written in place, no cat
     if n_dense > 0:
-        c = cell[:, :n_dense].to(torch.int64)
-        res = buffers["resolution"][:n_dense].view(-1, 1).to(torch.int64)
+        c = cell[:, :n_dense].to(idt)
+        res = buffers["resolution"][:n_dense].view(-1, 1).to(idt)
         base = c[0] + c[1] * res + c[2] * (res * res)                                  # (D, N)
         idx = base.unsqueeze(1) + buffers["dense_corner_offset"]                        # (D, 8, N)
-        size = buffers["n_params"][:n_dense].view(-1, 1, 1).to(torch.int64)
+        size = buffers["n_params"][:n_dense].view(-1, 1, 1).to(idt)
         idx = torch.where(idx >= size, idx - size, idx)
         torch.add(idx, buffers["offset"][:n_dense].view(-1, 1, 1), out=rows[:n_dense])
     if n_dense < L:
@@ -109,9 +113,9 @@ def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str
         c = cell[:, n_dense:]
         c2 = torch.stack([c, c + 1], dim=2)                                            # (3, M, 2, N) int32
         mask = (buffers["n_params"][n_dense:] - 1).view(-1, 1, 1)
-        hx = c2[0] & mask                                                               # prime 1
-        hy = (c2[1] * _PRIMES_I32[1]) & mask                                            # uint32 bits, low part
-        hz = ((c2[2] * _PRIMES_I32[2]) & mask) | buffers["offset"][n_dense:].view(-1, 1, 1).to(torch.int32)
+        hx = (c2[0] & mask).to(idt)                                                     # prime 1
+        hy = ((c2[1] * _PRIMES_I32[1]) & mask).to(idt)                                  # uint32 bits, low part
+        hz = ((c2[2] * _PRIMES_I32[2]) & mask).to(idt) | buffers["offset"][n_dense:].view(-1, 1, 1)
         hzy = (hz.view(m, 2, 1, N) ^ hy.view(m, 1, 2, N)).view(m, 4, 1, N)              # (z, y)
         torch.bitwise_xor(hzy, hx.view(m, 1, 2, N), out=rows[n_dense:].view(m, 4, 2, N))
     w2 = torch.stack([1 - frac, frac], dim=2)                                           # (3, L, 2, N)
@@ -149,7 +153,7 @@ class _GatherBlend(torch.autograd.Function):
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
         w = weights.to(g.dtype)
-        flat = rows.reshape(-1)
+        flat = rows.reshape(-1).to(torch.int64)                                        # scatter_add_ wants int64
         if F_ % 2 == 0:
             gc = torch.view_as_complex(g.contiguous().view(L, N, F_ // 2, 2))              # (L, N, F/2)
             grad = torch.zeros((P, F_ // 2), dtype=gc.dtype, device=g.device)
@@ -179,7 +183,8 @@ class HashGridEncoding(nn.Module):
         self.register_buffer("scale", torch.tensor([lv.scale for lv in self.levels], dtype=torch.float32), False)
         self.register_buffer("resolution", torch.tensor([lv.resolution for lv in self.levels], dtype=torch.int32), False)
         self.register_buffer("n_params", torch.tensor([lv.n_params for lv in self.levels], dtype=torch.int32), False)
-        self.register_buffer("offset", torch.tensor([lv.offset for lv in self.levels], dtype=torch.int64), False)
+        index_dtype = torch.int32 if n_rows < (1 << 31) else torch.int64
+        self.register_buffer("offset", torch.tensor([lv.offset for lv in self.levels], dtype=index_dtype), False)
         self.register_buffer("dense", torch.tensor([lv.dense for lv in self.levels]), False)
         n_dense = sum(lv.dense for lv in self.levels)
         if any(lv.dense for lv in self.levels[n_dense:]):
@@ -188,7 +193,8 @@ class HashGridEncoding(nn.Module):
         c = torch.arange(8)
         res = torch.tensor([lv.resolution for lv in self.levels[:n_dense]], dtype=torch.int64).view(-1, 1)
         self.register_buffer("dense_corner_offset",                 # (D, 8, 1): dx + dy·res + dz·res²
-                             ((c & 1) + ((c >> 1) & 1) * res + ((c >> 2) & 1) * res * res).unsqueeze(-1), False)
+                             ((c & 1) + ((c >> 1) & 1) * res + ((c >> 2) & 1) * res * res).unsqueeze(-1)
+                             .to(index_dtype), False)
         for lv in self.levels[n_dense:]:
             if lv.n_params & (lv.n_params - 1):
                 raise ValueError("hashed levels need a power-of-two table size")

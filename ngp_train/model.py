@@ -7,14 +7,14 @@ in unit-cube coordinates.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
 from .field import FieldConfig, make_field
 from .occupancy import OccupancyGrid
-from .volrend import RenderOutput, march, volume_render
+from .volrend import RenderOutput, Samples, march, volume_render
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +76,13 @@ class NerfModel(nn.Module):
 
     def render_rays(self, origins: torch.Tensor, dirs: torch.Tensor, background: torch.Tensor, *,
                     jitter: torch.Tensor | None = None, autocast: bool = False,
-                    early_stop: bool = True) -> RenderOutput:
+                    early_stop: bool = True, max_samples: int | None = None) -> RenderOutput:
         """origins, dirs (R, 3) world; background (3,) or (R, 3). Gradients flow to the field.
+
+        max_samples: a sample budget. When the marched samples exceed it, only the leading rays
+        whose samples fit are rendered (as instant-ngp drops the rays of a batch that overflow
+        its sample buffer), and the output covers those rays only: rgb (R', 3) with R' ≤ R.
+        `n_marched` reports the count before the cut so the caller can resize its next batch.
 
         early_stop: drop samples behind transmittance < 1e-4 using a gradient-free density pass
         first. While training on CPU this pass costs more than the ~25% of samples it removes, so
@@ -88,6 +93,15 @@ class NerfModel(nn.Module):
         with torch.no_grad():
             lo, hi = self.grid.bounds() if self.cfg.use_occupancy else (0.0, 1.0)
             samples = march(o, dirs, self.cfg.step_size, jitter=jitter, box=(lo, hi), occupancy=flags)
+        n_marched = samples.n
+        if max_samples is not None and n_marched > max_samples:
+            ri = samples.ray_indices
+            cut = max(int(ri[max_samples]), 1)               # rays before `cut` fit whole (ri is sorted)
+            k = int(torch.searchsorted(ri, torch.tensor(cut, device=ri.device)))
+            samples = Samples(ri[:k], samples.t_starts[:k], samples.t_ends[:k])
+            o, dirs = o[:cut], dirs[:cut]
+            if background.dim() == 2:
+                background = background[:cut]
 
         def positions(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
             return (o[ri] + dirs[ri] * (0.5 * (ts + te)).unsqueeze(1)).clamp(0.0, 1.0)
@@ -101,8 +115,9 @@ class NerfModel(nn.Module):
                 rgb, sigma = self.field(positions(ts, te, ri), dirs[ri])
             return rgb.float(), sigma.float()
 
-        return volume_render(samples, o.shape[0], rgb_sigma_fn, background=background,
-                             sigma_fn=sigma_fn if early_stop else None)
+        out = volume_render(samples, o.shape[0], rgb_sigma_fn, background=background,
+                            sigma_fn=sigma_fn if early_stop else None)
+        return replace(out, n_marched=n_marched)
 
     @torch.no_grad()
     def render_image(self, c2w: torch.Tensor, width: int, height: int, focal: float,

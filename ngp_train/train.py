@@ -231,11 +231,15 @@ class Trainer:
         gt = rgba[:, :3] * rgba[:, 3:] + bg * (1.0 - rgba[:, 3:])
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.step, self.cfg.steps, self.cfg.lr)
+        # The sample budget is the target: rays that overflow it are dropped for this step (as in
+        # instant-ngp), so a step never costs more than planned, even at the start when every
+        # cell is occupied and a ray marches ~5x the samples it will later.
         out = self.model.render_rays(o, d, bg, jitter=torch.rand(n, device=dev), autocast=self.autocast,
-                                     early_stop=self.device.type == "cuda")
+                                     early_stop=self.device.type == "cuda", max_samples=self.target_samples)
         self.step += 1
         if out.n_samples == 0:
             return None, 0                                       # nothing to learn from: skip
+        gt = gt[:out.rgb.shape[0]]
         if self.cfg.loss == "huber":
             loss = torch.nn.functional.huber_loss(out.rgb, gt, delta=0.1)
         else:
@@ -244,7 +248,7 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         # Adapt the batch so the next step marches about `target_samples` samples.
-        ratio = self.target_samples / max(out.n_samples, 1)
+        ratio = self.target_samples / max(out.n_marched or out.n_samples, 1)
         self.n_rays = int(min(max(self.n_rays * min(max(ratio, 0.5), 2.0), 64), 1 << 18))
         self.last_loss = float(loss.detach())
         with torch.no_grad():

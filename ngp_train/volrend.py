@@ -135,6 +135,7 @@ class RenderOutput:
     opacity: torch.Tensor      # (R,)
     depth: torch.Tensor        # (R,), expected t of the opaque part
     n_samples: int             # samples that reached the colour network
+    n_marched: int | None = None   # samples the marcher produced, before a sample budget cut rays
 
 
 def volume_render(samples: Samples, n_rays: int, rgb_sigma_fn: RgbSigmaFn, *, background: torch.Tensor,

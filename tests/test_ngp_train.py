@@ -128,6 +128,26 @@ def test_adaptive_batch_tracks_target_samples(scene: Path, tmp_path: Path) -> No
     assert 750 < np.median(counts[-8:]) < 3000
 
 
+def test_sample_budget_renders_the_leading_rays_that_fit(scene: Path, tmp_path: Path) -> None:
+    tr = Trainer(scene, tmp_path, FAST)
+    n = 64
+    g = torch.Generator().manual_seed(5)
+    img = torch.randint(0, tr.images.shape[0], (n,), generator=g)
+    px, py = torch.randint(0, tr.width, (n,), generator=g), torch.randint(0, tr.height, (n,), generator=g)
+    from ngp_train.model import camera_rays
+    o, d = camera_rays(tr.c2w[img], px, py, tr.focal, tr.width, tr.height)
+    bg, jitter = torch.rand((n, 3), generator=g), torch.rand(n, generator=g)
+    with torch.no_grad():
+        full = tr.model.render_rays(o, d, bg, jitter=jitter, early_stop=False)     # empty grid: all occupied
+        cut = tr.model.render_rays(o, d, bg, jitter=jitter, early_stop=False, max_samples=full.n_samples // 3)
+    assert full.n_samples > 1000 and cut.n_marched == full.n_samples
+    assert cut.n_samples <= full.n_samples // 3 and 0 < cut.rgb.shape[0] < n
+    k = cut.rgb.shape[0]
+    torch.testing.assert_close(cut.rgb, full.rgb[:k], atol=1e-6, rtol=0)          # the same rays, unchanged
+    counts = [tr.train_step()[1] for _ in range(6)]                               # first steps: no overrun
+    assert max(counts) <= FAST.target_samples_per_step and min(counts) > 0
+
+
 def test_lr_schedule() -> None:
     assert lr_at(0, 30000, 1e-2) == 1e-2 and lr_at(19999, 30000, 1e-2) == 1e-2
     assert lr_at(20000, 30000, 1e-2) == pytest.approx(3.3e-3)
