@@ -128,8 +128,8 @@ class _GatherBlend(torch.autograd.Function):
     """out[n, l·F:(l+1)·F] = Σ_c w[l, c, n] · table[rows[l, c, n]]; rows, w (L, 8, N).
 
     Forward: one `embedding_bag` with per-sample weights. Backward by hand: the gradient of
-    each table row is a scatter-add of w·g over the (L·8·N) lookups; with F even, pairs of
-    features travel as one complex number, so a single 1-D `scatter_add_` does the work
+    each table row is a scatter-add of w·g over the (L·8·N) lookups; on CPU with F even, pairs
+    of features travel as one complex number, so a single 1-D `scatter_add_` does the work
     (embedding_bag's own backward, and `index_add_` on (P, F) rows, were 2-10× slower here).
     """
 
@@ -154,7 +154,7 @@ class _GatherBlend(torch.autograd.Function):
             g = g.float()
         w = weights.to(g.dtype)
         flat = rows.reshape(-1).to(torch.int64)                                        # scatter_add_ wants int64
-        if F_ % 2 == 0:
+        if F_ % 2 == 0 and g.device.type == "cpu":                                    # complex scatter: CPU-tested
             gc = torch.view_as_complex(g.contiguous().view(L, N, F_ // 2, 2))              # (L, N, F/2)
             grad = torch.zeros((P, F_ // 2), dtype=gc.dtype, device=g.device)
             for k in range(F_ // 2):
