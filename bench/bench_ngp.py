@@ -83,6 +83,18 @@ def time_to_reach(curve: Curve, target: float) -> float | None:
     return None
 
 
+def matmul_gflops() -> float:
+    """A machine-speed probe: float32 2048² matmuls on torch's threads. Printed at the start and
+    the end, so a run on a machine that slowed down (a shared host) shows it."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 8 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=180.0, help="Instant-NGP training budget (wall s)")
@@ -104,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     scene = generate_scene(Path(tempfile.mkdtemp(prefix="bench_ngp_scene_")) / args.scene, args.scene,
                            args.size, args.seed)
     load = os.getloadavg()
+    gflops = matmul_gflops()
     print(f"scene {args.scene} {args.size}px, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cpus, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"{os.cpu_count()} cpus, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"matmul {gflops:.0f} GFLOPS")
     common = dict(steps=10 ** 9, device="cpu", backend="torch", seed=args.seed, eval=False)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"clock: {args.clock} time")
@@ -129,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                        "speedup": ratio})
     load_end = os.getloadavg()
     result["load_average_1m_end"] = load_end[0]
+    result["matmul_gflops_start"], result["matmul_gflops_end"] = gflops, matmul_gflops()
+    print(f"machine speed probe: {result['matmul_gflops_start']:.0f} GFLOPS at the start, "
+          f"{result['matmul_gflops_end']:.0f} at the end")
     print(json.dumps(result))
     return 0
 
