@@ -11,8 +11,11 @@ Features of the 8 corners are blended trilinearly; table initialised uniform in 
 
 The table is stored level-major (one (Σ params_l, F) tensor, level l in its own slice), indices
 use 32-bit wrapped arithmetic (the same low bits as tiny-cuda-nn's uint32), the gather-and-blend
-is one `embedding_bag` with per-sample weights, and the backward is written by hand
-(`index_add_` with int64 indices). Positions receive no gradient (NeRF does not need it).
+is one `embedding_bag` with per-sample weights, and the backward is written by hand (one 1-D
+`scatter_add_` per pair of features). Lookups are laid out (level, corner, sample) so the
+elementwise work broadcasts over contiguous samples. Positions receive no gradient (NeRF does
+not need it). On this repo's 2-core CPU, encoding forward + backward for 8k samples at L=16,
+T=2^16 went from ~25 ms to ~16 ms with this layout and backward.
 """
 from __future__ import annotations
 
