@@ -140,12 +140,14 @@ def job_key(job_id: str, settings: dict[str, object]) -> str:
 
 
 def run_args(*, data_dir: str, job_dir: str, steps: int, backend: str, device: str, scene: str,
-             max_seconds: float | None, downscale: int, seed: int) -> str:
+             max_seconds: float | None, downscale: int, seed: int, cpu_share: int = 1) -> str:
     args = (f"remote_payload run --data {shlex.quote(data_dir)} --job-dir {shlex.quote(job_dir)}"
             f" --steps {int(steps)} --backend {shlex.quote(backend)} --device {shlex.quote(device)}"
             f" --scene {shlex.quote(scene)} --downscale {int(downscale)} --seed {int(seed)}")
     if max_seconds:
         args += f" --max-seconds {float(max_seconds):g}"
+    if cpu_share > 1:
+        args += f" --cpu-share {int(cpu_share)}"
     return args
 
 

@@ -231,7 +231,8 @@ class Runner:
             t, job_dir=attempt.job_dir, python=python, payload_dir=payload_dir,
             run_args=pl.run_args(data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps,
                                  backend=job.backend, device=job.device, scene=job.scene,
-                                 max_seconds=job.max_seconds, downscale=job.downscale, seed=job.seed),
+                                 max_seconds=job.max_seconds, downscale=job.downscale, seed=job.seed,
+                                 cpu_share=self._cpu_share(job, provider)),
             instance_id=prov.instance_id, self_stop_command=provider.self_stop_command(prov.instance_id),
             idle_timeout_s=idle_s, deadline_s=deadline_s, runs_dir=self.opts.runs_dir, job_id=job.job_id)
         attempt.started = time.time()
@@ -240,6 +241,14 @@ class Runner:
             self.ledger.add_event("pipeline_started", f"pid {started.pipeline_pid} in {attempt.job_dir}",
                                   self.run_id, job.job_id)
         return started.attached
+
+    def _cpu_share(self, job: JobPlan, provider: Provider) -> int:
+        """How many jobs may run at once on the machine behind `job`'s host: every instance of a
+        provider with `shares_machine` (this machine, an SSH host) is the same computer."""
+        if not getattr(provider, "shares_machine", False):
+            return 1
+        same = sum(1 for j in self.jobs if j.host_name == job.host_name)
+        return max(1, min(same, self.opts.concurrency))
 
     def _watch(self, job: JobPlan, prov: Provisioned, t: Transport, attempt: "_Attempt",
                status: pl.RemoteStatus | None) -> None:

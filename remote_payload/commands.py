@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             data_dir=Path(args.data), job_dir=job_dir, steps=args.steps,
             max_seconds=args.max_seconds, backend=args.backend, device=args.device,
             scene=args.scene, downscale=args.downscale, seed=args.seed, fps=args.fps,
-            train_options=tuple(args.train_option)))
+            train_options=tuple(args.train_option), cpu_share=args.cpu_share))
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
@@ -123,6 +123,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=_positive_float, default=24.0, help="video frame rate")
     p.add_argument("--train-option", action="append", default=[], type=_key_value,
                    metavar="KEY=VALUE", help="any other TrainConfig field, e.g. log2_hashmap_size=17")
+    p.add_argument("--cpu-share", type=_positive_int, default=1, metavar="N",
+                   help="N jobs share this machine's CPUs: torch uses cpu_count // N threads")
     p.set_defaults(func=cmd_run, log_level=logging.INFO)
 
     p = sub.add_parser("bootstrap", help="detect CUDA/GPU/torch/tcnn, write env.json")

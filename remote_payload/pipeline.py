@@ -46,6 +46,7 @@ class RunOptions:
     seed: int = 0
     fps: float = 24.0
     train_options: tuple[tuple[str, str], ...] = ()   # extra TrainConfig fields, as text
+    cpu_share: int = 1             # jobs sharing this machine's CPUs: torch gets cpu_count // cpu_share threads
 
 
 _NOT_OPTIONS = {"steps", "max_seconds", "backend", "device", "downscale", "seed", "eval"}
@@ -294,6 +295,18 @@ class _Rate:
         return max(0.0, (total - step) * d_t / d_step)
 
 
+def share_cpus(n_jobs: int) -> int:
+    """Give torch cpu_count // n_jobs threads (at least 1) when n_jobs pipelines share this
+    machine. Each torch process otherwise starts one thread per core, and two of them on two
+    cores ran ~4x slower than one thread each (OpenMP threads spinning against each other)."""
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    torch.set_num_threads(threads)
+    log.info("%d jobs share this machine's %s CPUs: %d torch thread(s)", n_jobs, os.cpu_count(), threads)
+    return threads
+
+
 def run_pipeline(opts: RunOptions) -> int:
     """Run the whole pipeline in `opts.job_dir`; 0 on success, else raises the PayloadError
     (already recorded in status.json) whose exit_code the process ends with."""
@@ -307,6 +320,8 @@ def run_pipeline(opts: RunOptions) -> int:
         old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             log.info("pipeline start: pid %d, data %s, job %s", os.getpid(), opts.data_dir, job_dir)
+            if opts.cpu_share > 1:
+                share_cpus(opts.cpu_share)
             Pipeline(opts, writer, stop).run()
             writer.finish("done", 0)   # inside: a signal now still ends in a recorded state
         except PayloadError as exc:

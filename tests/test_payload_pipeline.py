@@ -249,6 +249,16 @@ def test_out_of_memory_is_exit_4(scene: Path, tmp_path: Path) -> None:
     assert status(job)["exit_code"] == 4
 
 
+def test_cpu_share_gives_torch_its_part_of_the_cores(scene: Path, tmp_path: Path) -> None:
+    # 1000 jobs on this machine: one thread each (any machine with fewer than 2000 CPUs)
+    job = tmp_path / "job"
+    res = run_cmd("run", "--data", str(scene), "--job-dir", str(job), *FAST, "--steps", "3", "--cpu-share", "1000")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((job / "out" / "summary.json").read_text())
+    assert summary["device_name"].endswith("CPU (1 threads)"), summary["device_name"]
+    assert f"1000 jobs share this machine's {os.cpu_count()} CPUs: 1 torch thread(s)" in (job / "log.txt").read_text()
+
+
 def test_bad_train_option_is_rejected_before_anything_runs(scene: Path, tmp_path: Path) -> None:
     job = tmp_path / "job"
     res = run_cmd("run", "--data", str(scene), "--job-dir", str(job), "--train-option",

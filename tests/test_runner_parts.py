@@ -267,3 +267,24 @@ def test_failed_setup_releases_the_instance_and_exits_1(tmp_path: Path) -> None:
         assert con.execute("SELECT status FROM jobs").fetchall() == [("failed",)]
     finally:
         con.close()
+
+
+def test_jobs_on_one_machine_split_its_cpus() -> None:
+    from types import SimpleNamespace as NS
+
+    from orchestrator.runner import Runner
+
+    jobs = [NS(host_name="here"), NS(host_name="here"), NS(host_name="here"), NS(host_name="vast")]
+    runner = Runner(jobs, ledger=None, run_id="r", options=NS(concurrency=2), guard=None, view=None,  # type: ignore[arg-type]
+                    stop=None)  # type: ignore[arg-type]
+    local, cloud = NS(shares_machine=True), NS()
+    assert runner._cpu_share(jobs[0], local) == 2        # 3 jobs on "here", at most 2 at once
+    assert runner._cpu_share(jobs[3], local) == 1        # alone on its host
+    assert runner._cpu_share(jobs[0], cloud) == 1        # every cloud instance is its own machine
+    runner.opts = NS(concurrency=8)
+    assert runner._cpu_share(jobs[0], local) == 3
+    from orchestrator.payload import run_args
+
+    kw = dict(data_dir="d", job_dir="j", steps=5, backend="auto", device="auto", scene="s", max_seconds=None,
+              downscale=1, seed=0)
+    assert run_args(**kw, cpu_share=3).endswith(" --cpu-share 3") and "--cpu-share" not in run_args(**kw)

@@ -34,6 +34,7 @@ MARKER = "ORCHESTRATE_INSTANCE"
 
 class LocalProvider:
     name = "local"
+    shares_machine = True          # every instance is this machine: concurrent jobs split its CPUs
     transport_kind = "local"
     billing = BillingRules(granularity_s=1.0)
 

@@ -149,6 +149,7 @@ class SSHProvider:
     """Provider for hand-rented SSH hosts (see the module docstring)."""
 
     name = "ssh"
+    shares_machine = True          # one rented machine: concurrent jobs on it split its CPUs
     transport_kind = "ssh"
     billing = BillingRules(granularity_s=1.0)
 
