@@ -35,7 +35,7 @@ hosts:
 datasets:
   tiny: {generate: {size: 16, seed: 0}}
 experiments:
-  - {name: cal, dataset: tiny, scenes: [default], hosts: [here], steps: 10, backend: torch}
+  - {name: cal, dataset: tiny, scenes: [default], hosts: [here], steps: 200, backend: torch}
 """
 
 
