@@ -157,17 +157,13 @@ class _GatherBlend(torch.autograd.Function):
             g = g.float()
         w = weights.to(g.dtype)
         flat = rows.reshape(-1).to(torch.int64)                                        # scatter_add_ wants int64
-        if F_ % 2 == 0 and g.device.type == "cpu":                                    # complex scatter: CPU-tested
-            gc = torch.view_as_complex(g.contiguous().view(L, N, F_ // 2, 2))              # (L, N, F/2)
-            grad = torch.zeros((P, F_ // 2), dtype=gc.dtype, device=g.device)
-            for k in range(F_ // 2):
-                grad[:, k].scatter_add_(0, flat, (w * gc[:, :, k].unsqueeze(1)).reshape(-1))
-            grad_table = torch.view_as_real(grad).reshape(P, F_)
-        else:
-            grad_table = torch.zeros((F_, P), dtype=g.dtype, device=g.device)
-            for k in range(F_):
-                grad_table[k].scatter_add_(0, flat, (w * g[:, :, k].unsqueeze(1)).reshape(-1))
-            grad_table = grad_table.T.contiguous()
+        pairs = F_ % 2 == 0 and g.device.type == "cpu"                                 # complex scatter: CPU-tested
+        chans = torch.view_as_complex(g.contiguous().view(L, N, F_ // 2, 2)) if pairs else g   # (L, N, K)
+        grad = torch.zeros((chans.shape[2], P), dtype=chans.dtype, device=g.device)          # (K, P)
+        for k in range(chans.shape[2]):
+            grad[k].scatter_add_(0, flat, (w * chans[:, :, k].unsqueeze(1)).reshape(-1))
+        grad = grad.T.contiguous()                                                         # (P, K)
+        grad_table = (torch.view_as_real(grad) if pairs else grad).reshape(P, F_)
         grad_table = grad_table.to(ctx.table_dtype)
         return grad_table, None, None
 
