@@ -16,7 +16,7 @@ from orchestrator.config import (GENERATOR_SCENES, ExperimentsConfig, HostConfig
                                  load_config, parse_config)
 from orchestrator.errors import ConfigError
 from orchestrator.estimate import estimate_plan
-from orchestrator.plan import expand
+from orchestrator.config.plan import expand
 
 VALID = textwrap.dedent("""\
     name: t

@@ -8,7 +8,7 @@ from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState, make_label
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
-from orchestrator.reconcile import down_orphans, find_orphans, hold_run_lock, lock_path, run_is_live
+from orchestrator.run.reconcile import down_orphans, find_orphans, hold_run_lock, lock_path, run_is_live
 from orchestrator.testing.fakecloud import fake_cloud, host_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sshd

@@ -18,11 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..budget import BudgetGuard, check_estimate, effective_budget
+from ..run.budget import BudgetGuard, check_estimate, effective_budget
 from ..errors import BudgetError
 from ..ledger import Ledger
-from ..live import LiveView
-from ..runner import JobOutcome, Runner, RunOptions
+from ..run.live import LiveView
+from ..run.runner import JobOutcome, Runner, RunOptions
 from . import (add_json_flag, confirm, estimate_table, is_tty, load_and_plan, money, print_table,
                positive_float, positive_int)
 
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace, loaded: Any, budget: Any, ledger: Ledger, run_id: str) -> int:
-    from ..reconcile import hold_run_lock
+    from ..run.reconcile import hold_run_lock
 
     runs_dir = (args.runs_dir or args.config.resolve().parent / "runs").resolve()
     stop = threading.Event()

@@ -1,13 +1,20 @@
 """The provider interface: a small set of calls, plain dataclasses across the boundary.
 
-Providers talk to their API only: they never open SSH and never write the ledger. The SSH
-endpoint is never cached by callers: read it from `describe()` before every connect.
+Providers talk to their API only: they never open SSH and never write the ledger (a boundary
+test enforces both). The SSH endpoint is never cached by callers: read it from `describe()`
+before every connect. Optional capabilities (sharing one machine, a boot guard, a self-stop
+command, a shutdown the controller runs over SSH, where the work root is, which keys to offer)
+are declared on `Provider` with defaults, so callers never probe with getattr.
 """
 from __future__ import annotations
 
+import builtins
 import enum
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
+
+from ..transport.endpoint import Endpoint
 
 
 class InstanceState(str, enum.Enum):
@@ -19,16 +26,6 @@ class InstanceState(str, enum.Enum):
     TERMINATED = "terminated"  # gone; nothing billed
     ERROR = "error"            # the provider says it failed (may still need destroy)
     UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    user: str = "root"
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +82,50 @@ def make_label(run_id: str, job_id: str) -> str:
     return f"{LABEL_PREFIX}-{run_id}-{job_id}"
 
 
-@runtime_checkable
-class Provider(Protocol):
-    name: str
-    transport_kind: str      # "local" or "ssh": which transport reaches its instances
-    billing: BillingRules
+class Provider(ABC):
+    """What every provider implements (the calls) and may declare (the capabilities)."""
 
+    name: ClassVar[str]
+    transport_kind: ClassVar[str]            # "local" or "ssh": which transport reaches its instances
+    billing: BillingRules = BillingRules()     # per instance where the price list says so
+    shares_machine: ClassVar[bool] = False   # every instance is one machine: concurrent jobs split it
+
+    @abstractmethod
     def offers(self, gpu: str) -> list[Offer]: ...
+    @abstractmethod
     def create(self, spec: InstanceSpec) -> str: ...
+    @abstractmethod
     def start(self, instance_id: str) -> None: ...
+    @abstractmethod
     def stop(self, instance_id: str) -> None: ...
+    @abstractmethod
     def destroy(self, instance_id: str) -> None: ...
+    @abstractmethod
     def describe(self, instance_id: str) -> InstanceInfo: ...
-    def list(self, label_prefix: str) -> list[InstanceInfo]: ...
+    @abstractmethod
+    def list(self, label_prefix: str) -> builtins.list[InstanceInfo]: ...
 
+    # -- capabilities, with the default of a provider that has none ------------------------------
     def self_stop_command(self, instance_id: str) -> str | None:
         """A shell command that stops this instance when run ON the instance, without the
         controller (used by the on-host watchdog); None when the provider has none."""
-        ...
+        return None
+
+    def boot_guard(self, *, root: str, idle_timeout_s: float) -> str | None:
+        """A start-up command that stops the instance when no controller shows up (vast.ai
+        `onstart`, RunPod start command); None when the provider cannot run one."""
+        return None
+
+    def host_shutdown_command(self, instance_id: str) -> str | None:
+        """A command the controller runs on the host over SSH to stop the meter before `stop`
+        (a machine rented by hand that stops billing when it powers off); None: `stop` suffices."""
+        return None
+
+    def work_root(self, instance_id: str) -> str | None:
+        """The instance's work root when the provider fixes it (the local provider's directory);
+        None: the transport's default (`host.root` or `~/orchestrate`)."""
+        return None
+
+    def identity_files(self) -> list[str]:
+        """Private keys to offer when the host config names none (an ssh alias's IdentityFile)."""
+        return []

@@ -22,7 +22,7 @@ import httpx
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, host_attr, json_body, num
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def parse_instance(d: dict[str, Any], user: str = "ubuntu") -> InstanceInfo:
                         currency="USD", raw_state=status)
 
 
-class LambdaProvider:
+class LambdaProvider(Provider):
     name = "lambda"
     transport_kind = "ssh"
 

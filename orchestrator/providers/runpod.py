@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
 
@@ -103,7 +103,7 @@ def parse_gpu_offer(g: dict[str, Any]) -> Offer:
                  available=price is not None and bool(stock), offer_id=str(g.get("id") or ""))
 
 
-class RunPodProvider:
+class RunPodProvider(Provider):
     name = "runpod"
     transport_kind = "ssh"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
 
@@ -99,7 +99,7 @@ def parse_offer(d: dict[str, Any]) -> Offer | None:
                  gpu_count=int(num(d.get("num_gpus")) or 1))
 
 
-class VastProvider:
+class VastProvider(Provider):
     name = "vastai"
     transport_kind = "ssh"
 

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from ..errors import DatasetInvalid, StagingError
 from ..secrets import redact
+from .common import payload_cmd
 
 if TYPE_CHECKING:
     from ..config import DatasetConfig
@@ -86,7 +87,6 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
                    mirrors: list[str], sha256: dict[str, str], tuning: StageTuning,
                    progress: StageProgress | None, from_local: str | None = None) -> HostStageResult:
     """Start `remote_payload stage` detached on the host and follow it to its end (bounded)."""
-    from . import payload_cmd   # late: the package imports this module
 
     tag = uuid.uuid4().hex[:8]
     status = f"{dest}/.stage-{scene}-{tag}.json"

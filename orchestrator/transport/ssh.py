@@ -24,7 +24,7 @@ from typing import Any, Callable
 import paramiko
 
 from ..errors import CommandError, ConnectError, HostKeyMismatch, OrchestratorError, TransportError
-from ..providers.base import Endpoint
+from .endpoint import Endpoint
 from ..secrets import redact
 from . import tarstream
 from .base import CommandResult, ProgressFn, TransferStats
@@ -126,7 +126,10 @@ class SSHTransport:
             return None
         kind = self.pinned_key.split()[0]
         allowed = set(_RSA_ALGS) if kind in _RSA_ALGS else {kind}
-        others = [k for k in paramiko.Transport._preferred_keys if k not in allowed]
+        # every host key type paramiko implements, from its public key classes
+        known = {name for cls in (paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key)
+                 for name in cls.identifiers() if "-cert-" not in name}
+        others = sorted(known - allowed)
         return {"keys": others}
 
     def _connect_once(self, ep: Endpoint) -> paramiko.SSHClient:
@@ -389,7 +392,7 @@ def connect_ssh(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any,
         return info.endpoint
 
     auth = auth_from_host(host_cfg)
-    if not auth.identity_file and not auth.password and hasattr(provider, "identity_files"):
+    if not auth.identity_file and not auth.password:
         keys = provider.identity_files()          # an ssh_alias's IdentityFile from ~/.ssh/config
         if keys:
             auth = SSHAuth(identity_file=keys[0])
@@ -401,7 +404,7 @@ def connect_ssh(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any,
 def _refresh_ssh_config(ledger: Any) -> None:
     """Rewrite the managed include file when the user has one (never adds the Include line)."""
     try:
-        from ..sshconfig import refresh_if_present
+        from .sshconfig import refresh_if_present
         refresh_if_present(ledger)
     except Exception as exc:  # a stale editor config must never stop a paid job
         log.warning("could not refresh the managed ssh config: %s", redact(str(exc)))

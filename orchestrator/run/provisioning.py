@@ -8,15 +8,15 @@ raises may still have made an instance (timeouts, 5xx after commit): we look for
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
-
-from .errors import CapacityError, OrchestratorError, ProviderError
-from .ledger import DESTROYED, FAILED, RUNNING, STOPPED, Ledger
-from .providers.base import InstanceInfo, InstanceSpec, InstanceState, Provider
-from .secrets import redact
+from ..config import HostConfig
+from ..errors import CapacityError, OrchestratorError, ProviderError
+from ..ledger import DESTROYED, FAILED, RUNNING, STOPPED, Ledger
+from ..providers.base import InstanceInfo, InstanceSpec, InstanceState, Provider
+from ..secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,12 @@ class PriceChoice:
     offer_id: str | None
 
 
-def choose_price(provider: Provider, host: Any) -> PriceChoice:
+def choose_price(provider: Provider, host: HostConfig) -> PriceChoice:
     """The price recorded at provisioning: the host's own figure, else the cheapest offer."""
-    if getattr(host, "price_per_hour", None) is not None:
-        return PriceChoice(float(host.price_per_hour), str(getattr(host, "currency", None) or "USD"), None)
-    gpu = str(getattr(host, "gpu", "") or "")
-    cap = getattr(host, "max_price_per_hour", None)
+    if host.price_per_hour is not None:
+        return PriceChoice(float(host.price_per_hour), host.currency or "USD", None)
+    gpu = host.gpu or ""
+    cap = host.max_price_per_hour
     offers = [o for o in provider.offers(gpu) if o.available and (cap is None or o.price_per_hour <= cap)]
     if not offers:
         raise CapacityError(f"{provider.name}: no available offer for {gpu or 'the requested GPU'}"
@@ -51,18 +51,18 @@ def choose_price(provider: Provider, host: Any) -> PriceChoice:
     return PriceChoice(best.price_per_hour, best.currency, best.offer_id)
 
 
-def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job_id: str,
+def provision(provider: Provider, host: HostConfig, *, ledger: Ledger, run_id: str, job_id: str,
               label: str, ready_timeout_s: float = 900.0,
               stop: threading.Event | None = None) -> Provisioned:
     """Create an instance and wait until it is RUNNING; the ledger follows every step."""
     price = choose_price(provider, host)
-    spec = InstanceSpec(label=label, gpu=str(getattr(host, "gpu", "") or ""), offer_id=price.offer_id,
-                        max_price_per_hour=getattr(host, "max_price_per_hour", None),
-                        image=getattr(host, "image", None),
-                        disk_gb=float(getattr(host, "disk_gb", None) or 20.0),
-                        region=getattr(host, "region", None), onstart=_boot_guard(provider, host))
+    spec = InstanceSpec(label=label, gpu=host.gpu or "", offer_id=price.offer_id,
+                        max_price_per_hour=host.max_price_per_hour, image=host.image,
+                        disk_gb=float(host.disk_gb or 20.0), region=host.region,
+                        onstart=provider.boot_guard(root=host.root or "~/orchestrate",
+                                                    idle_timeout_s=float(host.idle_timeout_s or 600.0)))
     billing = provider.billing
-    row_id = ledger.record_intent(run_id=run_id, job_id=job_id, host_name=str(getattr(host, "name", "")),
+    row_id = ledger.record_intent(run_id=run_id, job_id=job_id, host_name=host.name,
                                   provider=provider.name, label=label, gpu=spec.gpu,
                                   price_per_hour=price.price_per_hour, currency=price.currency,
                                   granularity_s=billing.granularity_s,
@@ -83,22 +83,13 @@ def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job
     except BaseException:
         # The caller never sees a Provisioned, so its teardown cannot release this one: do it here
         # (a boot that failed, timed out or was interrupted costs what it cost, not a leak).
-        release(provider, instance_id, row_id, ledger=ledger, destroy=True, run_id=run_id, job_id=job_id)
+        release(provider, instance_id, row_id, ledger=ledger, destroy=True, run_id=run_id, job_id=job_id,
+                host=host)
         raise
     ledger.set_instance_state(row_id, RUNNING, note=info.raw_state or None)
     if info.endpoint is not None:
         ledger.set_endpoint(row_id, str(info.endpoint))
     return result
-
-
-def _boot_guard(provider: Provider, host: Any) -> str | None:
-    """The provider's start-up dead-man's switch, where it has one (vast.ai `onstart`): it stops
-    the instance when the controller dies before the pipeline's own watchdog starts."""
-    guard = getattr(provider, "boot_guard", None)
-    if guard is None:
-        return None
-    return guard(root=str(getattr(host, "root", None) or "~/orchestrate"),
-                 idle_timeout_s=float(getattr(host, "idle_timeout_s", None) or 600.0))
 
 
 def _cleanup_failed_create(provider: Provider, label: str, ledger: Ledger, row_id: int,
@@ -150,11 +141,14 @@ def wait_running(provider: Provider, instance_id: str, *, timeout_s: float,
 
 
 def release(provider: Provider, instance_id: str, row_id: int, *, ledger: Ledger, destroy: bool = True,
-            run_id: str | None = None, job_id: str | None = None) -> bool:
+            run_id: str | None = None, job_id: str | None = None, host: HostConfig | None = None) -> bool:
     """Stop or destroy; the ledger's billing interval is closed only when the provider agreed.
-    Returns False (and logs an event) when it failed, so `orchestrate down` can retry."""
+    Returns False (and logs an event) when it failed, so `orchestrate down` can retry.
+    A provider whose meter stops only when the machine powers off (an SSH host with
+    `shutdown_on_host`) gets its shutdown run over SSH here, before `stop`/`destroy`."""
     what = "destroy" if destroy else "stop"
     try:
+        _shutdown_on_host(provider, instance_id, row_id, ledger, host)
         (provider.destroy if destroy else provider.stop)(instance_id)
     except Exception as exc:
         msg = f"{provider.name}: {what} {instance_id} failed: {redact(str(exc))}"
@@ -165,3 +159,27 @@ def release(provider: Provider, instance_id: str, row_id: int, *, ledger: Ledger
     ledger.add_event(f"instance_{'destroyed' if destroy else 'stopped'}", f"{provider.name} {instance_id}",
                      run_id, job_id)
     return True
+
+
+def _shutdown_on_host(provider: Provider, instance_id: str, row_id: int, ledger: Ledger,
+                      host: HostConfig | None) -> None:
+    command = provider.host_shutdown_command(instance_id)
+    if command is None:
+        return
+    if host is None:
+        raise ProviderError(f"{provider.name}: {instance_id} stops by a shutdown over SSH, and its host "
+                            "entry is not at hand", provider=provider.name, instance_id=instance_id,
+                            hint="pass --config experiments.yaml")
+    from ..transport.ssh import SSHTransport, auth_from_host
+    info = provider.describe(instance_id)
+    if info.endpoint is None:
+        raise ProviderError(f"{provider.name}: {instance_id} has no SSH endpoint to run the shutdown on",
+                            provider=provider.name, instance_id=instance_id)
+    endpoint = info.endpoint
+    tr = SSHTransport(lambda: endpoint, root="/tmp", auth=auth_from_host(host),
+                      pinned_key=ledger.host_key(row_id), reconnect_deadline_s=60, name=host.name)
+    try:
+        # detached and delayed by a second, so the command returns before the machine goes down
+        tr.run(f"nohup sh -c {shlex.quote('sleep 1; ' + command)} >/dev/null 2>&1 &", timeout_s=30)
+    finally:
+        tr.close()

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import OrchestratorError
-from .ledger import DESTROYED, FAILED, INTENT, JOB_DONE_STATES, OPEN_STATES, Ledger, parse_iso
-from .providers.base import LABEL_PREFIX, InstanceInfo, InstanceState, Provider
-from .secrets import redact
+from ..errors import OrchestratorError
+from ..ledger import DESTROYED, FAILED, INTENT, JOB_DONE_STATES, OPEN_STATES, Ledger, parse_iso
+from ..providers.base import LABEL_PREFIX, InstanceInfo, InstanceState, Provider
+from ..secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def close_vanished(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, 
 def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
     """One provider client per cloud host of the config (or, with no config, per cloud kind in
     the ledger's open rows, using the default API key variables). Unreachable ones are skipped."""
-    from .providers import make_provider
+    from ..providers import make_provider
 
     hosts: list[Any] = []
     if config is not None:
@@ -177,7 +177,7 @@ def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
 def _hosts_from_runs(ledger: Ledger) -> list[Any]:
     """Cloud hosts of the experiments files the ledger's runs came from (newest first), so
     `orchestrate down --orphans` after a crash needs no --config."""
-    from .config import load_config
+    from ..config import load_config
 
     hosts: list[Any] = []
     seen: set[str] = set()
