@@ -13,7 +13,7 @@ from typing import Mapping
 
 # Keep in sync with ngp_train.synth.SCENES (a test checks); the controller must not import ngp_train.
 GENERATOR_SCENES: tuple[str, ...] = ("default", "spheres", "rods", "blocks")
-PROVIDERS: tuple[str, ...] = ("local", "ssh", "vastai", "runpod", "lambda")
+PROVIDERS: tuple[str, ...] = ("local", "ssh", "vastai", "runpod", "lambda", "slurm")
 CLOUD_PROVIDERS: tuple[str, ...] = ("vastai", "runpod", "lambda")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "tcnn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -28,9 +28,15 @@ HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_f
             "password_file", "stop_command", "shutdown_on_host")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
               "region", "user", "identity_file", "ssh_key_name")
+# A Slurm host is its login node (the ssh fields that reach it) plus what sbatch is told; its
+# price is per allocated GPU (or CPU on a CPU partition), so price_per_hour is not among its keys.
+HOST_SLURM = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
+              "password_file", "partition", "account", "qos", "gres", "cpus_per_task", "mem", "time_limit",
+              "sbatch_lines", "setup", "price_per_gpu_hour")
 HOST_KEYS: dict[str, tuple[str, ...]] = {
     "local": HOST_COMMON, "ssh": HOST_COMMON + HOST_SSH,
-    **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS}}
+    **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS},
+    "slurm": tuple(k for k in HOST_COMMON if k != "price_per_hour") + HOST_SLURM}
 DATASET_KEYS = ("generate", "layout", "mirrors", "sha256", "scenes")
 GENERATE_KEYS = ("scene", "size", "seed")
 EXPERIMENT_KEYS = ("name", "dataset", "scenes", "hosts") + SETTINGS
@@ -89,6 +95,16 @@ class HostConfig:
     disk_gb: float | None = None
     region: str | None = None
     ssh_key_name: str | None = None
+    partition: str | None = None             # slurm: what sbatch is told (None: the cluster's default)
+    account: str | None = None
+    qos: str | None = None
+    gres: str | None = None                  # slurm: "gpu:1", "gpu:a100:1"; None on a CPU partition
+    cpus_per_task: int = 1
+    mem: str | None = None                   # slurm: sbatch --mem, e.g. "16G"
+    time_limit_s: float | None = None        # slurm: None: from the estimate with a margin
+    sbatch_lines: tuple[str, ...] = ()       # slurm: extra "#SBATCH ..." lines, verbatim
+    setup: str = ""                          # slurm: shell lines before every Slurm command and task
+    price_per_gpu_hour: float = 0.0          # slurm: internal chargeback per allocated GPU (or CPU)
     gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
     line: int = 0                            # where the host is defined, for later messages
 

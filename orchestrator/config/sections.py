@@ -19,6 +19,8 @@ from .reader import Reader, check_currency, check_name
 from .source import YMap, YSeq, fail
 
 def _provider_of(key: str) -> str | None:
+    if key in c.HOST_SLURM and key not in c.HOST_SSH and key not in c.HOST_CLOUD:
+        return "slurm"
     if key in c.HOST_SSH and key not in c.HOST_CLOUD:
         return "ssh"
     if key in c.HOST_CLOUD and key not in c.HOST_SSH:
@@ -42,12 +44,15 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
 
     r.keys(m, allowed, path, elsewhere)
     local = provider == "local"
-    price = r.get(m, "price_per_hour", path, "num", lo=0)
+    price = r.get(m, "price_per_hour", path, "num", lo=0) if "price_per_hour" in allowed else None
+    slurm = parse_slurm(r, m, path) if provider == "slurm" else {}
+    if slurm:
+        price = slurm["price_per_gpu_hour"] * slurm_units(slurm["gres"], slurm["cpus_per_task"])
     if provider == "ssh" and price is None:
         r.fail(m, None, f"{path}.price_per_hour",
                "missing; an ssh host needs what it costs you per hour, e.g. price_per_hour: 15 "
                "with currency: CNY")
-    gpu_raw = r.get(m, "gpu", path, "str", default="cpu" if local else None)
+    gpu_raw = r.get(m, "gpu", path, "str", default="cpu" if local or (slurm and not slurm["gres"]) else None)
     if gpu_raw is None:
         r.fail(m, None, f"{path}.gpu", f"missing; name the GPU, e.g. gpu: RTX 4090 "
                f"(known: {', '.join(catalog.gpu_names())})")
@@ -87,7 +92,8 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
         if base and not base.startswith(("http://", "https://")):
             r.fail(m, "api_base", f"{path}.api_base", f"{base!r} is not an http(s) URL")
         fields["api_base"] = base
-    if provider == "ssh":
+    fields.update(slurm)
+    if provider in ("ssh", "slurm"):
         ways = [k for k in ("host", "ssh_alias", "endpoint_command") if fields.get(k)]
         if len(ways) != 1:
             r.fail(m, ways[1] if len(ways) > 1 else None, path,
@@ -125,6 +131,55 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
                 r.fail(m, f"{kind}_file", f"{path}.{kind}_file", f"{reason}; the file must hold the {kind}")
         fields[f"{kind}_env"], fields[f"{kind}_file"] = env, file
     return c.HostConfig(**fields)
+
+
+def slurm_units(gres: str | None, cpus_per_task: int) -> int:
+    """What a Slurm task is charged for: its GPUs (the gres count), or its CPUs without a GPU."""
+    if not gres:
+        return cpus_per_task
+    last = gres.rsplit(":", 1)[-1]
+    return int(last) if last.isdigit() and ":" in gres else 1
+
+
+def slurm_time_s(text: str) -> float | None:
+    """Seconds of a Slurm time limit: "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS"."""
+    days, _, rest = text.strip().rpartition("-") if "-" in text else ("", "", text.strip())
+    parts = rest.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        return None
+    n = [int(p) for p in parts]
+    if days:   # with days, the fields are hours[:minutes[:seconds]]
+        secs = n[0] * 3600 + (n[1] * 60 if len(n) > 1 else 0) + (n[2] if len(n) > 2 else 0)
+        return float(int(days) * 86400 + secs)
+    secs = {1: n[0] * 60, 2: n[0] * 60 + n[-1], 3: n[0] * 3600 + n[1] * 60 + n[-1]}[len(n)]
+    return float(secs)
+
+
+def parse_slurm(r: Reader, m: YMap, path: str) -> dict[str, Any]:
+    """The Slurm settings of a host (its login node's ssh fields are read with the ssh ones)."""
+    out: dict[str, Any] = {k: r.get(m, k, path, "str") for k in ("partition", "account", "qos", "mem")}
+    gres = r.get(m, "gres", path, "str", default="gpu:1")
+    out["gres"] = None if gres.strip().lower() in ("", "none") else gres.strip()
+    if out["gres"] and not out["gres"].startswith("gpu"):
+        r.fail(m, "gres", f"{path}.gres", f"{gres!r}: expected gpu:<count> or gpu:<type>:<count> "
+               "(or none on a CPU partition)")
+    out["cpus_per_task"] = r.get(m, "cpus_per_task", path, "int", default=1, lo=1)
+    limit = r.get(m, "time_limit", path, "str")
+    out["time_limit_s"] = None
+    if limit is not None:
+        out["time_limit_s"] = slurm_time_s(limit)
+        if not out["time_limit_s"]:
+            r.fail(m, "time_limit", f"{path}.time_limit", f"{limit!r} is not a Slurm time limit; "
+                   "write minutes or [D-]HH:MM:SS, e.g. time_limit: \"2:00:00\"")
+    lines = r.str_list(m, "sbatch_lines", path)
+    for i, line in enumerate(lines):
+        if not line.startswith("#SBATCH "):
+            fail(r.filename, m.value_lines["sbatch_lines"], f"{path}.sbatch_lines[{i}]",
+                 f"{line!r} does not start with \"#SBATCH \"")
+    out["sbatch_lines"] = lines
+    out["setup"] = r.get(m, "setup", path, "str", default="")
+    out["price_per_gpu_hour"] = r.get(m, "price_per_gpu_hour", path, "num", default=0.0, lo=0)
+    return out
 
 
 def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:

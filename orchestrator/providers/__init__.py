@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "vastai": "orchestrator.providers.vastai:VastProvider",
     "runpod": "orchestrator.providers.runpod:RunPodProvider",
     "lambda": "orchestrator.providers.lambdalabs:LambdaProvider",
+    "slurm": "orchestrator.providers.slurm:SlurmProvider",
 }
 
 
