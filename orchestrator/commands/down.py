@@ -58,11 +58,15 @@ def _provider_for(row: InstanceRow, ledger: Ledger, cli_config: ExperimentsConfi
             config = None
     host = config.hosts.get(row.host_name) if config is not None else None
     if host is None:
-        if row.provider == "ssh":
+        if row.provider in ("ssh", "slurm"):
             raise ConfigError(f"instance {row.instance_id}: the host {row.host_name!r} is not in any "
                               "experiments file at hand", hint="pass --config experiments.yaml")
         host = HostConfig(name=row.host_name, provider=row.provider, gpu=row.gpu)
-    return make_provider(host), host
+    provider = make_provider(host)
+    if row.provider == "slurm":      # its scheduler is reached through the login node
+        from ..run.slurm import bind_login
+        bind_login(provider, host)
+    return provider, host
 
 
 def main(args: argparse.Namespace) -> int:

@@ -108,7 +108,8 @@ def _execute(args: argparse.Namespace, loaded: Any, budget: Any, ledger: Ledger,
             runner = Runner(loaded.jobs, ledger=ledger, run_id=run_id,
                             options=RunOptions(runs_dir=runs_dir, concurrency=args.concurrency),
                             guard=BudgetGuard(budget, ledger, run_id), view=view, stop=stop)
-            outcomes = runner.run_all()
+            from ..run.slurm import run_all   # jobs on slurm hosts go as one array per host
+            outcomes = run_all(runner)
     finally:
         _restore_handlers(signals)
     statuses = {o.status for o in outcomes}

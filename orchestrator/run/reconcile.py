@@ -33,6 +33,7 @@ from ..secrets import redact
 log = logging.getLogger(__name__)
 
 CLOUD_KINDS = ("vastai", "runpod", "lambda")
+ORPHAN_KINDS = CLOUD_KINDS + ("slurm",)     # providers that can list what carries our label
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +157,7 @@ def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
 
     hosts: list[Any] = []
     if config is not None:
-        hosts = [h for h in getattr(config, "hosts", {}).values() if getattr(h, "provider", None) in CLOUD_KINDS]
+        hosts = [h for h in getattr(config, "hosts", {}).values() if getattr(h, "provider", None) in ORPHAN_KINDS]
     else:
         hosts = _hosts_from_runs(ledger)
         kinds = {getattr(h, "provider", None) for h in hosts}
@@ -165,10 +166,15 @@ def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
     out: dict[str, Provider] = {}
     for host in hosts:
         key = f"{host.provider}|{getattr(host, 'api_base', None)}|{getattr(host, 'api_key_env', None)}"
+        if host.provider == "slurm":
+            key += f"|{host.name}"
         if key in out:
             continue
         try:
             out[key] = make_provider(host)
+            if host.provider == "slurm":
+                from .slurm import bind_login
+                bind_login(out[key], host)
         except OrchestratorError as exc:
             log.warning("cannot check %s for orphans: %s", host.provider, exc)
     return out
@@ -192,7 +198,7 @@ def _hosts_from_runs(ledger: Ledger) -> list[Any]:
             log.warning("orphan check: cannot read %s: %s", path, exc)
             continue
         hosts += [h for h in getattr(config, "hosts", {}).values()
-                  if getattr(h, "provider", None) in CLOUD_KINDS]
+                  if getattr(h, "provider", None) in ORPHAN_KINDS]
     return hosts
 
 
