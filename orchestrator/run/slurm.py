@@ -218,7 +218,7 @@ class SlurmArray:
                            device=j.device, scene=j.scene, max_seconds=j.max_seconds, downscale=j.downscale,
                            seed=j.seed, cpu_share=1)
         return (f"cd {shlex.quote(t.job_dir)} && exec env PYTHONUNBUFFERED=1 ORCHESTRATE_INSTANCE=$SLURM_JOB_ID "
-                f"{pl.payload_command(self.host.python, self.payload_dir, args)} >log.txt 2>&1")
+                f"{pl.payload_command(self.host.python, self.payload_dir, args)} >>log.txt 2>&1")
 
     def _submit(self, provider: SlurmProvider, tr: SSHTransport, ready: list[_Task]) -> None:
         r = self.r
