@@ -20,7 +20,7 @@ CASES = [
      ":13: hosts.vast.gpu: unknown GPU 'RTX 4900'; did you mean 'RTX 4090'? "
      "(or give price_per_hour for a GPU the catalog does not list)"),
     ("unknown provider", replace_line(VALID, 5, "  here: {provider: aws}"),
-     ":5: hosts.here.provider: unknown provider 'aws'; expected one of: local, ssh, vastai, runpod, lambda"),
+     ":5: hosts.here.provider: unknown provider 'aws'; expected one of: local, ssh, vastai, runpod, lambda, slurm"),
     ("negative steps", replace_line(VALID, 28, "    steps: -1"), ":28: experiments[1].steps: must be >= 1, got -1"),
     ("missing scene", replace_line(VALID, 22, "    scenes: [lego]"),
      ":22: experiments[0].scenes: unknown generated scene 'lego' for dataset 'demo'; "

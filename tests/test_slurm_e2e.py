@@ -20,9 +20,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -82,14 +83,14 @@ datasets:
     hosts: [cluster]
     steps: {steps}
     device: cpu
-""" + ("""\
+""" + (f"""\
   - name: bad
     dataset: broken
     scenes: [lego]
     hosts: [cluster]
     steps: {steps}
     device: cpu
-""".format(steps=steps) if bad else ""))
+""" if bad else ""))
 
 
 def env_for(tmp: Path) -> dict[str, str]:

@@ -151,8 +151,11 @@ def slurm_time_s(text: str) -> float | None:
     if days:   # with days, the fields are hours[:minutes[:seconds]]
         secs = n[0] * 3600 + (n[1] * 60 if len(n) > 1 else 0) + (n[2] if len(n) > 2 else 0)
         return float(int(days) * 86400 + secs)
-    secs = {1: n[0] * 60, 2: n[0] * 60 + n[-1], 3: n[0] * 3600 + n[1] * 60 + n[-1]}[len(n)]
-    return float(secs)
+    if len(n) == 1:
+        return float(n[0] * 60)
+    if len(n) == 2:
+        return float(n[0] * 60 + n[1])
+    return float(n[0] * 3600 + n[1] * 60 + n[2])
 
 
 def parse_slurm(r: Reader, m: YMap, path: str) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import builtins
 import math
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import ProviderError
 from .base import LABEL_PREFIX, BillingRules, InstanceInfo, InstanceSpec, InstanceState, Offer

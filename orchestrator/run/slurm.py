@@ -22,18 +22,30 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from . import payload as pl
 from ..errors import JobError, OrchestratorError, ProviderError
 from ..ledger import DESTROYED, FAILED, OPEN_STATES
 from ..providers.base import make_label
-from ..providers.slurm import (SlurmProvider, TaskState, accounting_command, array_name, batch_script,
-                               cancel_command, parse_accounting, parse_sbatch, parse_squeue,
-                               squeue_command, time_limit_s, with_setup)
+from ..providers.slurm import (
+    SlurmProvider,
+    TaskState,
+    accounting_command,
+    array_name,
+    batch_script,
+    cancel_command,
+    parse_accounting,
+    parse_sbatch,
+    parse_squeue,
+    squeue_command,
+    time_limit_s,
+    with_setup,
+)
 from ..secrets import redact
 from ..staging import stage_dataset
+from ..transport.base import Transport
 from ..transport.ssh import SSHTransport, auth_from_host
+from . import payload as pl
 from .runner import EXIT_INTERRUPTED, JobOutcome, JobPlan, Runner
 
 log = logging.getLogger(__name__)
@@ -73,7 +85,7 @@ def run_all(runner: Runner) -> list[JobOutcome]:
     return [found[j.job_id] for j in runner.jobs]
 
 
-def login_transport(provider: SlurmProvider, host: Any) -> SSHTransport:
+def login_transport(provider: SlurmProvider, host: Any) -> Transport:
     """An SSH transport to the login node, bound to `provider` (its commands run through it).
     The host key is pinned at first contact for the life of the connection."""
     holder: dict[str, SSHTransport] = {}
@@ -90,10 +102,10 @@ def login_transport(provider: SlurmProvider, host: Any) -> SSHTransport:
         return res.exit_code, res.stdout, res.stderr
 
     provider.bind(execute)
-    return t
+    return cast(Transport, t)
 
 
-def bind_login(provider: Any, host: Any) -> SSHTransport | None:
+def bind_login(provider: Any, host: Any) -> Transport | None:
     """For `orchestrate down`: a Slurm provider gets its login-node connection (returned, for
     the caller to close); any other provider is left as it is (None)."""
     if not isinstance(provider, SlurmProvider):
@@ -143,7 +155,7 @@ class SlurmArray:
         if not todo:
             return self._outcomes()
         provider = SlurmProvider(self.host)
-        transport: SSHTransport | None = None
+        transport: Transport | None = None
         try:
             transport = login_transport(provider, self.host)
             self._prepare(provider, transport, todo)
@@ -171,7 +183,7 @@ class SlurmArray:
         return [t.outcome for t in self.tasks if t.outcome is not None]
 
     # -- before the array -----------------------------------------------------------------------
-    def _prepare(self, provider: SlurmProvider, tr: SSHTransport, todo: list[_Task]) -> None:
+    def _prepare(self, provider: SlurmProvider, tr: Transport, todo: list[_Task]) -> None:
         """Payload once, each dataset scene once (a bad one fails its jobs only), job dirs."""
         r = self.r
         for t in todo:
@@ -220,7 +232,7 @@ class SlurmArray:
         return (f"cd {shlex.quote(t.job_dir)} && exec env PYTHONUNBUFFERED=1 ORCHESTRATE_INSTANCE=$SLURM_JOB_ID "
                 f"{pl.payload_command(self.host.python, self.payload_dir, args)} >>log.txt 2>&1")
 
-    def _submit(self, provider: SlurmProvider, tr: SSHTransport, ready: list[_Task]) -> None:
+    def _submit(self, provider: SlurmProvider, tr: Transport, ready: list[_Task]) -> None:
         r = self.r
         for i, t in enumerate(ready):
             t.index = i
@@ -252,7 +264,7 @@ class SlurmArray:
             parts.append(f"echo '@@ {t.index}'; cat {shlex.quote(t.job_dir)}/status.json 2>/dev/null; echo")
         return with_setup(self.host, "; ".join(parts))
 
-    def _follow(self, provider: SlurmProvider, tr: SSHTransport, ready: list[_Task]) -> None:
+    def _follow(self, provider: SlurmProvider, tr: Transport, ready: list[_Task]) -> None:
         """Until no task of the array is queued or running: the live view, task starts into the
         ledger, and at Ctrl-C or the budget cap one scancel of the array."""
         r = self.r
@@ -335,8 +347,7 @@ class SlurmArray:
             time.sleep(min(5.0, 0.5 * (attempt + 1)))
         return found
 
-    def _settle(self, provider: SlurmProvider, tr: SSHTransport, ready: list[_Task]) -> None:
-        r = self.r
+    def _settle(self, provider: SlurmProvider, tr: Transport, ready: list[_Task]) -> None:
         acct = self._accounting(provider, ready)
         for t in ready:
             self._bill(t, acct.get(t.index))
@@ -365,7 +376,7 @@ class SlurmArray:
                                          f"{acct.billed_units()} unit(s) allocated")
         r.ledger.record_phase(r.run_id, t.job.job_id, "train", start, start + acct.elapsed_s)
 
-    def _result(self, tr: SSHTransport, t: _Task, acct: TaskState | None) -> None:
+    def _result(self, tr: Transport, t: _Task, acct: TaskState | None) -> None:
         r, jid, s = self.r, t.job.job_id, t.status
         local = r.opts.runs_dir / r.run_id / jid
         code = s.exit_code if s else None
@@ -413,7 +424,7 @@ class SlurmArray:
                                cost=r.ledger.instance_cost(t.row_id) if t.row_id else 0.0,
                                currency=self.host.currency, out_dir=out_dir, error=error and redact(error))
 
-    def _teardown(self, provider: SlurmProvider, tr: SSHTransport | None, todo: list[_Task]) -> None:
+    def _teardown(self, provider: SlurmProvider, tr: Transport | None, todo: list[_Task]) -> None:
         """Nothing of ours may stay queued: scancel whatever is left (an error mid-follow), and
         close every row still open (a task cancelled before it started never billed)."""
         r = self.r

@@ -90,6 +90,7 @@ class SlurmCluster:
             slurmd = free_port()
         host = os.uname().nodename.split(".")[0]
         mem = max(256, _mem_mb() // 2)
+        mem_per_cpu = max(64, mem // (2 * self.cpus))
         self.conf_path.write_text(f"""\
 # written by orchestrator.testing.slurm: a one-node test cluster
 ClusterName=orchtest
@@ -124,7 +125,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
 MessageTimeout=10
 NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem} State=UNKNOWN
-PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE DefMemPerCPU={max(64, mem // (2 * self.cpus))} State=UP
+PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE DefMemPerCPU={mem_per_cpu} State=UP
 """)
 
     def env(self) -> dict[str, str]:
@@ -154,7 +155,7 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE DefMemPerCPU
         self._procs.append(proc)
         return proc
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         why = missing()
         if why:
             raise SlurmClusterError(f"cannot start a test Slurm cluster: {why}")
@@ -186,7 +187,8 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE DefMemPerCPU
         while time.monotonic() < deadline:
             dead = [p for p in self._procs if p.poll() is not None]
             if dead:
-                raise SlurmClusterError(f"{Path(str(dead[0].args[0])).name} exited ({dead[0].returncode}) "
+                name = Path(str(dead[0].args[0] if isinstance(dead[0].args, list) else dead[0].args)).name
+                raise SlurmClusterError(f"{name} exited ({dead[0].returncode}) "
                                         f"waiting for {what}: {self.log_tail()}")
             if ready():
                 return
@@ -253,7 +255,7 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE DefMemPerCPU
         shutil.rmtree(self.dir, ignore_errors=True)
         self.stop_seconds = time.monotonic() - t0
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
