@@ -52,6 +52,8 @@ def login() -> Iterator[SSHServer]:
 
 def write_config(tmp: Path, cluster: SlurmCluster, login: SSHServer, *, steps: int,
                  scenes: str = "[default, spheres]", bad: bool = False) -> None:
+    """The cluster's `python` is whatever `setup` puts first on PATH (here the controller's venv,
+    as `module load` or `conda activate` would on a real cluster), on the login node and in tasks."""
     bad_parts = ""
     if bad:
         scene = tmp / "broken" / "lego"
@@ -70,9 +72,9 @@ hosts:
     user: {login.user}
     identity_file: {login.client_key_path}
     gres: none
-    python: {sys.executable}
+    python: python
     root: {tmp / 'shared'}
-    setup: {cluster.setup_line()}
+    setup: "{cluster.setup_line()}; export PATH={Path(sys.executable).parent}:$PATH"
     price_per_gpu_hour: {PRICE_PER_CPU_HOUR}
 datasets:
   demo: {{generate: {{size: 16, seed: 0}}}}

@@ -102,7 +102,29 @@ def login_transport(provider: SlurmProvider, host: Any) -> Transport:
         return res.exit_code, res.stdout, res.stderr
 
     provider.bind(execute)
-    return cast(Transport, t)
+    return cast(Transport, _WithSetup(t, host))
+
+
+class _WithSetup:
+    """The login-node transport with the host's `setup` run before every command, so staging
+    and the data check find the same `python` (modules, a conda env) as the tasks do."""
+
+    def __init__(self, inner: SSHTransport, host: Any) -> None:
+        self.inner = inner
+        self.host = host
+
+    @property
+    def root(self) -> str:
+        return self.inner.root
+
+    def run(self, command: str, **kwargs: Any) -> Any:
+        return self.inner.run(with_setup(self.host, command), **kwargs)
+
+    def start_detached(self, command: str, **kwargs: Any) -> int:
+        return self.inner.start_detached(with_setup(self.host, command), **kwargs)
+
+    def __getattr__(self, name: str) -> Any:   # put, get, read_text, write_text, close
+        return getattr(self.inner, name)
 
 
 def bind_login(provider: Any, host: Any) -> Transport | None:
@@ -262,7 +284,7 @@ class SlurmArray:
         parts = [squeue_command(f"-j {shlex.quote(str(self.array_id))}") + " 2>/dev/null; echo '@@@'"]
         for t in ready:
             parts.append(f"echo '@@ {t.index}'; cat {shlex.quote(t.job_dir)}/status.json 2>/dev/null; echo")
-        return with_setup(self.host, "; ".join(parts))
+        return "; ".join(parts)
 
     def _follow(self, provider: SlurmProvider, tr: Transport, ready: list[_Task]) -> None:
         """Until no task of the array is queued or running: the live view, task starts into the
