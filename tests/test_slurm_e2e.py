@@ -333,3 +333,47 @@ def test_down_orphans_cancels_the_tasks_of_a_dead_run(tmp_path: Path, cluster: S
         time.sleep(0.5)
     assert queue(cluster) == ""
     assert_closed(tmp_path)
+
+
+@pytest.mark.timeout(900)
+def test_a_task_whose_data_went_bad_in_the_queue_fails_alone(tmp_path: Path, cluster: SlurmCluster,
+                                                             login: SSHServer) -> None:
+    """The data is checked when staged, but a shared filesystem can change while tasks queue
+    (a scratch purge, another user). The array is held 8 s (`--begin`, through sbatch_lines);
+    meanwhile one scene's staged copy is broken: its task FAILS in Slurm with the payload's one
+    line in the job's error, the other task COMPLETES, and each is billed its own elapsed."""
+    write_config(tmp_path, cluster, login, steps=20)
+    text = (tmp_path / "experiments.yaml").read_text().replace(
+        "    price_per_gpu_hour:", '    sbatch_lines: ["#SBATCH --begin=now+8"]\n    price_per_gpu_hour:')
+    (tmp_path / "experiments.yaml").write_text(text)
+    proc = popen_run(tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                list((tmp_path / "shared" / "slurm").glob("*/array.sh")) and queue(cluster)):
+            time.sleep(0.2)
+        assert "PENDING" in cluster.command("squeue", "-h", "-r", "-o", "%T")     # still held
+        [staged] = list((tmp_path / "shared" / "cache" / "datasets").glob("*/spheres/transforms_train.json"))
+        staged.write_text("{not json")
+        out_text, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    out = json.loads(out_text)
+    by_job = {j["job"]: j for j in out["jobs"]}
+    assert by_job["ngp-default-cluster"]["status"] == "succeeded"
+    bad = by_job["ngp-spheres-cluster"]
+    assert bad["status"] == "failed"
+    assert bad["error"].startswith("the pipeline failed in phase ") and " (exit 2): " in bad["error"]   # BadData
+    assert "transforms_train.json" in bad["error"] and "\n" not in bad["error"]
+    recs = task_records(cluster, out["run_id"])
+    assert [(r["ArrayTaskId"], r["JobState"], r["ExitCode"]) for r in recs] == [
+        ("0", "COMPLETED", "0:0"), ("1", "FAILED", "2:0")]
+    insts = {i["job_id"]: i for i in rows(tmp_path, "SELECT * FROM instances")}
+    for rec, job in zip(recs, ("ngp-default-cluster", "ngp-spheres-cluster")):
+        assert abs(billed_seconds(tmp_path, insts[job]["row_id"]) - slurm_seconds(rec)) <= 1.0
+    assert_closed(tmp_path)
+    assert queue(cluster) == ""
