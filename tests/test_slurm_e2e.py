@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -27,6 +28,12 @@ from typing import Any
 
 import pytest
 
+from orchestrator.config import load_config
+from orchestrator.ledger import Ledger
+from orchestrator.run.budget import Budget, BudgetGuard
+from orchestrator.run.live import LiveView
+from orchestrator.run.runner import JobPlan, Runner, RunOptions
+from orchestrator.run.slurm import run_all
 from orchestrator.testing.slurm import SlurmCluster, missing
 from orchestrator.testing.sshd import SSHServer
 
@@ -51,7 +58,8 @@ def login() -> Iterator[SSHServer]:
 
 
 def write_config(tmp: Path, cluster: SlurmCluster, login: SSHServer, *, steps: int,
-                 scenes: str = "[default, spheres]", bad: bool = False) -> None:
+                 scenes: str = "[default, spheres]", bad: bool = False,
+                 price: float = PRICE_PER_CPU_HOUR) -> None:
     """The cluster's `python` is whatever `setup` puts first on PATH (here the controller's venv,
     as `module load` or `conda activate` would on a real cluster), on the login node and in tasks."""
     bad_parts = ""
@@ -75,7 +83,7 @@ hosts:
     python: python
     root: {tmp / 'shared'}
     setup: "{cluster.setup_line()}; export PATH={Path(sys.executable).parent}:$PATH"
-    price_per_gpu_hour: {PRICE_PER_CPU_HOUR}
+    price_per_gpu_hour: {price}
 datasets:
   demo: {{generate: {{size: 16, seed: 0}}}}
 {bad_parts}experiments:
@@ -377,3 +385,44 @@ def test_a_task_whose_data_went_bad_in_the_queue_fails_alone(tmp_path: Path, clu
         assert abs(billed_seconds(tmp_path, insts[job]["row_id"]) - slurm_seconds(rec)) <= 1.0
     assert_closed(tmp_path)
     assert queue(cluster) == ""
+
+
+@pytest.mark.timeout(600)
+def test_the_budget_cap_cancels_the_array_and_keeps_what_the_task_made(tmp_path: Path, cluster: SlurmCluster,
+                                                                       login: SSHServer,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Price 3600/h per CPU = 1 USD per billed second. Two long jobs estimated at 15 USD each under
+    a 25 USD cap: the second is refused before the array is submitted (one task), the first is
+    cancelled when spend + the stop reserve reaches the cap; its snapshot and log come home,
+    and the run's total stays within one granule of the cap."""
+    cap, estimate = 25.0, 15.0
+    monkeypatch.setenv("ORCHESTRATE_HOME", str(tmp_path / "home"))
+    write_config(tmp_path, cluster, login, steps=200_000, price=3600.0)
+    cfg = load_config(tmp_path / "experiments.yaml")
+    host = cfg.hosts["cluster"]
+    jobs = [JobPlan(job_id=f"long-{scene}", experiment="long", scene=scene, host_name="cluster", host=host,
+                    dataset_name="demo", dataset=cfg.datasets["demo"], steps=200_000, device="cpu",
+                    estimate_cost=estimate, estimate_seconds=estimate, currency="USD")
+            for scene in ("default", "spheres")]
+    ledger = Ledger.open(tmp_path / "home")
+    ledger.create_run("r1", "budget", budget=cap, currency="USD")
+    guard = BudgetGuard(Budget(cap, "USD"), ledger, "r1", stop_reserve_s=12.0)
+    with LiveView([(j.job_id, j.host_name) for j in jobs], tty=False) as view:
+        runner = Runner(jobs, ledger=ledger, run_id="r1", guard=guard, view=view, stop=threading.Event(),
+                        options=RunOptions(runs_dir=tmp_path / "runs", concurrency=2, poll_s=0.5))
+        first, second = run_all(runner)
+    assert (first.status, second.status) == ("budget_stopped", "budget_stopped")
+    assert second.error.startswith("not started: it would cross the budget") and second.cost == 0
+    assert first.error.startswith("interrupted at step ")
+    kinds = [e["kind"] for e in ledger.events("r1")]
+    assert {"budget_refused", "array_submitted", "budget_cap", "array_cancelled"} <= set(kinds)
+    [rec] = task_records(cluster, "r1")                       # one task: the refused job was never queued
+    assert rec["JobState"] in ("CANCELLED", "FAILED")
+    [inst] = ledger.instances(run_id="r1")
+    seconds = billed_seconds(tmp_path, inst.row_id)
+    assert abs(seconds - slurm_seconds(rec)) <= 1.0
+    assert ledger.run_cost("r1") <= cap + 1.0, ledger.run_cost("r1")
+    local = tmp_path / "runs" / "r1" / "long-default"
+    assert (local / "snapshot.pt").is_file() and "training" in (local / "log.txt").read_text()
+    assert queue(cluster) == ""
+    ledger.close()
