@@ -41,6 +41,11 @@ class Offer:
     available: bool = True
     offer_id: str | None = None
     gpu_count: int = 1
+    # What else the offer bills, where the provider prices it per offer (vast.ai): storage
+    # while the instance exists (and alone while stopped), and traffic per GB each way.
+    storage_price_per_hour: float | None = None
+    upload_price_per_gb: float | None = None      # into the instance (our dataset upload)
+    download_price_per_gb: float | None = None    # out of the instance (results we pull)
 
 
 @dataclass(frozen=True, slots=True)
