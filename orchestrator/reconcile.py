@@ -149,7 +149,7 @@ def close_vanished(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, 
 
 
 # -- acting -----------------------------------------------------------------------------------
-def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
+def providers_for(config: Any | None, ledger: Ledger, **provider_kwargs: Any) -> dict[str, Provider]:
     """One provider client per cloud host of the config (or, with no config, per cloud kind in
     the ledger's open rows, using the default API key variables). Unreachable ones are skipped."""
     from .providers import make_provider
@@ -168,7 +168,7 @@ def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
         if key in out:
             continue
         try:
-            out[key] = make_provider(host)
+            out[key] = make_provider(host, **provider_kwargs)
         except OrchestratorError as exc:
             log.warning("cannot check %s for orphans: %s", host.provider, exc)
     return out
@@ -225,6 +225,37 @@ def destroy_orphan(ledger: Ledger, provider: Provider, orphan: Orphan) -> Teardo
     ledger.add_event("orphan_destroyed", f"{provider.name} {iid} ({orphan.info.label}): {orphan.reason}")
     log.warning("destroyed orphan %s %s (%s): %s", provider.name, iid, orphan.info.label, orphan.reason)
     return Teardown(orphan, True)
+
+
+# Providers whose instances cannot stop themselves (no scoped key on the host: Lambda): an
+# orphan of theirs bills at the full price until someone terminates it, so `run` does.
+TERMINATE_ON_SIGHT = ("lambda",)
+
+
+def check_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Provider], *,
+                  terminate: Iterable[str] = ()) -> list[str]:
+    """What `run` and `status` say about orphans (labelled instances no live job will release):
+    one line each naming the command that destroys them; those of the providers in `terminate`
+    are destroyed here. A provider that cannot be asked is one line too, never an error."""
+    kill = set(terminate)
+    lines: list[str] = []
+    for p in _providers(providers):
+        try:
+            found = find_orphans(ledger, [p])
+        except OrchestratorError as exc:
+            lines.append(f"could not check {p.name} for orphans: {redact(str(exc))}")
+            continue
+        for orphan in found:
+            what = f"{p.name} {orphan.info.instance_id} ({orphan.info.label}, {orphan.info.state.value})"
+            if p.name in kill:
+                td = destroy_orphan(ledger, p, orphan)
+                lines.append(f"orphan {what}: {orphan.reason}; terminated" if td.destroyed else
+                             f"orphan {what}: {orphan.reason}; terminating it failed ({td.error}): "
+                             "run `orchestrate down --orphans`")
+            else:
+                lines.append(f"orphan {what}: {orphan.reason}; it may still bill: "
+                             "run `orchestrate down --orphans` to destroy it")
+    return lines
 
 
 def down_orphans(ledger: Ledger, config_or_none: Any | None, yes: bool, *,

@@ -54,11 +54,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return None
 
-    def _send(self, status: int, body: Any) -> None:
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -75,7 +77,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 failure = world.take_failure(method)
                 if failure is not None:
-                    self._send(failure, api.failure_body(path, failure))
+                    after = world.faults.fail_retry_after_s
+                    self._send(failure, api.failure_body(path, failure),
+                               {"Retry-After": f"{after:g}"} if after is not None else None)
                     return
                 status, reply = api.route(world, method, path, query, body, token)
         except api.LostReply as lost:
