@@ -174,9 +174,11 @@ class ApiClient:
 
     def _delay(self, attempt: int, resp: httpx.Response | None, release: bool = False) -> float:
         pol = self.policy
-        cap = pol.release_max_backoff_s if release else pol.max_backoff_s
-        delay = min(cap, pol.backoff_s * (2 ** min(attempt - 1, 30)))
+        # Our own backoff stays short (a billing-stopping call should land as soon as it can);
+        # the server's Retry-After is honoured up to the longer cap of those calls.
+        delay = min(pol.max_backoff_s, pol.backoff_s * (2 ** min(attempt - 1, 30)))
         if resp is not None:
+            cap = pol.release_max_backoff_s if release else pol.max_backoff_s
             delay = max(delay, min(cap, retry_after_s(resp)))
         return delay
 
