@@ -72,7 +72,7 @@ def run_public_key(host: Any) -> tuple[str | None, str]:
                 return text, str(pub)
         try:
             out = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(path)], capture_output=True,
-                                 text=True, timeout=10, stdin=subprocess.DEVNULL)
+                                 text=True, timeout=10, stdin=subprocess.DEVNULL, check=False)
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip(), str(path)
         except (OSError, subprocess.SubprocessError):

@@ -29,7 +29,12 @@ import time
 
 import pytest
 
-from orchestrator.errors import CapacityError, ConfigError, InstanceNotFound, ProviderError
+from orchestrator.errors import (
+    CapacityError,
+    ConfigError,
+    InstanceNotFound,
+    ProviderError,
+)
 from orchestrator.ledger import Ledger
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState

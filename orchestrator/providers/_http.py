@@ -44,7 +44,7 @@ class RetryPolicy:
     jitter_frac: float = 0.25            # release pauses get up to this fraction added at random
 
 
-def release_policy(host: Any, policy: "RetryPolicy | None") -> "RetryPolicy":
+def release_policy(host: Any, policy: RetryPolicy | None) -> RetryPolicy:
     """The host's retry policy: `release_retry_s` (a cloud host setting) bounds how long calls
     that stop billing are retried before they are handed over to reconciliation."""
     base = policy or RetryPolicy()

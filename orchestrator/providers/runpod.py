@@ -151,7 +151,7 @@ def gpu_matches(gpu_type: dict[str, Any], wanted: str) -> bool:
 
 
 def parse_gpu_offer(g: dict[str, Any]) -> Offer:
-    lowest = g.get("lowestPrice") if isinstance(g.get("lowestPrice"), dict) else {}
+    lowest: dict[str, Any] = g["lowestPrice"] if isinstance(g.get("lowestPrice"), dict) else {}
     price = (num(lowest.get("uninterruptablePrice")) or num(g.get("communityPrice"))
              or num(g.get("securePrice")))
     # No stockStatus at all (not reported for this type): on sale at its on-demand price.

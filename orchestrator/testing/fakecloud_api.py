@@ -267,7 +267,7 @@ def _lambda_type_old(name: str, gpu: str, price: float) -> dict[str, Any]:
     """The older form of an instance type: the price a string of cents, no specs.gpus."""
     count = int(name.split("_")[1].rstrip("x")) if name.startswith("gpu_") else 1
     return {"name": name, "description": f"{count}x {gpu}", "gpu_description": gpu,
-            "price_cents_per_hour": str(int(round(price * 100))),
+            "price_cents_per_hour": str(round(price * 100)),
             "specs": {"vcpus": 26 * count, "memory_gib": 200 * count, "storage_gib": 1024 * count}}
 
 
