@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -51,7 +51,6 @@ def release_policy(host: Any, policy: RetryPolicy | None) -> RetryPolicy:
     total = host_attr(host, "release_retry_s")
     if total is None or policy is not None:
         return base
-    from dataclasses import replace
     return replace(base, release_deadline_s=float(total))
 
 
