@@ -13,6 +13,12 @@ the SSH key `fc.client_key_path`. Test-only endpoints (no auth):
   GET  /_fake/bill        per-instance GPU/storage seconds and cost by the fake's own clock
   GET  /_fake/instances   raw records            POST /_fake/faults   set fault switches (JSON)
   GET  /_fake/faults                             POST /_fake/clock    {"advance_s": S}
+Fault switches (see `Faults`) also produce the providers' documented failure states: a container
+that fails at boot with a `status_msg` (`boot_fail_next`), an offer rented between search and
+create (`offer_lost_next`), RunPod errors with HTTP 200 (`gql_errors_next`), a private-only SSH
+port (`private_ssh_next`), a 429 burst with Retry-After (`fail_next` + `fail_status: 429` +
+`fail_retry_after_s`), Lambda's older instance-type list (`lambda_old_types`,
+`lambda_no_capacity`), and vast instances that accept only attached keys (`vast_no_account_keys`).
 Self-stop: each instance's sessions see CONTAINER_ID/CONTAINER_API_KEY (vast) and
 RUNPOD_POD_ID/RUNPOD_API_KEY (RunPod); that scoped key may stop that instance and nothing else.
 """
