@@ -93,6 +93,9 @@ def test_run_429_burst_on_destroy_ends_destroyed(fake_cloud, tmp_path):
         assert row.state == "destroyed" and not ledger.open_billing()
         assert not [e for e in ledger.events() if e["kind"] == "release_failed"]
         # the ledger closed the interval when the provider agreed, after the burst (6 x 0.5 s)
+        failed_at = inst.created_at + fake_cloud.world.faults.boot_s
+        print(f"429 burst: destroyed {inst.ended_at - failed_at:.1f} s after the boot failure, "
+              f"after 6 refusals with Retry-After 0.5 s; ledger billed {ledger.instance_cost(row.row_id):.6f} USD")
         assert parse_iso(row.ended_at).timestamp() - inst.created_at >= 6 * 0.5
     finally:
         ledger.close()

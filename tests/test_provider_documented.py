@@ -412,3 +412,14 @@ def test_provision_refuses_before_paying_when_no_public_key(api, tmp_path, monke
         assert api.requests == [] and ledger.instances() == []   # nothing asked, nothing recorded
     finally:
         ledger.close()
+
+
+def test_retry_after_as_an_http_date_is_honoured(api):
+    from email.utils import formatdate
+    when = formatdate(time.time() + 2.0, usegmt=True)   # whole seconds: 1-2 s from now
+    api.set("DELETE", "/api/v0/instances/13507426/", [(429, {"detail": "API requests too frequent"},
+                                                       {"Retry-After": when}), (200, {"success": True})])
+    t0 = time.monotonic()
+    vast(api, policy=RetryPolicy(backoff_s=0.01, release_deadline_s=10.0, release_max_backoff_s=5.0)).destroy("13507426")
+    assert 0.9 <= time.monotonic() - t0 < 4.0
+    assert len(api.calls("DELETE", "/api/v0/instances/13507426/")) == 2

@@ -8,7 +8,7 @@ Money rules for API calls:
   Retry-After when the server sends one), still within the deadline.
 - Calls that stop billing (destroy, stop, terminate: `release=True`) get a much longer window
   (`release_deadline_s`, minutes: providers document rate windows of that order), honour
-  Retry-After in full and add jitter, so a 429 burst is ridden out; only then do they raise,
+  Retry-After up to `release_max_backoff_s` and add jitter, so a 429 burst is ridden out; only then do they raise,
   and the caller hands the instance to reconciliation with a loud event.
 - The API key never appears in an error or a log line: messages pass through `redact`.
 """
@@ -173,13 +173,13 @@ class ApiClient:
 
     def _delay(self, attempt: int, resp: httpx.Response | None, release: bool = False) -> float:
         pol = self.policy
-        # Our own backoff stays short (a billing-stopping call should land as soon as it can);
-        # the server's Retry-After is honoured up to the longer cap of those calls.
-        delay = min(pol.max_backoff_s, pol.backoff_s * (2 ** min(attempt - 1, 30)))
-        if resp is not None:
+        after = retry_after_s(resp) if resp is not None else None
+        if after is not None:
+            # The server said when to come back: then, not later (a billing-stopping call should
+            # land as soon as it is allowed), up to the longer cap of those calls.
             cap = pol.release_max_backoff_s if release else pol.max_backoff_s
-            delay = max(delay, min(cap, retry_after_s(resp)))
-        return delay
+            return min(cap, max(pol.backoff_s, after))
+        return min(pol.max_backoff_s, pol.backoff_s * (2 ** min(attempt - 1, 30)))
 
     def _pause(self, attempt: int, deadline: float, resp: httpx.Response | None, release: bool = False) -> None:
         delay = self._delay(attempt, resp, release)
@@ -188,11 +188,11 @@ class ApiClient:
         time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
 
 
-def retry_after_s(resp: httpx.Response) -> float:
-    """Retry-After in seconds (delta-seconds or an HTTP date); 0 when absent or unreadable."""
+def retry_after_s(resp: httpx.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
     value = (resp.headers.get("retry-after") or "").strip()
     if not value:
-        return 0.0
+        return None
     try:
         return max(0.0, float(value))
     except ValueError:
@@ -200,7 +200,7 @@ def retry_after_s(resp: httpx.Response) -> float:
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):
-        return 0.0
+        return None
 
 
 def error_detail(resp: httpx.Response) -> str:
