@@ -111,11 +111,6 @@ def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job
                                   price_per_hour=price.price_per_hour, currency=price.currency,
                                   granularity_s=billing.granularity_s,
                                   storage_price_per_hour=storage)
-    if offer is not None and (offer.upload_price_per_gb or offer.download_price_per_gb):
-        ledger.add_event("offer_traffic_price",
-                         f"{provider.name} offer {offer.offer_id}: traffic into the instance "
-                         f"{offer.upload_price_per_gb or 0:g} {offer.currency}/GB, out of it "
-                         f"{offer.download_price_per_gb or 0:g} {offer.currency}/GB", run_id, job_id)
     t_create = time.time()
     try:
         instance_id = provider.create(spec)
@@ -126,6 +121,12 @@ def provision(provider: Provider, host: Any, *, ledger: Ledger, run_id: str, job
         raise ProviderError(f"{provider.name}: create failed: {redact(str(exc))}", provider=provider.name) from None
     ledger.instance_created(row_id, instance_id, at=t_create)
     ledger.add_event("instance_created", f"{provider.name} {instance_id} ({label})", run_id, job_id)
+    if offer is not None and (offer.upload_price_per_gb or offer.download_price_per_gb):
+        # Nothing may stand between the intent and the create: this is noted after it.
+        ledger.add_event("offer_traffic_price",
+                         f"{provider.name} offer {offer.offer_id}: traffic into the instance "
+                         f"{offer.upload_price_per_gb or 0:g} {offer.currency}/GB, out of it "
+                         f"{offer.download_price_per_gb or 0:g} {offer.currency}/GB", run_id, job_id)
     result = Provisioned(instance_id, row_id, price.price_per_hour, price.currency)
     try:
         info = wait_running(provider, instance_id, timeout_s=ready_timeout_s, stop=stop)

@@ -166,6 +166,10 @@ def test_vast_run_key_attached_to_an_instance_without_account_keys(fake_cloud, t
             c.close()
         inst = fake_cloud.world.instances[prov.instance_id]
         assert inst.no_account_keys and inst.extra_keys == [fake_cloud.world.account_public_key]
+        # the offer's own storage and traffic prices went into the ledger
+        assert ledger.instance(prov.row_id).storage_price_per_hour == pytest.approx(20 * 0.15 / 730)
+        (traffic,) = [e for e in ledger.events("r1") if e["kind"] == "offer_traffic_price"]
+        assert "into the instance 0.01 USD/GB, out of it 0.02 USD/GB" in traffic["message"]
         assert release(p, prov.instance_id, prov.row_id, ledger=ledger)
     finally:
         ledger.close()
