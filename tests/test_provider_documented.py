@@ -97,8 +97,10 @@ def test_vast_boot_failure_reads_as_error_with_the_providers_message(api, fields
     assert words in info.raw_state
 
 
-def test_vast_loading_with_a_progress_message_is_still_booting(api):
-    api.set("GET", "/api/v0/instances/13507426/", (200, {"instances": VAST_INSTANCE}))
+@pytest.mark.parametrize("msg", ["Pulling image pytorch/pytorch",
+                                 "Unable to find image 'pytorch/pytorch:2.4.0' locally", None, ""])
+def test_vast_loading_with_a_progress_message_is_still_booting(api, msg):
+    api.set("GET", "/api/v0/instances/13507426/", (200, {"instances": {**VAST_INSTANCE, "status_msg": msg}}))
     assert vast(api).describe("13507426").state == InstanceState.BOOTING
 
 

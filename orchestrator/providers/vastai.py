@@ -46,8 +46,9 @@ MAX_LIST_PAGES = 100
 
 
 # Words of a `status_msg` that reports a failure (the Docker daemon's "Error response from
-# daemon: ... OCI runtime create failed ...", "failed to ...", "unable to ...").
-FAILURE_MSG_RE = re.compile(r"\b(error|failed|failure|unable|cannot|oci runtime)\b", re.IGNORECASE)
+# daemon: ... OCI runtime create failed ..."). Not "unable": a pull starts with the daemon's
+# "Unable to find image ... locally", which is progress.
+FAILURE_MSG_RE = re.compile(r"\b(error|failed|failure|oci runtime)\b", re.IGNORECASE)
 
 
 def storage_price_per_hour(disk_gb: float, usd_per_gb_month: float | None = None) -> float:
