@@ -372,6 +372,16 @@ class Ledger:
                       " note=COALESCE(?, note) WHERE row_id=?",
                       (state, t, ended, note and redact(note), row_id))
 
+    def set_instance_price(self, row_id: int, price_per_hour: float) -> None:
+        """The price the provider placed the instance at, once known (it can differ from the
+        offer recorded with the intent): the row and its open GPU interval take it, from the
+        interval's start, since the placed price is what billed from the create on."""
+        with self._tx() as c:
+            c.execute("UPDATE instances SET price_per_hour=?, updated_at=? WHERE row_id=?",
+                      (price_per_hour, iso(), row_id))
+            c.execute("UPDATE billing SET price_per_hour=? WHERE instance_row=? AND kind='gpu'"
+                      " AND ended_at IS NULL", (price_per_hour, row_id))
+
     def set_endpoint(self, row_id: int, endpoint: str) -> None:
         with self._tx() as c:
             c.execute("UPDATE instances SET endpoint=?, updated_at=? WHERE row_id=?",

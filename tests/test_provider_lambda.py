@@ -87,7 +87,7 @@ def test_launch_sends_name_and_branches_on_error_code(api):
     assert client(api, ssh_key_name="mykey").create(spec) == IID
     body = api.requests[0].body
     assert body == {"region_name": "us-east-1", "instance_type_name": "gpu_1x_h100_pcie",
-                    "ssh_key_names": ["mykey"], "name": "orch-r1-j1", "quantity": 1}
+                    "ssh_key_names": ["mykey"], "name": "orch-r1-j1"}
     with pytest.raises(CapacityError, match="Not enough capacity"):
         client(api).create(spec)
     with pytest.raises(ProviderError, match="Invalid SSH key") as exc:

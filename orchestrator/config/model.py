@@ -27,7 +27,7 @@ HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root"
 HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
             "password_file", "stop_command", "shutdown_on_host")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
-              "region", "user", "identity_file", "ssh_key_name")
+              "region", "user", "identity_file", "ssh_key_name", "release_retry_s")
 HOST_KEYS: dict[str, tuple[str, ...]] = {
     "local": HOST_COMMON, "ssh": HOST_COMMON + HOST_SSH,
     **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS}}
@@ -89,6 +89,7 @@ class HostConfig:
     disk_gb: float | None = None
     region: str | None = None
     ssh_key_name: str | None = None
+    release_retry_s: float | None = None     # None: destroy/stop retried for 600 s, then reconcile
     gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
     line: int = 0                            # where the host is defined, for later messages
 

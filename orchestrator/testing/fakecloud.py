@@ -13,6 +13,12 @@ the SSH key `fc.client_key_path`. Test-only endpoints (no auth):
   GET  /_fake/bill        per-instance GPU/storage seconds and cost by the fake's own clock
   GET  /_fake/instances   raw records            POST /_fake/faults   set fault switches (JSON)
   GET  /_fake/faults                             POST /_fake/clock    {"advance_s": S}
+Fault switches (see `Faults`) also produce the providers' documented failure states: a container
+that fails at boot with a `status_msg` (`boot_fail_next`), an offer rented between search and
+create (`offer_lost_next`), RunPod errors with HTTP 200 (`gql_errors_next`), a private-only SSH
+port (`private_ssh_next`), a 429 burst with Retry-After (`fail_next` + `fail_status: 429` +
+`fail_retry_after_s`), Lambda's older instance-type list (`lambda_old_types`,
+`lambda_no_capacity`), and vast instances that accept only attached keys (`vast_no_account_keys`).
 Self-stop: each instance's sessions see CONTAINER_ID/CONTAINER_API_KEY (vast) and
 RUNPOD_POD_ID/RUNPOD_API_KEY (RunPod); that scoped key may stop that instance and nothing else.
 """
@@ -54,11 +60,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return None
 
-    def _send(self, status: int, body: Any) -> None:
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -75,7 +83,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 failure = world.take_failure(method)
                 if failure is not None:
-                    self._send(failure, api.failure_body(path, failure))
+                    after = world.faults.fail_retry_after_s
+                    self._send(failure, api.failure_body(path, failure),
+                               {"Retry-After": f"{after:g}"} if after is not None else None)
                     return
                 status, reply = api.route(world, method, path, query, body, token)
         except api.LostReply as lost:
