@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import costs
+from orchestrator.report import costs
 from orchestrator import ledger as L
 from orchestrator.errors import LedgerError, LedgerTooNew
 from orchestrator.ledger import schema

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import LedgerError
+from ..home import default_home, iso, utcnow
 from ..secrets import redact
 from . import schema
 
@@ -39,28 +39,8 @@ OPEN_STATES = (INTENT, CREATING, RUNNING, STOPPED)
 JOB_DONE_STATES = ("succeeded", "failed", "interrupted", "cancelled", "budget_stopped")
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(t: datetime | float | None = None) -> str:
-    if t is None:
-        t = utcnow()
-    elif isinstance(t, (int, float)):
-        t = datetime.fromtimestamp(t, timezone.utc)
-    return t.isoformat(timespec="microseconds")
-
-
 def parse_iso(s: str) -> datetime:
     return datetime.fromisoformat(s)
-
-
-def default_home() -> Path:
-    env = os.environ.get("ORCHESTRATE_HOME")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "orchestrate"
 
 
 def interval_cost(started_at: str, ended_at: str | None, price_per_hour: float,
