@@ -23,7 +23,7 @@ from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.run.provisioning import provision, release
-from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, host_config  # noqa: F401 (fixture)
+from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
 from orchestrator.testing.faultmatrix import Harness
 
 pytestmark = [pytest.mark.sshd, pytest.mark.timeout(300)]
@@ -34,7 +34,7 @@ POLL_S = 2.0   # provisioning.wait_running's poll interval
 
 
 def provider(fc: FakeCloud, kind: str, **extra):
-    return CLASSES[kind](host_config(fc, kind, **extra), policy=FAST)
+    return CLASSES[kind](fake_host(fc, kind, **extra), policy=FAST)
 
 
 def host(fc: FakeCloud, kind: str, **extra) -> HostConfig:
@@ -110,7 +110,7 @@ def test_429_burst_longer_than_the_window_hands_over_to_reconcile(fake_cloud, tm
                                    label="orch-r1-j1", gpu="RTX 4090", price_per_hour=0.44, currency="USD")
         ledger.instance_created(row, iid)
         fake_cloud.set_faults(fail_next=1000, fail_status=429, fail_methods=["DELETE"], fail_retry_after_s=0.2)
-        short = VastProvider(host_config(fake_cloud, "vastai"),
+        short = VastProvider(fake_host(fake_cloud, "vastai"),
                              policy=RetryPolicy(backoff_s=0.05, release_deadline_s=1.5, release_max_backoff_s=0.3))
         assert release(short, iid, row, ledger=ledger, run_id="r1", job_id="j1") is False
         (event,) = [e for e in ledger.events("r1") if e["kind"] == "release_failed"]

@@ -36,6 +36,7 @@ from orchestrator.errors import (
     ProviderError,
 )
 from orchestrator.ledger import Ledger
+from orchestrator.testing.hosts import make_host
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
@@ -61,16 +62,16 @@ def api(monkeypatch: pytest.MonkeyPatch):
 
 
 def vast(srv: CannedAPI, policy: RetryPolicy = FAST, **extra) -> VastProvider:
-    return VastProvider({"api_base": srv.url, "api_key_env": "DOC_KEY", "gpu": "RTX 4090", **extra},
+    return VastProvider(make_host("vastai", **{"api_base": srv.url, "api_key_env": "DOC_KEY", "gpu": "RTX 4090", **extra}),
                         policy=policy)
 
 
 def runpod(srv: CannedAPI, policy: RetryPolicy = FAST, **extra) -> RunPodProvider:
-    return RunPodProvider({"api_base": srv.url, "api_key_env": "DOC_KEY", **extra}, policy=policy)
+    return RunPodProvider(make_host("runpod", **{"api_base": srv.url, "api_key_env": "DOC_KEY", **extra}), policy=policy)
 
 
 def lam(srv: CannedAPI, policy: RetryPolicy = FAST, **extra) -> LambdaProvider:
-    return LambdaProvider({"api_base": srv.url, "api_key_env": "DOC_KEY", **extra}, policy=policy)
+    return LambdaProvider(make_host("lambda", **{"api_base": srv.url, "api_key_env": "DOC_KEY", **extra}), policy=policy)
 
 
 # A `GET /api/v0/instances/{id}/` body (trimmed to the fields that matter, plus noise).

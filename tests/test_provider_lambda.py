@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
+from orchestrator.testing.hosts import make_host
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.testing.canned_http import CannedAPI
@@ -30,7 +31,7 @@ def api(monkeypatch: pytest.MonkeyPatch):
 
 
 def client(srv: CannedAPI, **extra) -> LambdaProvider:
-    return LambdaProvider({"api_base": srv.url, "api_key_env": "TEST_LAMBDA_KEY", **extra})
+    return LambdaProvider(make_host("lambda", **{"api_base": srv.url, "api_key_env": "TEST_LAMBDA_KEY", **extra}))
 
 
 def test_instance_types_price_in_cents_and_capacity(api):

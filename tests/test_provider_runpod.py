@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
+from orchestrator.testing.hosts import make_host
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.runpod import RunPodProvider
@@ -32,7 +33,7 @@ def api(monkeypatch: pytest.MonkeyPatch):
 
 
 def client(srv: CannedAPI, **extra) -> RunPodProvider:
-    return RunPodProvider({"api_base": srv.url, "api_key_env": "TEST_RP_KEY", **extra})
+    return RunPodProvider(make_host("runpod", **{"api_base": srv.url, "api_key_env": "TEST_RP_KEY", **extra}))
 
 
 def by_op(replies: dict[str, object]):
@@ -89,7 +90,7 @@ def test_graphql_errors_with_http_200(api):
     fast = RetryPolicy(deadline_s=0.5, attempt_timeout_s=0.5, backoff_s=0.01, max_backoff_s=0.02,
                        release_deadline_s=0.5, release_max_backoff_s=0.05)
     with pytest.raises(ProviderError, match="Something else") as exc:
-        RunPodProvider({"api_base": api.url, "api_key_env": "TEST_RP_KEY"}, policy=fast).stop("abc")
+        RunPodProvider(make_host("runpod", **{"api_base": api.url, "api_key_env": "TEST_RP_KEY"}), policy=fast).stop("abc")
     assert not isinstance(exc.value, CapacityError)
     assert len(api.requests) > 2   # an unexplained error on an idempotent call is retried first
 

@@ -20,12 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import ConfigError, ProviderError
 from ..secrets import read_secret, redact
+
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +48,20 @@ class RetryPolicy:
     jitter_frac: float = 0.25            # release pauses get up to this fraction added at random
 
 
-def release_policy(host: Any, policy: RetryPolicy | None) -> RetryPolicy:
+def release_policy(host: HostConfig, policy: RetryPolicy | None) -> RetryPolicy:
     """The host's retry policy: `release_retry_s` (a cloud host setting) bounds how long calls
     that stop billing are retried before they are handed over to reconciliation."""
     base = policy or RetryPolicy()
-    total = host_attr(host, "release_retry_s")
+    total = host.release_retry_s
     if total is None or policy is not None:
         return base
     return replace(base, release_deadline_s=float(total))
 
 
-def host_attr(host: Any, name: str, default: Any = None) -> Any:
-    """A field of the host's config (a HostConfig dataclass, or a dict in tools and tests)."""
-    if isinstance(host, dict):
-        value = host.get(name, default)
-    else:
-        value = getattr(host, name, default)
-    return default if value is None else value
-
-
-def api_key_for(host: Any, provider: str, default_env: str) -> str:
+def api_key_for(host: HostConfig, provider: str, default_env: str) -> str:
     """Read the provider's API key from the host's `api_key_env` / `api_key_file` (by reference only)."""
-    env = host_attr(host, "api_key_env")
-    file = host_attr(host, "api_key_file")
+    env = host.api_key_env
+    file = host.api_key_file
     if not env and not file:
         env = default_env
     return read_secret(env=env, file=file, what=f"{provider} API key")

@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
-from ._http import (ApiClient, RetryPolicy, api_key_for, error_detail, host_attr, json_body, num,
+from ._http import (ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num,
                     release_policy)
+
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +93,15 @@ class LambdaProvider(Provider):
     name = "lambda"
     transport_kind = "ssh"
 
-    def __init__(self, host: Any, *, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, host: HostConfig, *, policy: RetryPolicy | None = None) -> None:
         key = api_key_for(host, "Lambda Cloud", "LAMBDA_API_KEY")
-        self.api_base = str(host_attr(host, "api_base", DEFAULT_API_BASE)).rstrip("/")
+        self.api_base = str(host.api_base or DEFAULT_API_BASE).rstrip("/")
         self.api = ApiClient(self.name, self.api_base, headers={"Authorization": f"Bearer {key}"},
                              policy=release_policy(host, policy))
-        self.region = host_attr(host, "region")
-        self.max_price_per_hour = host_attr(host, "max_price_per_hour")
-        self.ssh_key_name = str(host_attr(host, "ssh_key_name", "orchestrate"))
-        self.user = str(host_attr(host, "user", "ubuntu"))
+        self.region = host.region
+        self.max_price_per_hour = host.max_price_per_hour
+        self.ssh_key_name = str(host.ssh_key_name or "orchestrate")
+        self.user = str(host.user or "ubuntu")
         self.billing = BillingRules(granularity_s=60.0, storage_price_per_hour=0.0)
 
     def _raise(self, resp: httpx.Response, what: str, instance_id: str | None = None) -> None:

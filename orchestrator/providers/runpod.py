@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import logging
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._bootguard import boot_guard_script
-from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num, release_policy
+from ._http import ApiClient, RetryPolicy, api_key_for, json_body, num, release_policy
+
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +170,15 @@ class RunPodProvider(Provider):
     name = "runpod"
     transport_kind = "ssh"
 
-    def __init__(self, host: Any, *, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, host: HostConfig, *, policy: RetryPolicy | None = None) -> None:
         key = api_key_for(host, "RunPod", "RUNPOD_API_KEY")
-        self.api_base = str(host_attr(host, "api_base", DEFAULT_API_BASE)).rstrip("/")
+        self.api_base = str(host.api_base or DEFAULT_API_BASE).rstrip("/")
         self.api = ApiClient(self.name, self.api_base, headers={"Authorization": f"Bearer {key}"},
                              policy=release_policy(host, policy))
-        self.image = str(host_attr(host, "image", DEFAULT_IMAGE))
-        self.disk_gb = float(host_attr(host, "disk_gb", 20.0))
-        self.max_price_per_hour = host_attr(host, "max_price_per_hour")
-        self.user = str(host_attr(host, "user", "root"))
+        self.image = str(host.image or DEFAULT_IMAGE)
+        self.disk_gb = float(host.disk_gb or 20.0)
+        self.max_price_per_hour = host.max_price_per_hour
+        self.user = str(host.user or "root")
         self.billing = BillingRules(
             granularity_s=1.0,
             storage_price_per_hour=self.disk_gb * VOLUME_STOPPED_USD_PER_GB_MONTH / HOURS_PER_MONTH)

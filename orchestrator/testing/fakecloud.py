@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..config import HostConfig
 from . import fakecloud_api as api
 from .fakecloud_state import FakeCloudError, World
 
@@ -244,6 +245,13 @@ def host_config(fc: FakeCloud, provider: str, *, api_key_env: str = "FAKECLOUD_A
     gpu = {"vastai": "RTX 4090", "runpod": "RTX 4090", "lambda": "A10"}[provider]
     return {"provider": provider, "gpu": gpu, "api_base": fc.url, "api_key_env": api_key_env,
             "identity_file": str(fc.client_key_path), "user": _local_user(), **extra}
+
+
+def fake_host(fc: FakeCloud, provider: str, *, name: str = "cloud", **extra: Any) -> HostConfig:
+    """The same settings as a typed host entry, for building a provider client directly."""
+    fields = host_config(fc, provider, **extra)
+    fields.pop("provider")
+    return HostConfig(name=name, provider=provider, **fields)
 
 
 def _local_user() -> str:
