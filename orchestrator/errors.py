@@ -4,6 +4,7 @@
     ├── ConfigError                    experiments.yaml is wrong (file, line, key, did-you-mean)
     ├── BudgetError                    the estimate or the spend would cross the budget
     ├── LedgerError                    the state database cannot be read or written
+    │   └── LedgerTooNew               the ledger file was written by a newer orchestrate
     ├── ProviderError                  a provider API call failed (provider, instance, status)
     │   ├── CapacityError              no offer / sold out for the requested GPU
     │   └── InstanceNotFound           the provider does not know this instance
@@ -48,6 +49,10 @@ class BudgetError(OrchestratorError):
 
 class LedgerError(OrchestratorError):
     pass
+
+
+class LedgerTooNew(LedgerError):
+    """The file's schema version is past the migrations this code knows; it is not touched."""
 
 
 class ProviderError(OrchestratorError):

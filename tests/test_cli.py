@@ -152,7 +152,7 @@ def test_status_and_down_on_an_empty_ledger(tmp_path: Path) -> None:
     home = tmp_path / "home"
     res = run_cli(["status", "--json"], home, tmp_path)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == {"runs": [], "jobs": [], "open_instances": []}
+    assert json.loads(res.stdout) == {"runs": [], "jobs": [], "open_instances": [], "orphans": []}
     res = run_cli(["down", "--all", "--yes", "--json"], home, tmp_path)
     assert res.returncode == 0 and json.loads(res.stdout) == {"released": []}
     res = run_cli(["down"], home, tmp_path)

@@ -273,7 +273,7 @@ def test_jobs_on_one_machine_split_its_cpus() -> None:
     jobs = [NS(host_name="here"), NS(host_name="here"), NS(host_name="here"), NS(host_name="vast")]
     runner = Runner(jobs, ledger=None, run_id="r", options=NS(concurrency=2), guard=None, view=None,  # type: ignore[arg-type]
                     stop=None)  # type: ignore[arg-type]
-    local, cloud = NS(shares_machine=True), NS()
+    local, cloud = NS(shares_machine=True), NS(shares_machine=False)   # Provider declares it (default False)
     assert runner._cpu_share(jobs[0], local) == 2        # 3 jobs on "here", at most 2 at once
     assert runner._cpu_share(jobs[3], local) == 1        # alone on its host
     assert runner._cpu_share(jobs[0], cloud) == 1        # every cloud instance is its own machine

@@ -27,7 +27,7 @@ HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root"
 HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
             "password_file", "stop_command", "shutdown_on_host")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
-              "region", "user", "identity_file", "ssh_key_name")
+              "region", "user", "identity_file", "ssh_key_name", "release_retry_s")
 # A Slurm host is its login node (the ssh fields that reach it) plus what sbatch is told; its
 # price is per allocated GPU (or CPU on a CPU partition), so price_per_hour is not among its keys.
 HOST_SLURM = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
@@ -95,6 +95,7 @@ class HostConfig:
     disk_gb: float | None = None
     region: str | None = None
     ssh_key_name: str | None = None
+    release_retry_s: float | None = None     # None: destroy/stop retried for 600 s, then reconcile
     partition: str | None = None             # slurm: what sbatch is told (None: the cluster's default)
     account: str | None = None
     qos: str | None = None

@@ -92,6 +92,7 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
         if base and not base.startswith(("http://", "https://")):
             r.fail(m, "api_base", f"{path}.api_base", f"{base!r} is not an http(s) URL")
         fields["api_base"] = base
+        fields["release_retry_s"] = r.get(m, "release_retry_s", path, "num", lo=0, lo_open=True)
     fields.update(slurm)
     if provider in ("ssh", "slurm"):
         ways = [k for k in ("host", "ssh_alias", "endpoint_command") if fields.get(k)]

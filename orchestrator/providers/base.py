@@ -3,7 +3,8 @@
 Providers talk to their API only: they never open SSH and never write the ledger (a boundary
 test enforces both). The SSH endpoint is never cached by callers: read it from `describe()`
 before every connect. Optional capabilities (sharing one machine, a boot guard, a self-stop
-command, a shutdown the controller runs over SSH, where the work root is, which keys to offer)
+command, a shutdown the controller runs over SSH, where the work root is, which keys to offer,
+whether create needs our public key)
 are declared on `Provider` with defaults, so callers never probe with getattr.
 """
 from __future__ import annotations
@@ -38,6 +39,11 @@ class Offer:
     available: bool = True
     offer_id: str | None = None
     gpu_count: int = 1
+    # What else the offer bills, where the provider prices it per offer (vast.ai): storage
+    # while the instance exists (and alone while stopped), and traffic per GB each way.
+    storage_price_per_hour: float | None = None
+    upload_price_per_gb: float | None = None      # into the instance (our dataset upload)
+    download_price_per_gb: float | None = None    # out of the instance (results we pull)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,7 @@ class Provider(ABC):
     transport_kind: ClassVar[str]            # "local" or "ssh": which transport reaches its instances
     billing: BillingRules = BillingRules()     # per instance where the price list says so
     shares_machine: ClassVar[bool] = False   # every instance is one machine: concurrent jobs split it
+    needs_ssh_public_key: bool = False       # create must carry the run's key, or nothing can connect
 
     @abstractmethod
     def offers(self, gpu: str) -> list[Offer]: ...

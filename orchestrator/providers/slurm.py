@@ -22,6 +22,7 @@ import math
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ProviderError
@@ -243,8 +244,10 @@ class SlurmProvider(SSHProvider):
     transport_kind = "ssh"
     billing = BillingRules(granularity_s=1.0)
 
-    def __init__(self, host: HostConfig, **kwargs: object) -> None:
-        super().__init__(host, **kwargs)   # type: ignore[arg-type]
+    def __init__(self, host: HostConfig, *, home: Path | str | None = None, policy: object = None) -> None:
+        # `policy` is the HTTP retry policy the clouds take (orphan checks pass it to every
+        # provider); Slurm's calls are shell commands, bounded by the login node's transport.
+        super().__init__(host, home=home)
         self.stop_command = None
         self.shutdown_on_host = False
         self._execute: Execute | None = None

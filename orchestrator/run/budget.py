@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from ..config import Budget as ConfigBudget
 from ..errors import BudgetError
 from ..ledger import JOB_DONE_STATES, Ledger
 
@@ -22,12 +23,12 @@ class Budget:
     source: str = "budget.max_cost"   # where the cap came from, for messages
 
 
-def effective_budget(config_budget: object | None, max_cost_flag: float | None) -> Budget:
+def effective_budget(config_budget: ConfigBudget | None, max_cost_flag: float | None) -> Budget:
     """The cap in force: `--max-cost` wins over the file's `budget.max_cost`."""
-    currency = str(getattr(config_budget, "currency", None) or "USD")
+    currency = (config_budget.currency if config_budget else None) or "USD"
     if max_cost_flag is not None:
         return Budget(float(max_cost_flag), currency, "--max-cost")
-    cap = getattr(config_budget, "max_cost", None)
+    cap = config_budget.max_cost if config_budget else None
     return Budget(float(cap) if cap is not None else None, currency, "budget.max_cost")
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import shlex
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
 from ..config import HostConfig
-from ..errors import CapacityError, OrchestratorError, ProviderError
+from ..errors import CapacityError, ConfigError, OrchestratorError, ProviderError
 from ..ledger import DESTROYED, FAILED, RUNNING, STOPPED, Ledger
-from ..providers.base import InstanceInfo, InstanceSpec, InstanceState, Provider
+from ..providers.base import InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ..secrets import redact
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class PriceChoice:
     price_per_hour: float
     currency: str
     offer_id: str | None
+    offer: Offer | None = None   # the chosen offer (its storage and traffic prices), if any
 
 
 def choose_price(provider: Provider, host: HostConfig) -> PriceChoice:
@@ -42,31 +46,72 @@ def choose_price(provider: Provider, host: HostConfig) -> PriceChoice:
         return PriceChoice(float(host.price_per_hour), host.currency or "USD", None)
     gpu = host.gpu or ""
     cap = host.max_price_per_hour
-    offers = [o for o in provider.offers(gpu) if o.available and (cap is None or o.price_per_hour <= cap)]
+    # One GPU per instance: a multi-GPU offer never stands in for it, whatever its name says.
+    offers = [o for o in provider.offers(gpu)
+              if o.available and o.gpu_count == 1 and (cap is None or o.price_per_hour <= cap)]
     if not offers:
         raise CapacityError(f"{provider.name}: no available offer for {gpu or 'the requested GPU'}"
                             + (f" at or below {cap}/h" if cap is not None else ""),
                             provider=provider.name, hint="try another GPU type, or raise max_price_per_hour")
     best = min(offers, key=lambda o: o.price_per_hour)
-    return PriceChoice(best.price_per_hour, best.currency, best.offer_id)
+    return PriceChoice(best.price_per_hour, best.currency, best.offer_id, best)
+
+
+DEFAULT_PUBLIC_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")
+
+
+def run_public_key(host: HostConfig) -> tuple[str | None, str]:
+    """The public half of the key this run connects with, and where it was looked for: the
+    host's identity_file (its .pub, else derived with ssh-keygen -y), else the default keys."""
+    ident = host.identity_file
+    if ident:
+        path = Path(str(ident)).expanduser()
+        pub = Path(str(path) + ".pub")
+        if pub.is_file():
+            text = pub.read_text(errors="replace").strip()
+            if text:
+                return text, str(pub)
+        try:
+            out = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(path)], capture_output=True,
+                                 text=True, timeout=10, stdin=subprocess.DEVNULL, check=False)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip(), str(path)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return None, f"{pub} (or a key ssh-keygen -y can read from {path})"
+    for cand in DEFAULT_PUBLIC_KEYS:
+        pub = Path(cand).expanduser()
+        if pub.is_file() and pub.read_text(errors="replace").strip():
+            return pub.read_text(errors="replace").strip(), str(pub)
+    return None, ", ".join(DEFAULT_PUBLIC_KEYS)
 
 
 def provision(provider: Provider, host: HostConfig, *, ledger: Ledger, run_id: str, job_id: str,
               label: str, ready_timeout_s: float = 900.0,
               stop: threading.Event | None = None) -> Provisioned:
     """Create an instance and wait until it is RUNNING; the ledger follows every step."""
+    public_key, looked_at = run_public_key(host)
+    if public_key is None and provider.needs_ssh_public_key:
+        # Fail before paying: an instance without our key cannot be reached.
+        raise ConfigError(f"{provider.name}: no SSH public key to put on the instance: none at {looked_at}",
+                          hint="set identity_file to a private key whose .pub lies next to it")
     price = choose_price(provider, host)
     spec = InstanceSpec(label=label, gpu=host.gpu or "", offer_id=price.offer_id,
                         max_price_per_hour=host.max_price_per_hour, image=host.image,
                         disk_gb=float(host.disk_gb or 20.0), region=host.region,
                         onstart=provider.boot_guard(root=host.root or "~/orchestrate",
-                                                    idle_timeout_s=float(host.idle_timeout_s or 600.0)))
+                                                    idle_timeout_s=float(host.idle_timeout_s or 600.0)),
+                        ssh_public_key=public_key)
     billing = provider.billing
+    offer = price.offer
+    storage = billing.storage_price_per_hour
+    if offer is not None and offer.storage_price_per_hour is not None:
+        storage = offer.storage_price_per_hour   # the offer's own $/GB-month, for our disk
     row_id = ledger.record_intent(run_id=run_id, job_id=job_id, host_name=host.name,
                                   provider=provider.name, label=label, gpu=spec.gpu,
                                   price_per_hour=price.price_per_hour, currency=price.currency,
                                   granularity_s=billing.granularity_s,
-                                  storage_price_per_hour=billing.storage_price_per_hour)
+                                  storage_price_per_hour=storage)
     t_create = time.time()
     try:
         instance_id = provider.create(spec)
@@ -77,6 +122,12 @@ def provision(provider: Provider, host: HostConfig, *, ledger: Ledger, run_id: s
         raise ProviderError(f"{provider.name}: create failed: {redact(str(exc))}", provider=provider.name) from None
     ledger.instance_created(row_id, instance_id, at=t_create)
     ledger.add_event("instance_created", f"{provider.name} {instance_id} ({label})", run_id, job_id)
+    if offer is not None and (offer.upload_price_per_gb or offer.download_price_per_gb):
+        # Nothing may stand between the intent and the create: this is noted after it.
+        ledger.add_event("offer_traffic_price",
+                         f"{provider.name} offer {offer.offer_id}: traffic into the instance "
+                         f"{offer.upload_price_per_gb or 0:g} {offer.currency}/GB, out of it "
+                         f"{offer.download_price_per_gb or 0:g} {offer.currency}/GB", run_id, job_id)
     result = Provisioned(instance_id, row_id, price.price_per_hour, price.currency)
     try:
         info = wait_running(provider, instance_id, timeout_s=ready_timeout_s, stop=stop)
@@ -87,6 +138,13 @@ def provision(provider: Provider, host: HostConfig, *, ledger: Ledger, run_id: s
                 host=host)
         raise
     ledger.set_instance_state(row_id, RUNNING, note=info.raw_state or None)
+    placed = info.price_per_hour
+    if placed is not None and placed > 0 and abs(placed - price.price_per_hour) > 1e-9:
+        # What the provider placed it at is what bills (RunPod's adjusted price, vast's dph_total).
+        ledger.set_instance_price(row_id, placed)
+        ledger.add_event("instance_price", f"{provider.name} {instance_id} placed at {placed:g} "
+                         f"{price.currency}/h (offer {price.price_per_hour:g})", run_id, job_id)
+        result = Provisioned(instance_id, row_id, placed, price.currency)
     if info.endpoint is not None:
         ledger.set_endpoint(row_id, str(info.endpoint))
     return result
@@ -126,7 +184,11 @@ def wait_running(provider: Provider, instance_id: str, *, timeout_s: float,
         info = provider.describe(instance_id)
         if info.state == InstanceState.RUNNING:
             return info
-        if info.state in (InstanceState.ERROR, InstanceState.TERMINATED):
+        if info.state == InstanceState.ERROR:   # the provider's own words, and no more waiting
+            raise ProviderError(f"{provider.name}: instance {instance_id} failed at boot: "
+                                f"{info.raw_state or info.state.value}", provider=provider.name,
+                                instance_id=instance_id)
+        if info.state == InstanceState.TERMINATED:
             raise ProviderError(f"{provider.name}: instance {instance_id} is {info.raw_state or info.state.value}",
                                 provider=provider.name, instance_id=instance_id)
         if stop is not None and stop.is_set():
@@ -151,8 +213,11 @@ def release(provider: Provider, instance_id: str, row_id: int, *, ledger: Ledger
         _shutdown_on_host(provider, instance_id, row_id, ledger, host)
         (provider.destroy if destroy else provider.stop)(instance_id)
     except Exception as exc:
-        msg = f"{provider.name}: {what} {instance_id} failed: {redact(str(exc))}"
-        log.error("%s (the instance may still bill; run `orchestrate down %s`)", msg, instance_id)
+        # Retried for minutes already (see providers/_http.py): from here on reconciliation
+        # owns it; the ledger row stays open, so `down --orphans` and the next run/status see it.
+        msg = (f"{provider.name}: {what} {instance_id} failed: {redact(str(exc))}; the instance may "
+               f"still bill and is handed over to reconciliation: run `orchestrate down --orphans`")
+        log.error("%s", msg)
         ledger.add_event("release_failed", msg, run_id, job_id)
         return False
     ledger.set_instance_state(row_id, DESTROYED if destroy else STOPPED)

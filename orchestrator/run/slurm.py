@@ -85,7 +85,7 @@ def run_all(runner: Runner) -> list[JobOutcome]:
     return [found[j.job_id] for j in runner.jobs]
 
 
-def login_transport(provider: SlurmProvider, host: Any) -> Transport:
+def login_transport(provider: SlurmProvider, host: Any, *, reconnect_deadline_s: float = 300.0) -> Transport:
     """An SSH transport to the login node, bound to `provider` (its commands run through it).
     The host key is pinned at first contact for the life of the connection."""
     holder: dict[str, SSHTransport] = {}
@@ -94,7 +94,7 @@ def login_transport(provider: SlurmProvider, host: Any) -> Transport:
         holder["t"].pinned_key = key
 
     t = SSHTransport(provider.resolve_endpoint, root=host.root or "~/orchestrate", auth=auth_from_host(host),
-                     on_first_key=pin, name=host.name)
+                     on_first_key=pin, name=host.name, reconnect_deadline_s=reconnect_deadline_s)
     holder["t"] = t
 
     def execute(command: str) -> tuple[int, str, str]:
@@ -128,11 +128,12 @@ class _WithSetup:
 
 
 def bind_login(provider: Any, host: Any) -> Transport | None:
-    """For `orchestrate down`: a Slurm provider gets its login-node connection (returned, for
-    the caller to close); any other provider is left as it is (None)."""
+    """For `down` and the orphan checks of `run` and `status`: a Slurm provider gets its
+    login-node connection (returned, for the caller to close; a login node that does not answer
+    is given up after 30 s); any other provider is left as it is (None)."""
     if not isinstance(provider, SlurmProvider):
         return None
-    return login_transport(provider, host)
+    return login_transport(provider, host, reconnect_deadline_s=30.0)
 
 
 @dataclass(slots=True)
@@ -393,6 +394,10 @@ class SlurmArray:
             return
         if t.start_epoch is None:     # it started and ended between two polls
             r.ledger.instance_created(t.row_id, acct.job_id, at=start)
+        price = self.host.price_per_gpu_hour * acct.billed_units()
+        if abs(price - float(self.host.price_per_hour or 0.0)) > 1e-12:
+            # Slurm allocated other than what was asked (a whole node, more CPUs): charge that
+            r.ledger.set_instance_price(t.row_id, price)
         r.ledger.set_instance_state(t.row_id, DESTROYED, at=start + acct.elapsed_s,
                                     note=f"{acct.state} exit {acct.exit_code}; elapsed {acct.elapsed_s:g} s, "
                                          f"{acct.billed_units()} unit(s) allocated")
