@@ -331,6 +331,11 @@ def test_down_orphans_cancels_the_tasks_of_a_dead_run(tmp_path: Path, cluster: S
     [run] = rows(tmp_path, "SELECT * FROM runs")
     names = cluster.command("squeue", "-h", "-r", "-o", "%j|%T").split()
     assert names == [f"orch-{run['run_id']}|RUNNING"] * 2
+    status = cli(tmp_path, "status", timeout_s=120)          # names them, touches nothing
+    assert status.returncode == 0, status.stderr[-3000:]
+    named = [line for line in (status.stdout + status.stderr).splitlines() if line.startswith("orphan slurm ")]
+    assert len(named) == 2 and all("run `orchestrate down --orphans`" in line for line in named), named
+    assert names == cluster.command("squeue", "-h", "-r", "-o", "%j|%T").split()
     res = cli(tmp_path, "down", "--orphans", "--yes", "--json", timeout_s=300)
     assert res.returncode == 0, res.stderr[-3000:]
     released = json.loads(res.stdout)["released"]
