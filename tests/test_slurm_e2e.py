@@ -322,15 +322,19 @@ def test_ctrl_c_cancels_the_array_keeps_snapshots_and_rerun_resumes(tmp_path: Pa
 @pytest.mark.timeout(600)
 def test_down_orphans_cancels_the_tasks_of_a_dead_run(tmp_path: Path, cluster: SlurmCluster,
                                                       login: SSHServer) -> None:
-    """SIGKILL to the controller (no teardown runs): its tasks stay in Slurm; `down --orphans`
-    finds them by the array's name and comment and cancels them, and closes their rows."""
+    """SIGKILL to the controller (no teardown runs): its tasks stay in Slurm, one running and
+    one queued behind it (--concurrency 1); `status` names both, `down --orphans` finds them by
+    the array's name and comment, cancels them and closes their rows: the running one billed
+    to now, the queued one nothing."""
     write_config(tmp_path, cluster, login, steps=400)
-    proc = popen_run(tmp_path)
-    interrupt_when(proc, lambda: len(job_dirs(tmp_path)) == 2 and all(
-        status_of(d).get("phase") == "train" for d in job_dirs(tmp_path).values()), sig=signal.SIGKILL)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "experiments.yaml", "--yes",
+                             "--concurrency", "1"], cwd=tmp_path, env=env_for(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    interrupt_when(proc, lambda: any(status_of(d).get("phase") == "train" for d in job_dirs(tmp_path).values())
+                   and len(rows(tmp_path, "SELECT * FROM billing")) == 1, sig=signal.SIGKILL)
     [run] = rows(tmp_path, "SELECT * FROM runs")
     names = cluster.command("squeue", "-h", "-r", "-o", "%j|%T").split()
-    assert names == [f"orch-{run['run_id']}|RUNNING"] * 2
+    assert sorted(names) == [f"orch-{run['run_id']}|PENDING", f"orch-{run['run_id']}|RUNNING"]
     status = cli(tmp_path, "status", timeout_s=120)          # names them, touches nothing
     assert status.returncode == 0, status.stderr[-3000:]
     named = [line for line in (status.stdout + status.stderr).splitlines() if line.startswith("orphan slurm ")]
@@ -340,12 +344,16 @@ def test_down_orphans_cancels_the_tasks_of_a_dead_run(tmp_path: Path, cluster: S
     assert res.returncode == 0, res.stderr[-3000:]
     released = json.loads(res.stdout)["released"]
     assert sorted(r["result"] for r in released) == ["destroyed", "destroyed"]
-    assert all("no live controller" in r["reason"] for r in released)
+    assert any("no live controller" in r["reason"] for r in released)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and queue(cluster):
         time.sleep(0.5)
     assert queue(cluster) == ""
     assert_closed(tmp_path)
+    started, queued = sorted(rows(tmp_path, "SELECT * FROM instances"), key=lambda i: i["instance_id"] is None)
+    assert started["state"] == "destroyed" and billed_seconds(tmp_path, started["row_id"]) > 0
+    assert queued["state"] == "destroyed"
+    assert rows(tmp_path, f"SELECT * FROM billing WHERE instance_row={queued['row_id']}") == []
 
 
 @pytest.mark.timeout(900)

@@ -214,8 +214,10 @@ def destroy_orphan(ledger: Ledger, provider: Provider, orphan: Orphan) -> Teardo
     row_id = orphan.row_id
     if row_id is not None:
         row = ledger.instance(row_id)
-        if row is not None and row.instance_id is None:
-            # A lost-reply create: it billed from the moment we asked for it.
+        queued = provider.name == "slurm" and orphan.info.state == InstanceState.PENDING
+        if row is not None and row.instance_id is None and not queued:
+            # A lost-reply create: it billed from the moment we asked for it. (A Slurm task still
+            # queued never ran: nothing billed, its row closes without an interval.)
             ledger.instance_created(row_id, iid, at=parse_iso(row.created_at).timestamp())
             row = ledger.instance(row_id)
         if row is not None and row.state in OPEN_STATES:
