@@ -224,14 +224,14 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE DefMemPerCPU
         return sorted(found)
 
     def stop(self) -> None:
-        """Cancel every job, stop the daemons (SIGTERM, then SIGKILL after 10 s), and kill any
-        process they left; remove the directory."""
+        """Cancel every job (waiting at most 8 s for the queue to drain), stop the daemons
+        (SIGTERM, then SIGKILL after 5 s), and kill any process they left; remove the directory."""
         t0 = time.monotonic()
         if any(p.poll() is None for p in self._procs):
             try:   # jobs first: slurmd and slurmctld stop at once when no step is running
-                self.command("scancel", "--user=root", timeout_s=10, check=False)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and self.command("squeue", "-h", timeout_s=10, check=False).strip():
+                self.command("scancel", "--user=root", timeout_s=5, check=False)
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and self.command("squeue", "-h", timeout_s=5, check=False).strip():
                     time.sleep(0.1)
             except subprocess.TimeoutExpired:
                 pass
@@ -239,7 +239,7 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE DefMemPerCPU
         for p in reversed(self._procs):      # slurmd, slurmctld, munged
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5     # a step still launching can hold slurmd: then SIGKILL
         for p in self._procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
