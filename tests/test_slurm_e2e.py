@@ -439,3 +439,22 @@ def test_the_budget_cap_cancels_the_array_and_keeps_what_the_task_made(tmp_path:
     assert (local / "snapshot.pt").is_file() and "training" in (local / "log.txt").read_text()
     assert queue(cluster) == ""
     ledger.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_partition_the_cluster_does_not_have_is_one_line_and_nothing_queued(tmp_path: Path, cluster: SlurmCluster,
+                                                                               login: SSHServer) -> None:
+    write_config(tmp_path, cluster, login, steps=20, scenes="[default]")
+    text = (tmp_path / "experiments.yaml").read_text()
+    text = text.replace("    gres: none\n", "    gres: none\n    partition: nosuch\n")
+    (tmp_path / "experiments.yaml").write_text(text)
+    res = cli(tmp_path, "run", "experiments.yaml", "--yes", "--json", timeout_s=240)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    [job] = json.loads(res.stdout)["jobs"]
+    assert job["status"] == "failed" and job["cost"] == 0
+    assert "sbatch failed" in job["error"] and "invalid partition" in job["error"].lower()
+    assert "\n" not in job["error"]
+    assert queue(cluster) == ""
+    [inst] = rows(tmp_path, "SELECT * FROM instances")
+    assert inst["state"] == "failed" and rows(tmp_path, "SELECT * FROM billing") == []

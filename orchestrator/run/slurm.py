@@ -426,8 +426,11 @@ class SlurmArray:
                 except OrchestratorError as exc:
                     log.warning("%s: partial results not pulled: %s", jid, redact(str(exc)))
             step = f" at step {s.step}/{s.total_steps}" if s else " before it started"
+            why = "interrupted"
+            if acct is not None and acct.state.startswith("TIMEOUT") and not self.stop_status:
+                why = f"stopped by Slurm at its time limit ({self.host.time_limit_s or 'from the estimate'} s)"
             self._finish(t, self.stop_status or "interrupted",
-                         f"interrupted{step}; the snapshot is kept, rerun the same file to resume", out_dir=str(local))
+                         f"{why}{step}; the snapshot is kept, rerun the same file to resume", out_dir=str(local))
             return
         if s is not None and code is not None:
             self._finish(t, "failed", f"the pipeline failed in phase {s.phase} (exit {code}): "
