@@ -453,7 +453,7 @@ def test_a_partition_the_cluster_does_not_have_is_one_line_and_nothing_queued(tm
     assert "Traceback" not in res.stderr
     [job] = json.loads(res.stdout)["jobs"]
     assert job["status"] == "failed" and job["cost"] == 0
-    assert "sbatch failed" in job["error"] and "invalid partition" in job["error"].lower()
+    assert job["error"].startswith("cluster: sbatch failed (exit 1): ") and "invalid partition" in job["error"].lower()
     assert "\n" not in job["error"]
     assert queue(cluster) == ""
     [inst] = rows(tmp_path, "SELECT * FROM instances")

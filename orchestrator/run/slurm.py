@@ -189,10 +189,10 @@ class SlurmArray:
                 self._settle(provider, transport, ready)
         except OrchestratorError as exc:
             log.error("%s: %s", self.host.name, redact(str(exc)))
+            msg = str(exc) if str(exc).startswith(f"{self.host.name}:") else f"{self.host.name}: {exc}"
             for t in todo:
                 if t.outcome is None:
-                    status = "interrupted" if r.stop.is_set() else "failed"
-                    self._finish(t, status, f"{self.host.name}: {exc}")
+                    self._finish(t, "interrupted" if r.stop.is_set() else "failed", msg)
         except Exception as exc:   # a bug still ends in scancel, closed rows and outcomes
             log.exception("%s: unexpected error", self.host.name)
             for t in todo:
