@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .cameras import BLENDER_CAMERA_ANGLE_X, camera_rays_np, focal_from_angle, look_at_origin, sphere_position
+from .contract import SCENES
 from .errors import NgpError
 from .shapes import Box, Cylinder, Primitive, Sphere, trace
 
@@ -108,7 +109,6 @@ def _blocks(rng: np.random.Generator) -> tuple[Primitive, ...]:
 _BUILDERS: dict[str, Callable[[np.random.Generator], tuple[Primitive, ...]]] = {
     "default": _default, "spheres": _spheres, "rods": _rods, "blocks": _blocks,
 }
-SCENES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def scene_primitives(scene: str, seed: int) -> tuple[Primitive, ...]:

@@ -16,11 +16,12 @@ from typing import Callable
 
 import torch
 
+from .contract import BACKENDS, DEVICES, FIELD_KINDS, LOSSES
 from .data import load_split, validate_dataset
 from .defaults import DeviceDefaults, device_defaults
 from .encoding import HashGridConfig
 from .errors import ConfigError, NgpError
-from .field import FieldConfig
+from .field_config import FieldConfig
 from .model import ModelConfig, NerfModel, camera_rays
 from .occupancy import should_update
 from .snapshot import load_snapshot, save_snapshot
@@ -109,12 +110,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"max_seconds must be > 0, got {cfg.max_seconds!r}")
     if not isinstance(cfg.downscale, int) or cfg.downscale < 1:
         raise ConfigError(f"downscale must be an integer >= 1, got {cfg.downscale!r}")
-    if cfg.loss not in ("l2", "huber"):
-        raise ConfigError(f"loss must be l2 or huber, got {cfg.loss!r}")
-    if cfg.field_kind not in ("ngp", "pe"):
-        raise ConfigError(f"field_kind must be ngp or pe, got {cfg.field_kind!r}")
-    if cfg.backend not in ("auto", "torch", "tcnn"):
-        raise ConfigError(f"backend must be auto, torch or tcnn, got {cfg.backend!r}")
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"loss must be {' or '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.field_kind not in FIELD_KINDS:
+        raise ConfigError(f"field_kind must be {' or '.join(FIELD_KINDS)}, got {cfg.field_kind!r}")
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend must be {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device must be {', '.join(DEVICES)}, got {cfg.device!r}")
 
 
 def build_model_config(cfg: TrainConfig, dd: DeviceDefaults) -> ModelConfig:
