@@ -11,3 +11,5 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "tcnn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 LOSSES: tuple[str, ...] = ("l2", "huber")
 FIELD_KINDS: tuple[str, ...] = ("ngp", "pe")
+# Mixed-precision schemes (TrainConfig.precision); "auto" picks per device and backend (precision.py).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16-scaled")

@@ -209,7 +209,7 @@ class Pipeline:
             self._timed("render", lambda: stages.render_stage(
                 snapshot, o.data_dir, self.out, stems, o.device, self._tick))
             self._timed("gt", lambda: stages.gt_stage(o.data_dir, self.out, stems))
-            self._timed("metrics", lambda: stages.metrics_stage(self.out))
+            self._timed("metrics", lambda: stages.metrics_stage(self.out, o.data_dir))
             self._timed("summary", lambda: stages.summary_stage(
                 self.out, scene=o.scene or Path(o.data_dir).name, train=train_info,
                 n_test=report.n_test, data_dir=o.data_dir))
