@@ -46,6 +46,7 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("occupied", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
         self._summary_key: tuple[int, int] | None = None
+        self.sync_free = False            # set by the trainer on the CUDA path: update() reads nothing back
         self._summary: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -113,13 +114,22 @@ class OccupancyGrid(nn.Module):
         else:
             k = max(1, int(n * self.sample_fraction))
             uniform = torch.randint(0, n, (k,), device=dev, generator=generator)
-            # k occupied cells drawn uniformly by inverting the running count (no nonzero(), whose
-            # output size would have to be read back to the host); none occupied: uniform ones.
-            count = torch.cumsum(self.occupied.to(torch.int32), 0)
-            u = (torch.rand(k, device=dev, generator=generator) * count[-1]).long()
-            pick = torch.searchsorted(count, u, right=True).clamp_(max=n - 1)
-            other = torch.randint(0, n, (k,), device=dev, generator=generator)
-            cells = torch.cat([uniform, torch.where(count[-1] > 0, pick, other)])
+            if self.sync_free:
+                # k occupied cells drawn uniformly by inverting the running count (no nonzero(),
+                # whose output size would be read back to the host); none occupied: uniform ones.
+                count = torch.cumsum(self.occupied.to(torch.int32), 0)
+                u = (torch.rand(k, device=dev, generator=generator) * count[-1]).long()
+                pick = torch.searchsorted(count, u, right=True).clamp_(max=n - 1)
+                other = torch.randint(0, n, (k,), device=dev, generator=generator)
+                cells = torch.cat([uniform, torch.where(count[-1] > 0, pick, other)])
+            else:
+                # the same draw with nonzero(): ~4x cheaper on CPU, where reading a size is free
+                occ = torch.nonzero(self.occupied).squeeze(1)
+                if occ.numel() > 0:
+                    pick = torch.randint(0, occ.numel(), (k,), device=dev, generator=generator)
+                    cells = torch.cat([uniform, occ[pick]])
+                else:
+                    cells = uniform
         new = torch.zeros(n, device=dev)
         for s in range(0, cells.numel(), chunk):
             c = cells[s:s + chunk]

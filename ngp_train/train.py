@@ -187,6 +187,7 @@ class Trainer:
                           else build_model_config(cfg, self.defaults))
         torch.manual_seed(cfg.seed)
         self.model = NerfModel(self.model_cfg, self.backend, seed=cfg.seed).to(self.device)
+        self.model.grid.sync_free = self.sync_free
         self.target_samples = cfg.target_samples_per_step or self.defaults.target_samples_per_step
         self.capacity = self.target_samples * self.march_multiple                  # marched-sample cap
         # The sync-free path marches a dense (rays x steps) layout: bound it to ~2^27 candidates.
