@@ -291,3 +291,36 @@ def test_cuda_2k_steps_psnr_and_speed(tmp_path: Path) -> None:
     assert res.psnr_mean is not None and res.psnr_mean > 26.0, res.psnr_mean
     assert res.steps / res.train_seconds > 20.0, res.steps / res.train_seconds      # steps/s, torch backend
     assert wall < 300
+
+
+# --- bench/gpu_check.py ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_refuses_in_one_line_without_cuda() -> None:
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("gpu_check: no CUDA device")
+
+
+@pytest.mark.gpu
+def test_gpu_check_runs_small(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--size", "128", "--n-train", "30",
+                          "--n-test", "4", "--steps", "1200", "--scene-dir", str(tmp_path / "scene")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    torch_row = next(r for r in out["results"] if r["backend"] == "torch")
+    assert torch_row["steps"] == 1200 and torch_row["psnr_1k_5views"] > 20
+    assert torch_row["psnr_white"] > 22 and torch_row["psnr_black"] > 22
