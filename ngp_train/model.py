@@ -152,7 +152,7 @@ class NerfModel(nn.Module):
                     out.append(torch.cat([r.rgb, r.opacity.unsqueeze(1).to(r.rgb.dtype)], dim=1))
                 return torch.cat(out).clamp_(0.0, 1.0).view(height, width, 4)
             except torch.OutOfMemoryError:
-                if size <= 1024 or chunk is not None:
+                if size <= 256 or chunk is not None:
                     raise
                 size //= 2
                 torch.cuda.empty_cache()

@@ -324,3 +324,44 @@ def test_gpu_check_runs_small(tmp_path: Path) -> None:
     torch_row = next(r for r in out["results"] if r["backend"] == "torch")
     assert torch_row["steps"] == 1200 and torch_row["psnr_1k_5views"] > 20
     assert torch_row["psnr_white"] > 22 and torch_row["psnr_black"] > 22
+
+
+# --- 4. evaluation chunks ---------------------------------------------------------------------
+
+def test_render_chunk_follows_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ngp_train.model import render_chunk
+
+    cuda = torch.device("cuda")
+    sizes = []
+    for free_gib in (0.25, 4, 70, 1000):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None, f=free_gib: (int(f * 2 ** 30), 0))
+        sizes.append(render_chunk(cuda, 1024, 0.1))
+    assert sizes == sorted(sizes) and sizes[0] == 1 << 13 and sizes[-1] == 1 << 20
+    assert all(s & (s - 1) == 0 for s in sizes)
+    assert (800 * 800 + sizes[2] - 1) // sizes[2] <= 10         # an 800 px frame in ~10 calls at 70 GiB free, not 78
+    assert render_chunk(torch.device("cpu"), 1024, 0.1) == 8192
+
+
+def test_render_halves_its_chunk_after_out_of_memory(scene: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = Trainer(scene, tmp_path, FAST)
+    for _ in range(5):
+        tr.train_step()
+    model = tr.model
+    c2w = torch.from_numpy(__import__("ngp_train.data", fromlist=["load_poses"]).load_poses(scene, "test").c2w[0])
+    ref = model.render_image_rgba(c2w, tr.width, tr.height, tr.focal, chunk=100)
+    orig = model.render_rays
+    seen: list[int] = []
+
+    def limited(o, d, bg, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(o.shape[0])
+        if o.shape[0] > 150:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return orig(o, d, bg, **kw)
+
+    monkeypatch.setattr(model, "render_rays", limited)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr("ngp_train.model.render_chunk", lambda *a: 576)    # the whole 24x24 frame at once
+    got = model.render_image_rgba(c2w, tr.width, tr.height, tr.focal)
+    assert seen[0] == 576 and max(seen[-4:]) <= 144                        # 576 → 288 → 144
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
