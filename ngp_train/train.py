@@ -217,6 +217,8 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.n_rays = int(state.get("n_rays", self.n_rays))
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])       # the grown loss scale, not 2^16 again
         self.last_loss = state.get("loss")
         if "rng" in state:
             torch.set_rng_state(state["rng"].cpu())
@@ -232,6 +234,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(), "backend": self.backend, "device": self.device.type,
             "device_defaults": self.defaults.to_dict(), "downscale": self.cfg.downscale,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "image_size": [self.width, self.height]})
 
     def _update_grid(self) -> None:

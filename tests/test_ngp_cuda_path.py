@@ -365,3 +365,13 @@ def test_render_halves_its_chunk_after_out_of_memory(scene: Path, tmp_path: Path
     got = model.render_image_rgba(c2w, tr.width, tr.height, tr.focal)
     assert seen[0] == 576 and max(seen[-4:]) <= 144                        # 576 → 288 → 144
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_the_loss_scale_survives_a_resume(scene: Path, tmp_path: Path) -> None:
+    cfg = replace(FAST, precision="fp16-scaled", sync_free=True)
+    tr = Trainer(scene, tmp_path, cfg)
+    tr.train_step()
+    tr.scaler.update(new_scale=INITIAL_LOSS_SCALE * 8)          # as if it had grown over 6k steps
+    tr.save()
+    again = Trainer(scene, tmp_path, cfg)
+    assert again.resumed_from_step == 1 and again.scaler.get_scale() == INITIAL_LOSS_SCALE * 8
