@@ -19,8 +19,8 @@ def test_contract_modules_import_only_the_standard_library(path: str) -> None:
     assert names <= {"__future__"}, names
     # and importing them pulls in no torch/numpy
     mod = path[:-3].replace("/", ".")
-    out = subprocess.run([sys.executable, "-c", f"import sys, {mod}; print(sorted(m for m in ('torch', 'numpy') "
-                          "if m in sys.modules))"], capture_output=True, text=True, cwd=ROOT, check=True)
+    code = f"import sys, {mod}; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
 
 
