@@ -13,6 +13,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ngp_train.contract import BACKENDS, DEVICES
+
 log = logging.getLogger(__name__)
 
 
@@ -115,8 +117,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     p.add_argument("--max-seconds", type=_positive_float, default=None,
                    help="stop training after this many seconds")
-    p.add_argument("--backend", choices=("auto", "torch", "tcnn"), default="auto")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--scene", default=None, help="scene name for summary.json (default: dir name)")
     p.add_argument("--downscale", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,8 @@ COST_PER_DB_DEFINITION = (
     "(lower is better; a job with no PSNR has none)")
 BACKGROUND_NOTE = (
     "Background convention: the instant-ngp paper evaluates on black (--nerf_compatibility); "
-    "ours, like most reimplementations, composites on white, which lowers some scenes.")
+    "most reimplementations composite on white, which lowers some scenes. Each job scores the "
+    "same renders on both, and every published row is compared with ours under its own convention.")
 REFERENCE_SCENES = ("mic", "ficus", "chair", "hotdog", "materials", "drums", "ship", "lego")
 
 
@@ -82,6 +83,8 @@ class JobReport:
     currency: str
     out_dir: Path | None
     estimate: EstimateVsActual
+    psnr_black: float | None = None      # the same renders scored on black (metrics_black.csv)
+    ssim_black: float | None = None
 
     @property
     def cost_per_db(self) -> float | None:
@@ -280,6 +283,12 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
     elif result:
         psnr, ssim = _float(result.get("psnr_mean")), _float(result.get("ssim_mean"))
         n_frames = int(result.get("n_test_images") or 0)
+    psnr_black = ssim_black = None
+    if out_dir is not None and (out_dir / "metrics_black.csv").is_file():
+        psnr_black, ssim_black, _ = read_metrics(out_dir / "metrics_black.csv")
+    elif isinstance((summary.get("backgrounds") or {}).get("black"), dict):
+        black = summary["backgrounds"]["black"]
+        psnr_black, ssim_black = _float(black.get("psnr_mean")), _float(black.get("ssim_mean"))
     train_s = _float(summary.get("train_seconds")) or _float((result or {}).get("train_seconds"))
     if train_s is None and out_dir is not None and (out_dir / "train_log.csv").is_file():
         points = read_train_log(out_dir / "train_log.csv")
@@ -299,7 +308,8 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
     return JobReport(job.run_id, job.job_id, job.experiment, job.scene, job.gpu, backend,
                      job.host_name, job.provider, int(summary.get("steps") or job.steps or 0),
                      job.status, psnr, ssim, n_frames, train_s, cost,
-                     currency or str((job.estimate or {}).get("currency") or ""), out_dir, estimate)
+                     currency or str((job.estimate or {}).get("currency") or ""), out_dir, estimate,
+                     psnr_black=psnr_black, ssim_black=ssim_black)
 
 
 def resolve_runs(ledger: Ledger, wanted: list[str] | None) -> tuple[str, ...]:
