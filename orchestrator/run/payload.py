@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from remote_payload.contract import EXIT_OK
 from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def attach_or_start(transport: Transport, *, job_dir: str, python: str, payload_
             transport.run(f"kill -0 {current.pid}", check=False, timeout_s=30).ok:
         log.info("%s: re-attaching to the running pipeline (pid %d)", job_id, current.pid)
         return Started(current.pid, 0, current)
-    if current is not None and current.phase == "done" and current.exit_code == 0:
+    if current is not None and current.phase == "done" and current.exit_code == EXIT_OK:
         transport.run(f"rm -rf {q(job_dir)}", timeout_s=300)
     transport.run(f"mkdir -p {q(job_dir)}/out && rm -f {q(job_dir)}/status.json && touch {q(job_dir)}/heartbeat",
                   timeout_s=60)

@@ -34,11 +34,10 @@ from ..secrets import redact
 from ..staging import stage_dataset
 from ..transport import connect
 from ..transport.base import Transport
+from remote_payload.contract import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
 
-EXIT_INTERRUPTED = 5
-EXIT_ALREADY_RUNNING = 7
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote
 
+from remote_payload.contract import EXIT_BAD_DATA
+
 from ..errors import DatasetInvalid, StagingError
 from ..secrets import redact
 from .common import payload_cmd
@@ -211,7 +213,7 @@ def upload_local(transport: "Transport", dataset: "DatasetConfig", scene: str, d
                              tuning=tuning, progress=progress, from_local=remote)
         if res.exit_code == 0:
             return str(res.last_event.get("scene_dir") or f"{dest}/{scene}"), notes
-        if res.exit_code == 2:
+        if res.exit_code == EXIT_BAD_DATA:
             raise DatasetInvalid(f"dataset {dataset.name!r}, scene {scene!r} (uploaded from {path}): {res.message}",
                                  hint="fix or replace the dataset; nothing was trained")
         notes.append(f"{url}: {res.message}")
@@ -240,7 +242,7 @@ def stage_mirrored(transport: "Transport", dataset: "DatasetConfig", scene: str,
                              tuning=tuning, progress=progress)
         if res.exit_code == 0:
             return str(res.last_event.get("scene_dir") or scene_dir)
-        if res.exit_code == 2:
+        if res.exit_code == EXIT_BAD_DATA:
             raise DatasetInvalid(f"dataset {dataset.name!r}, scene {scene!r}: {res.message}",
                                  hint="fix or replace the dataset; nothing was trained")
         if not has_local:
