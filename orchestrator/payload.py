@@ -225,15 +225,30 @@ def attach_or_start(transport: Transport, *, job_dir: str, python: str, payload_
                   timeout_s=60)
     if not transport.run(f"test -f {q(job_dir)}/out/snapshot.pt", check=False, timeout_s=30).ok:
         restore_snapshot(transport, job_dir, runs_dir, job_id)
-    env = {"ORCHESTRATE_INSTANCE": instance_id, "PYTHONUNBUFFERED": "1"}
+    # the markers identify every process of this job (and its children) on the host: teardown
+    # and the watchdog end them by marker, never by a PID that may have been reused
+    env = {"ORCHESTRATE_INSTANCE": instance_id, "PYTHONUNBUFFERED": "1", JOB_DIR_ENV: job_dir}
     pid = transport.start_detached(f"cd {q(transport.root)} && {payload_command(python, payload_dir, run_args)}",
-                                   log_path=f"{job_dir}/log.txt", env=env)
-    stop_cmd = self_stop_command or f"kill -TERM {pid}"
+                                   log_path=f"{job_dir}/log.txt", env={**env, ROLE_ENV: "pipeline"})
+    stop_cmd = self_stop_command or stop_command(python, payload_dir, job_dir, "pipeline")
     wd_pid = transport.start_detached(
         payload_command(python, payload_dir, watchdog_args(job_dir=job_dir, idle_timeout_s=idle_timeout_s,
                                                            deadline_s=deadline_s, stop_command=stop_cmd)),
-        log_path=f"{job_dir}/watchdog.log", env=env)
+        log_path=f"{job_dir}/watchdog.log", env={**env, ROLE_ENV: "watchdog"})
     return Started(pid, wd_pid, None)
+
+
+JOB_DIR_ENV = "ORCHESTRATE_JOB_DIR"   # = remote_payload.procs.JOB_DIR_ENV (the host side)
+ROLE_ENV = "ORCHESTRATE_ROLE"
+
+
+def stop_command(python: str, payload_dir: str, job_dir: str, role: str = "all",
+                 grace_s: float = 20.0) -> str:
+    """The host command that ends this job's processes of `role` (pipeline, watchdog, all),
+    found by their environment markers: a shared host (ssh, local) keeps running other work."""
+    return payload_command(python, payload_dir,
+                           f"remote_payload stop --job-dir {shlex.quote(job_dir)} --role {role} "
+                           f"--grace-s {grace_s:g}")
 
 
 def pull_results(transport: Transport, job_dir: str, local: Path) -> dict[str, Any] | None:

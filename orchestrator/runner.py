@@ -227,6 +227,7 @@ class Runner:
                          python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:
         idle_s = float(getattr(job.host, "idle_timeout_s", None) or 600.0)
         deadline_s = float(getattr(job.host, "deadline_s", None) or max(3600.0, 3 * job.estimate_seconds))
+        attempt.stop_command = pl.stop_command(python, payload_dir, attempt.job_dir)
         started = pl.attach_or_start(
             t, job_dir=attempt.job_dir, python=python, payload_dir=payload_dir,
             run_args=pl.run_args(data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps,
@@ -374,11 +375,11 @@ class Runner:
         self.view.update(jid, note="teardown")
         t0 = time.time()
         try:
-            if t is not None and attempt.watchdog_pid:
-                try:
-                    t.run(f"kill -TERM {int(attempt.watchdog_pid)} 2>/dev/null || true", check=False, timeout_s=20)
+            if t is not None and attempt.stop_command:
+                try:   # watchdog and pipeline (and their children), found by marker, not pid
+                    t.run(attempt.stop_command, check=False, timeout_s=60)
                 except OrchestratorError as exc:
-                    log.warning("%s: could not end the watchdog: %s", jid, exc)
+                    log.warning("%s: could not end the job's processes: %s", jid, exc)
             keep = bool(getattr(job.host, "keep_on_failure", False)) and not attempt.succeeded \
                 and not attempt.stop_status
             if keep:
@@ -408,6 +409,7 @@ class _Attempt:
     row_id: int | None = None
     pipeline_pid: int = 0
     watchdog_pid: int = 0
+    stop_command: str = ""           # ends the job's own processes on the host (teardown)
     out_dir: str | None = None
     stop_status: str | None = None
     succeeded: bool = False
