@@ -216,6 +216,7 @@ class _Reader:
                 self.fail(m, key, sub, f"expected true or false, got {_kind(v)}")
             return v
         if kind in ("int", "num"):
+            v = _yaml11_number(v)
             ok = isinstance(v, int) if kind == "int" else isinstance(v, (int, float))
             if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
                 want = "a whole number" if kind == "int" else "a number"
@@ -253,6 +254,21 @@ class _Reader:
         return tuple(out)
 
 
+_SCI_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml11_number(v: Any) -> Any:
+    """`1e3` is text to YAML 1.1 (it wants `1.0e+3`) but a number to anyone writing it: read it
+    as one where a number is expected. An integral value counts as a whole number too."""
+    if isinstance(v, str) and _SCI_RE.match(v.strip()):
+        try:
+            f = float(v)
+        except (ValueError, OverflowError):
+            return v
+        return int(f) if f.is_integer() and abs(f) < 2**63 else f
+    return v
+
+
 def _kind(v: Any) -> str:
     if v is None:
         return "nothing"
@@ -272,11 +288,16 @@ def _kind(v: Any) -> str:
 
 
 def _check_name(r: _Reader, m: YMap, key: str, path: str, what: str, at_key: bool = True) -> None:
-    if not _NAME_RE.match(key) or key in (".", ".."):
+    problem = name_problem(key, what)
+    if problem:
+        r.fail(m, key, path, problem, at_key=at_key)
+    if not _NAME_RE.match(key):
         r.fail(m, key, path, f"{what} name {key!r} may use only letters, digits, '_', '-' and '.'",
                at_key=at_key)
 
 
+from . import catalog  # noqa: E402
+from .config_limits import currency_problem, name_problem  # noqa: E402
 from .config_sections import parse_dataset, parse_experiment, parse_host, parse_settings  # noqa: E402
 
 
@@ -291,11 +312,14 @@ def parse_config(text: str, filename: str = "experiments.yaml", path: Path | Non
              hint="start with `name: my-run`")
     r.keys(doc, TOP_KEYS, "")
     name = r.get(doc, "name", "", "str", required=True)
+    if len(name) > 100 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        r.fail(doc, "name", "name", "the run name must be one line of at most 100 printable characters")
     budget = None
     if doc.get("budget") is not None:
         b = r.mapping(doc, "budget", doc["budget"], "budget")
         r.keys(b, ("max_cost", "currency"), "budget")
-        budget = Budget(r.get(b, "max_cost", "budget", "num", required=True, lo=0, lo_open=True),
+        budget = Budget(r.get(b, "max_cost", "budget", "num", required=True, lo=0, lo_open=True,
+                              hi=1e12),
                         _currency(r, b, "budget"))
     defaults = Defaults()
     if doc.get("defaults") is not None:
@@ -336,6 +360,12 @@ def parse_config(text: str, filename: str = "experiments.yaml", path: Path | Non
         if any(x.name == exp.name for x in experiments):
             r.fail(em, "name", f"experiments[{i}].name", f"experiment name {exp.name!r} is used twice")
         experiments.append(exp)
+    used = [(h.currency, f"{filename}:{h.line}: hosts.{h.name}.currency") for h in hosts.values()]
+    if budget is not None:
+        used.append((budget.currency, f"{filename}:{doc.key_lines.get('budget', doc.line)}: budget.currency"))
+    bad_currency = currency_problem(used, set(catalog.fx_rates()))
+    if bad_currency:
+        raise ConfigError(f"{bad_currency[0]}: {bad_currency[1]}")
     return ExperimentsConfig(name, budget, defaults, MappingProxyType(hosts), MappingProxyType(datasets),
                              tuple(experiments), path, filename)
 

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 from . import catalog
+from .config_limits import MAX_PRICE_PER_HOUR, name_problem, ssh_field_problem
 from .config_source import YMap, YSeq, fail
 from .errors import ConfigError
 from .secrets import read_secret
@@ -50,7 +51,7 @@ def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
 
     r.keys(m, allowed, path, elsewhere)
     local = provider == "local"
-    price = r.get(m, "price_per_hour", path, "num", lo=0)
+    price = r.get(m, "price_per_hour", path, "num", lo=0, hi=MAX_PRICE_PER_HOUR)
     if provider == "ssh" and price is None:
         r.fail(m, None, f"{path}.price_per_hour",
                "missing; an ssh host needs what it costs you per hour, e.g. price_per_hour: 15 "
@@ -84,12 +85,16 @@ def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
                 "ssh_key_name"):
         if key in allowed:
             fields[key] = r.get(m, key, path, "str")
+            problem = fields[key] and ssh_field_problem(key, fields[key])
+            if problem:
+                r.fail(m, key, f"{path}.{key}", problem)
     if "port" in allowed:
         fields["port"] = r.get(m, "port", path, "int", lo=1, hi=65535)
     if "shutdown_on_host" in allowed:
         fields["shutdown_on_host"] = r.get(m, "shutdown_on_host", path, "bool", default=False)
     if "max_price_per_hour" in allowed:
-        fields["max_price_per_hour"] = r.get(m, "max_price_per_hour", path, "num", lo=0, lo_open=True)
+        fields["max_price_per_hour"] = r.get(m, "max_price_per_hour", path, "num", lo=0, lo_open=True,
+                                             hi=MAX_PRICE_PER_HOUR)
         fields["disk_gb"] = r.get(m, "disk_gb", path, "num", lo=0, lo_open=True)
         base = r.get(m, "api_base", path, "str")
         if base and not base.startswith(("http://", "https://")):
@@ -180,6 +185,9 @@ def parse_dataset(r: "_Reader", parent: YMap, name: str, m: YMap) -> "DatasetCon
             sums[k] = v.strip().lower()
 
     def check_scene(s: str, line: int) -> None:
+        problem = name_problem(s, "scene")
+        if problem:
+            fail(r.filename, line, f"{path}.scenes", problem)
         if not c._NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 
@@ -264,6 +272,9 @@ def parse_experiment(r: "_Reader", em: YMap, path: str, defaults: "Defaults",
         if ds.generate is None and ds.scenes and s not in ds.scenes:
             fail(r.filename, line, f"{path}.scenes", f"dataset {ds.name!r} has no scene {s!r}; "
                  f"{c._did_you_mean(s, ds.scenes)}")
+        problem = name_problem(s, "scene")
+        if problem:
+            fail(r.filename, line, f"{path}.scenes", problem)
         if not c._NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 
