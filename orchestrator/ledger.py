@@ -172,8 +172,8 @@ class Ledger:
             self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerError(f"cannot open the ledger at {self.path}: {exc}",
-                              hint="set ORCHESTRATE_HOME to a writable directory") from None
+            from .ledger_guard import ledger_hint   # the hint fits the fault (damaged, read-only, ...)
+            raise LedgerError(f"cannot open the ledger at {self.path}: {exc}", hint=ledger_hint(exc)) from None
         self._lock = threading.RLock()
 
     @classmethod

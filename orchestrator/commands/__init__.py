@@ -3,6 +3,7 @@ jobs with their estimates, tables (rich, or JSON with `--json`), confirmation pr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +104,17 @@ def load_and_plan(path: Path) -> LoadedPlan:
     if not jobs:
         raise ConfigError(f"{path}: the experiments expand to no jobs", hint="list scenes and hosts")
     check_secrets(config, sorted({j.host.name for j in jobs}))
-    ledger = Ledger.open()
+    from ..errors import LedgerError
+    try:
+        ledger: Ledger | None = Ledger.open()
+    except LedgerError as exc:   # history only sharpens the estimate; the run itself reports it
+        logging.getLogger(__name__).debug("estimating without the ledger's history: %s", exc.message)
+        ledger = None
     try:
         est = estimate_plan(jobs, ledger)
     finally:
-        ledger.close()
+        if ledger is not None:
+            ledger.close()
     if config.budget is not None:
         currency = config.budget.currency
     else:
