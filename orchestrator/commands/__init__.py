@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config_source import printable
 from ..errors import ConfigError
 
 
@@ -59,11 +60,14 @@ def money(v: float | None) -> str:
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
     table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*["-" if v is None else str(v) for v in r])
+        # control characters (an ESC from a name or an error text) would drive the terminal, and
+        # rich would read `[...]` in them as markup: plain Text, escaped
+        table.add_row(*[Text("-" if v is None else printable(str(v))) for v in r])
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)   # logs and pipes: never squeeze the columns
