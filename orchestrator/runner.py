@@ -170,7 +170,7 @@ class Runner:
                 self.ledger.update_job(self.run_id, jid, instance_row=prov.row_id)
                 self.view.update(jid, currency=prov.currency)
                 transport = connect(provider, prov.instance_id, job.host, ledger=self.ledger,
-                                    instance_row=prov.row_id)
+                                    instance_row=prov.row_id, stop=self.stop)
             attempt.host_ready = time.time()
             summary = self._on_host(job, provider, prov, transport, attempt)
             out = self._result(job, prov, summary, attempt)
@@ -266,6 +266,9 @@ class Runner:
                 text = t.run(poll, check=False, timeout_s=60).stdout
                 lost_since = None
             except TransportError as exc:
+                if self.stop.is_set():   # Ctrl-C while the host is unreachable: no more waiting
+                    attempt.stop_status = attempt.stop_status or "interrupted"
+                    raise JobInterrupted(f"interrupted while the host was unreachable: {exc}") from None
                 now = time.monotonic()
                 lost_since = lost_since or now
                 if now - lost_since > self.opts.reconnect_deadline_s:

@@ -124,3 +124,42 @@ def test_control_characters_stored_in_names_are_printed_escaped(tmp_path: Path) 
     assert res.returncode == 0, res.stderr
     assert "\x1b" not in res.stdout and "\x07" not in res.stdout
     assert "evil\\x1b[2J\\x07[bold]name[/]" in res.stdout
+
+
+RUN_FILE = """\
+name: t
+hosts:
+  here: {provider: local, price_per_hour: 3.6}
+datasets:
+  demo: {generate: {size: 16}}
+experiments:
+  - {name: e, dataset: demo, steps: 5}
+"""
+
+
+@pytest.mark.parametrize("how", ["a file in the way", "read-only mount"])
+def test_unwritable_runs_dir_is_refused_before_renting(tmp_path: Path, how: str) -> None:
+    """Issue 18 item 9: found only after training, the results (paid for) were lost."""
+    (tmp_path / "e.yaml").write_text(RUN_FILE)
+    wrap = None
+    if how == "a file in the way":
+        (tmp_path / "blocker").write_text("")
+        runs = tmp_path / "blocker" / "runs"
+    else:
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            pytest.skip("needs root and unshare for a read-only bind mount")
+        runs = tmp_path / "ro-runs"
+        runs.mkdir()
+        wrap = ["unshare", "--mount", "sh", "-c", f'mount --bind -o ro "{runs}" "{runs}" && exec "$@"', "sh"]
+    res = cli(tmp_path, "run", "e.yaml", "--yes", "--runs-dir", str(runs), wrap=wrap)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: --runs-dir {runs}: results cannot be written there (")
+    assert lines[0].endswith("); nothing was started") and len(lines) == 2
+    db = tmp_path / "home" / "ledger.sqlite"
+    if db.exists():
+        con = sqlite3.connect(db)
+        try:
+            assert con.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+        finally:
+            con.close()

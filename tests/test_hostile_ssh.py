@@ -92,3 +92,64 @@ def test_successful_run_leaves_no_process_and_no_watchdog_fires_later(tmp_path: 
         assert not (job_dir / "watchdog.json").exists()
         wlog = (job_dir / "watchdog.log").read_text()
         assert "running the stop command" not in wlog and "stopping the host" not in wlog
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_ssh_connection_attempts_retry_stops_at_once(tmp_path: Path) -> None:
+    """Issue 18 item 11: the host's port refuses every connection; the controller backs off
+    between attempts (up to 300 s). A Ctrl-C must end the run within seconds, not after the
+    retries, with the instance released and billing closed."""
+    from orchestrator.testing.sshd import free_port
+
+    key = tmp_path / "id_test"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+    text = f"""\
+name: unreachable
+hosts:
+  gone:
+    provider: ssh
+    host: 127.0.0.1
+    port: {free_port()}
+    user: root
+    identity_file: {key}
+    gpu: cpu
+    price_per_hour: 36
+    python: {sys.executable}
+    root: {tmp_path / 'hostroot'}
+datasets:
+  demo: {{generate: {{size: 16, seed: 0}}}}
+experiments:
+  - {{name: ngp, dataset: demo, scenes: [default], hosts: [gone], steps: 5}}
+"""
+    (tmp_path / "experiments.yaml").write_text(text)
+    env = {**os.environ, "ORCHESTRATE_HOME": str(tmp_path / "home")}
+    env.pop("ORCHESTRATE_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "experiments.yaml", "--yes"],
+                            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    import select
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "(attempt 3)" not in seen and "attempt 3)" not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+    assert "connect to root@127.0.0.1" in seen and "failed (attempt" in seen, seen[-2000:]
+    t0 = time.monotonic()
+    proc.send_signal(2)
+    out, err = proc.communicate(timeout=120)
+    stopped_s = time.monotonic() - t0
+    assert stopped_s < 15, f"took {stopped_s:.1f} s after Ctrl-C"
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in seen + err
+    con = sqlite3.connect(tmp_path / "home" / "ledger.sqlite")
+    try:
+        states = con.execute("SELECT state FROM instances").fetchall()
+        open_bills = con.execute("SELECT COUNT(*) FROM billing WHERE ended_at IS NULL").fetchone()[0]
+        jobs = con.execute("SELECT status FROM jobs").fetchall()
+    finally:
+        con.close()
+    assert states == [("destroyed",)] and open_bills == 0 and jobs == [("interrupted",)]

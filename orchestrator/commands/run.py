@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import BudgetGuard, check_estimate, effective_budget
-from ..errors import BudgetError, LedgerError
+from ..errors import BudgetError, ConfigError, LedgerError
 from ..ledger import Ledger
 from ..ledger_guard import GuardedLedger, replay_journals
 from ..live import LiveView
@@ -91,6 +91,19 @@ def main(args: argparse.Namespace) -> int:
         ledger.close()
 
 
+def check_writable(runs_dir: Path) -> None:
+    """Create `runs_dir` and write a probe file in it; ConfigError (nothing started) if not."""
+    import tempfile
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=runs_dir, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--runs-dir {runs_dir}: results cannot be written there "
+                          f"({exc.strerror or exc}); nothing was started",
+                          hint="give a writable directory with --runs-dir") from None
+
+
 def _record_refusal(args: argparse.Namespace, loaded: Any, budget: Any, run_id: str, exc: BudgetError) -> None:
     """Note a budget refusal in the ledger; a ledger that cannot take it (read-only, damaged)
     must not hide the refusal behind a storage error."""
@@ -115,6 +128,7 @@ def _execute(args: argparse.Namespace, loaded: Any, budget: Any, plain: Ledger, 
 
     ledger: Any = GuardedLedger(plain, run_id)    # a ledger fault mid-run loses no billing
     runs_dir = (args.runs_dir or args.config.resolve().parent / "runs").resolve()
+    check_writable(runs_dir)      # before renting: results that cannot be saved are paid for and lost
     stop = threading.Event()
     ledger.create_run(run_id, loaded.name, str(args.config.resolve()), budget.max_cost, budget.currency)
     ledger.add_event("started", f"{len(loaded.jobs)} job(s), estimate {loaded.total_cost:.4f} "

@@ -12,7 +12,7 @@ from .base import CommandResult, ProgressFn, TransferStats, Transport
 
 
 def connect(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any = None,
-            instance_row: Any = None) -> Transport:
+            instance_row: Any = None, stop: Any = None) -> Transport:
     """A transport to `instance_id` of `provider` (its `transport_kind` decides which)."""
     kind = getattr(provider, "transport_kind", "")
     if kind == "local":
@@ -20,7 +20,7 @@ def connect(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any = Non
         return LocalTransport(provider.work_root(instance_id))
     if kind == "ssh":
         from .ssh import connect_ssh
-        return connect_ssh(provider, instance_id, host_cfg, ledger=ledger, instance_row=instance_row)
+        return connect_ssh(provider, instance_id, host_cfg, ledger=ledger, instance_row=instance_row, stop=stop)
     raise ConfigError(f"provider {getattr(provider, 'name', provider)!r} has unknown transport kind {kind!r}")
 
 
