@@ -139,6 +139,34 @@ def job_key(job_id: str, settings: dict[str, object]) -> str:
     return f"{job_id}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
+def claim_job_dir(transport: Transport, key_dir: str, run_id: str,
+                  owner_is_live: Callable[[str], bool]) -> str:
+    """The job directory this run trains in: `key_dir` (job id + settings hash, so a rerun
+    resumes) unless another live run holds it, then `key_dir-<run_id>`. The claim is a file
+    beside the directory naming the run, changed only under a lock on the host, so two
+    controllers starting together never both take it; a claim whose run is gone (its
+    controller died) is taken over, and its pipeline re-attached to."""
+    q = shlex.quote
+    claim, lock = f"{key_dir}.claim", f"{key_dir}.claim.lock"
+
+    def ask(takeover_from: str) -> str:
+        script = (f"cur=$(cat {q(claim)} 2>/dev/null || true); "
+                  f"if [ -z \"$cur\" ] || [ \"$cur\" = {q(run_id)} ] || [ \"$cur\" = {q(takeover_from)} ]; "
+                  f"then printf %s {q(run_id)} > {q(claim)} && echo +; else printf '%s\\n' \"$cur\"; fi")
+        cmd = (f"mkdir -p \"$(dirname {q(claim)})\" && if command -v flock >/dev/null 2>&1; then "
+               f"flock -w 60 {q(lock)} bash -c {q(script)}; else bash -c {q(script)}; fi")
+        return transport.run(cmd, timeout_s=90).stdout.strip()
+
+    owner = ask("")
+    if owner == "+":
+        return key_dir
+    if owner and not owner_is_live(owner) and ask(owner) == "+":
+        log.info("taking over %s from run %s (its controller is gone)", key_dir, owner)
+        return key_dir
+    log.info("%s is in use by run %s; this run trains in its own directory", key_dir, owner)
+    return f"{key_dir}-{run_id}"
+
+
 def run_args(*, data_dir: str, job_dir: str, steps: int, backend: str, device: str, scene: str,
              max_seconds: float | None, downscale: int, seed: int, cpu_share: int = 1) -> str:
     args = (f"remote_payload run --data {shlex.quote(data_dir)} --job-dir {shlex.quote(job_dir)}"

@@ -217,7 +217,8 @@ class Runner:
         data_dir = ready.data_dir
         self._check_stop()
 
-        job_dir = f"{t.root}/jobs/{pl.job_key(jid, job.settings())}"
+        job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
+                                   self._run_is_live)
         attempt.job_dir = job_dir
         status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
         self._watch(job, prov, t, attempt, status)
@@ -242,6 +243,14 @@ class Runner:
             self.ledger.add_event("pipeline_started", f"pid {started.pipeline_pid} in {attempt.job_dir}",
                                   self.run_id, job.job_id)
         return started.attached
+
+    def _run_is_live(self, run_id: str) -> bool:
+        """Whether the run holding a job directory may still be using it: a run this ledger
+        does not know (another home's controller) counts as live."""
+        from .reconcile import run_is_live
+        if self.ledger.run(run_id) is None:
+            return True
+        return run_is_live(self.ledger, run_id)
 
     def _cpu_share(self, job: JobPlan, provider: Provider) -> int:
         """How many jobs may run at once on the machine behind `job`'s host: every instance of a
