@@ -176,17 +176,17 @@ class GuardedLedger:
 
     def _relink(self, target: Path) -> None:
         inner = self._inner
-        with inner._lock:   # noqa: SLF001  (the swap must exclude every other use)
+        with inner._lock:   # the swap must exclude every other use
             fresh = sqlite3.connect(str(target), timeout=30, isolation_level=None, check_same_thread=False)
             try:
-                inner._conn.backup(fresh)   # noqa: SLF001
+                inner._conn.backup(fresh)
                 fresh.row_factory = sqlite3.Row
                 fresh.execute("PRAGMA journal_mode=WAL")
                 fresh.execute("PRAGMA busy_timeout=30000")
             except BaseException:
                 fresh.close()
                 raise
-            old, inner._conn = inner._conn, fresh   # noqa: SLF001
+            old, inner._conn = inner._conn, fresh
             if target != inner.path:
                 inner.path = target
             try:

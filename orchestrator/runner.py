@@ -206,7 +206,7 @@ class Runner:
             self.view.update(jid, phase="staging")
             with lock:
                 return stage_dataset(t, job.dataset, job.scene, python=python,
-                                     payload_dir=pushed.remote_dir, progress=None)
+                                     payload_dir=pushed.remote_dir, progress=None, stop=self.stop)
 
         ready = pl.bootstrap_and_stage(t, python=python, payload_dir=pushed.remote_dir, stage=stage)
         self.ledger.record_phase(self.run_id, jid, "setup", ready.setup_started, ready.setup_ended)

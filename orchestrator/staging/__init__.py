@@ -77,7 +77,7 @@ def stage_generated(transport: "Transport", dataset: "DatasetConfig", scene: str
 
 def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
                   payload_dir: str, progress: StageProgress | None = None,
-                  tuning: "StageTuning | None" = None) -> str:
+                  tuning: "StageTuning | None" = None, stop: Any = None) -> str:
     """Make `scene` of `dataset` available on the host; return the remote scene directory.
 
     Raises DatasetInvalid (the data is fake or broken: one line from the check) or StagingError
@@ -86,7 +86,7 @@ def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, 
     if dataset.generate is not None:
         return stage_generated(transport, dataset, scene, python=python, payload_dir=payload_dir)
     return stage_mirrored(transport, dataset, scene, python=python, payload_dir=payload_dir,
-                          progress=progress, content_key=content_key, tuning=tuning)
+                          progress=progress, content_key=content_key, tuning=tuning, stop=stop)
 
 
 from .estimate import estimate_staging_seconds  # noqa: E402  (re-exported for the estimate)
