@@ -89,7 +89,7 @@ class GuardedLedger:
                 try:
                     return attr(*args, **kwargs)
                 except FAULTS as exc:
-                    raise LedgerError(f"the ledger at {self._inner.path} cannot be read: {exc}",
+                    raise LedgerError(f"the ledger at {self._inner.path} failed ({name}): {exc}",
                                       hint=ledger_hint(exc)) from None
             return read
         return attr
