@@ -22,7 +22,7 @@ import pytest
 PRICE_PER_HOUR = 36.0     # 0.01 per second: a cost visibly above zero within seconds
 
 
-def config(tmp: Path, steps: int = 120) -> str:
+def config(tmp: Path, steps: int = 60) -> str:
     return f"""\
 name: ledger-faults
 hosts:
@@ -97,7 +97,7 @@ def test_ledger_writes_failing_mid_run_keep_billing_and_results(tmp_path: Path) 
     assert float(last.rsplit("cost so far ", 1)[1]) > 0
     # the results were pulled and the instance released although the ledger refused it all
     [summary] = list((tmp_path / "runs").glob("*/*/summary.json"))
-    assert json.loads(summary.read_text())["steps"] == 120
+    assert json.loads(summary.read_text())["steps"] == 60
     assert local_instance_states(tmp_path / "home") == ["terminated"]
     [journal] = list((tmp_path / "home").glob("pending-*.json"))
     assert {"set_instance_state", "record_phase", "add_result"} <= {r["call"] for r in json.loads(journal.read_text())}
