@@ -14,6 +14,7 @@ from .. import catalog
 from ..errors import ConfigError, did_you_mean
 from ..secrets import read_secret
 from . import model as c
+from .limits import MAX_PRICE_PER_HOUR, name_problem, ssh_field_problem
 from .model import DatasetConfig, Defaults, ExperimentConfig, HostConfig
 from .reader import Reader, check_currency, check_name
 from .source import YMap, YSeq, fail
@@ -42,7 +43,7 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
 
     r.keys(m, allowed, path, elsewhere)
     local = provider == "local"
-    price = r.get(m, "price_per_hour", path, "num", lo=0)
+    price = r.get(m, "price_per_hour", path, "num", lo=0, hi=MAX_PRICE_PER_HOUR)
     if provider == "ssh" and price is None:
         r.fail(m, None, f"{path}.price_per_hour",
                "missing; an ssh host needs what it costs you per hour, e.g. price_per_hour: 15 "
@@ -76,12 +77,16 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
                 "ssh_key_name"):
         if key in allowed:
             fields[key] = r.get(m, key, path, "str")
+            problem = fields[key] and ssh_field_problem(key, fields[key])
+            if problem:
+                r.fail(m, key, f"{path}.{key}", problem)
     if "port" in allowed:
         fields["port"] = r.get(m, "port", path, "int", lo=1, hi=65535)
     if "shutdown_on_host" in allowed:
         fields["shutdown_on_host"] = r.get(m, "shutdown_on_host", path, "bool", default=False)
     if "max_price_per_hour" in allowed:
-        fields["max_price_per_hour"] = r.get(m, "max_price_per_hour", path, "num", lo=0, lo_open=True)
+        fields["max_price_per_hour"] = r.get(m, "max_price_per_hour", path, "num", lo=0, lo_open=True,
+                                             hi=MAX_PRICE_PER_HOUR)
         fields["disk_gb"] = r.get(m, "disk_gb", path, "num", lo=0, lo_open=True)
         base = r.get(m, "api_base", path, "str")
         if base and not base.startswith(("http://", "https://")):
@@ -168,6 +173,9 @@ def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
             sums[k] = v.strip().lower()
 
     def check_scene(s: str, line: int) -> None:
+        problem = name_problem(s, "scene")
+        if problem:
+            fail(r.filename, line, f"{path}.scenes", problem)
         if not c.NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 
@@ -250,6 +258,9 @@ def parse_experiment(r: Reader, em: YMap, path: str, defaults: Defaults,
         if ds.generate is None and ds.scenes and s not in ds.scenes:
             fail(r.filename, line, f"{path}.scenes", f"dataset {ds.name!r} has no scene {s!r}; "
                  f"{did_you_mean(s, ds.scenes)}")
+        problem = name_problem(s, "scene")
+        if problem:
+            fail(r.filename, line, f"{path}.scenes", problem)
         if not c.NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -345,7 +346,15 @@ def collect(ledger: Ledger, runs: list[str] | None = None, *, runs_root: Path | 
     reports.sort(key=lambda r: (r.scene, r.gpu, r.backend, r.run_id, r.job_id))
     notes = [f"{j.run_id} {j.job_id}: {j.status}: {redact(j.error)}" for j in jobs
              if j.status != "succeeded" and j.error]
-    notes += [f"{e['run_id']} {e['job_id'] or ''} {e['kind']}: {redact(e['message'])}".replace("  ", " ")
-              for rid in run_ids for e in ledger.events(rid) if e["kind"] in NOTE_EVENT_KINDS]
+    for rid in run_ids:
+        try:
+            events = ledger.events(rid)
+        except sqlite3.DatabaseError as exc:   # notes are extras: a damaged page must not cost the report
+            log.warning("the ledger's events of run %s cannot be read (%s); the report leaves them out",
+                        rid, exc)
+            notes.append(f"{rid}: events left out: the ledger's events table is damaged ({exc})")
+            continue
+        notes += [f"{e['run_id']} {e['job_id'] or ''} {e['kind']}: {redact(e['message'])}".replace("  ", " ")
+                  for e in events if e["kind"] in NOTE_EVENT_KINDS]
     return ReportData(run_ids, tuple(reports), read_reference(), now.isoformat(timespec="seconds"),
                       tuple(notes))
