@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .synth import SCENES
+    from .contract import BACKENDS, DEVICES, LOSSES, SCENES
 
     p = _Parser(prog="python -m ngp_train", description="Instant-NGP training on NeRF-synthetic scenes")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -35,18 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--steps", type=int, default=30000)
     t.add_argument("--max-seconds", type=float, default=None, help="stop training after this much wall time")
-    t.add_argument("--backend", default="auto", choices=["auto", "torch", "tcnn"])
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--backend", default="auto", choices=BACKENDS)
+    t.add_argument("--device", default="auto", choices=DEVICES)
     t.add_argument("--downscale", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--loss", default="l2", choices=["l2", "huber"])
+    t.add_argument("--loss", default="l2", choices=LOSSES)
     t.add_argument("--no-eval", action="store_true", help="skip rendering the test split and summary.json")
     r = sub.add_parser("render", help="render a split from a snapshot")
     r.add_argument("--snapshot", required=True, type=Path)
     r.add_argument("--data", required=True, type=Path)
     r.add_argument("--split", default="test", choices=["train", "val", "test"])
     r.add_argument("--out", required=True, type=Path)
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--device", default="auto", choices=DEVICES)
     e = sub.add_parser("eval", help="PSNR/SSIM of predictions against ground truth")
     e.add_argument("--pred", required=True, type=Path)
     e.add_argument("--gt", required=True, type=Path)

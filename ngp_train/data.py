@@ -51,7 +51,8 @@ class SplitMeta:
 
 @dataclass(frozen=True, slots=True)
 class SplitData:
-    """One split in memory. images: (N, H, W, 4) float32 RGBA straight alpha in [0, 1]."""
+    """One split in memory. images: (N, H, W, 4) uint8 RGBA, straight alpha (a quarter of float32's
+    memory: 256 MB for lego's 100 training views at 800 px; converted to float per batch)."""
 
     split: str
     names: tuple[str, ...]
@@ -154,34 +155,74 @@ def validate_dataset(data_dir: str | Path) -> DatasetInfo:
     return DatasetInfo(d, counts["train"], counts["val"], counts["test"], size[0], size[1])
 
 
-def load_split(data_dir: str | Path, split: str, downscale: int = 1) -> SplitData:
-    """Read one split; images are downscaled by an integer factor with box filtering of RGBA
-    (premultiplied), the focal length with them."""
+@dataclass(frozen=True, slots=True)
+class SplitPoses:
+    """One split's cameras, from its JSON and one image header: nothing decoded."""
+
+    split: str
+    names: tuple[str, ...]
+    image_paths: tuple[Path, ...]
+    c2w: np.ndarray          # (N, 4, 4) float32
+    focal: float             # pixels, at this resolution
+    width: int
+    height: int
+
+
+def load_poses(data_dir: str | Path, split: str, downscale: int = 1) -> SplitPoses:
+    """Names, camera-to-world matrices and the focal length of `split` at 1/downscale, reading
+    the JSON and the first image's header only."""
     from PIL import Image
 
     if downscale < 1:
         raise DatasetError(f"downscale must be >= 1, got {downscale}")
     meta = read_split_meta(data_dir, split)
-    imgs, mats, names = [], [], []
-    w0 = h0 = 0
-    for fr in meta.frames:
-        if not fr.image_path.is_file():
-            raise DatasetError(f"{fr.image_path}: frame listed in transforms_{split}.json does not exist")
-        with Image.open(fr.image_path) as im:
-            arr = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-        if not imgs:
-            h0, w0 = arr.shape[:2]
-        elif arr.shape[:2] != (h0, w0):
-            raise DatasetError(f"{fr.image_path}: image is {arr.shape[1]}x{arr.shape[0]}, expected {w0}x{h0}")
-        if downscale > 1:
-            arr = _box_downscale(arr, downscale)
-        imgs.append(arr)
-        mats.append(np.asarray(fr.c2w, dtype=np.float32))
-        names.append(fr.name)
+    first = meta.frames[0].image_path
+    try:
+        with Image.open(first) as im:
+            w0, h0 = im.size
+    except (OSError, ValueError):
+        raise DatasetError(f"{first}: not a readable image") from None
+    w, h = w0 // downscale, h0 // downscale
+    focal = focal_from_angle(w0, meta.camera_angle_x) * (w / w0)
+    return SplitPoses(split, tuple(fr.name for fr in meta.frames), tuple(fr.image_path for fr in meta.frames),
+                      np.stack([np.asarray(fr.c2w, dtype=np.float32) for fr in meta.frames]), focal, w, h)
+
+
+def load_image(path: Path, downscale: int = 1, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One frame as (H, W, 4) uint8 RGBA, box-downscaled (premultiplied) by `downscale`; `size`
+    (w, h) at full resolution, when given, must match."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise DatasetError(f"{path}: frame listed in the split's transforms file does not exist")
+    with Image.open(path) as im:
+        arr = np.array(im.convert("RGBA"), dtype=np.uint8)
+    if size is not None and (arr.shape[1], arr.shape[0]) != size:
+        raise DatasetError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]}, expected {size[0]}x{size[1]}")
+    if downscale > 1:
+        small = _box_downscale(arr.astype(np.float32) / 255.0, downscale)
+        arr = np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
+    return arr
+
+
+def load_split(data_dir: str | Path, split: str, downscale: int = 1) -> SplitData:
+    """Read one split; images (uint8) are downscaled by an integer factor with box filtering of
+    RGBA (premultiplied), the focal length with them."""
+    from PIL import Image
+
+    if downscale < 1:
+        raise DatasetError(f"downscale must be >= 1, got {downscale}")
+    meta = read_split_meta(data_dir, split)
+    if not meta.frames[0].image_path.is_file():
+        raise DatasetError(f"{meta.frames[0].image_path}: frame listed in transforms_{split}.json does not exist")
+    with Image.open(meta.frames[0].image_path) as im:
+        w0, h0 = im.size
+    imgs = [load_image(fr.image_path, downscale, (w0, h0)) for fr in meta.frames]
     images = np.stack(imgs)
     h, w = images.shape[1:3]
     focal = focal_from_angle(w0, meta.camera_angle_x) * (w / w0)
-    return SplitData(split, tuple(names), images, np.stack(mats), focal, w, h)
+    return SplitData(split, tuple(fr.name for fr in meta.frames), images,
+                     np.stack([np.asarray(fr.c2w, dtype=np.float32) for fr in meta.frames]), focal, w, h)
 
 
 def _box_downscale(rgba: np.ndarray, k: int) -> np.ndarray:

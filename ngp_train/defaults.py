@@ -29,6 +29,13 @@ class DeviceDefaults:
     grid_update_every: int | None        # None: instant-ngp's min(16, max(1, step/16))
     grid_warmup_steps: int               # steps during which every cell is updated
     grid_sample_fraction: float          # after warm-up: this fraction uniform + this fraction occupied
+    # Marched samples are capped at this multiple of the target (the target counts compacted
+    # samples, those in front of T < 1e-4, as instant-ngp's batch does). On CPU there is no
+    # compaction pass (it costs more than it saves there), so marched = compacted and the
+    # multiple is 1.
+    march_buffer_multiple: int = 1
+    early_stop: bool = False             # compaction: drop samples behind T < 1e-4 before the field
+    sync_free: bool = False              # fixed-size buffers, counts read on logging steps (batch.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,7 +44,11 @@ class DeviceDefaults:
 def device_defaults(device_type: str, image_size: int) -> DeviceDefaults:
     """Defaults for `device_type` ("cpu" or "cuda") and the larger image side in pixels."""
     if device_type == "cuda":
-        return DeviceDefaults(19, 2048.0, 128, 1024, 1 << 18, None, 256, 0.25)
+        # 8x: instant-ngp sizes its marched buffer at 16x the target as a worst case; 8x
+        # keeps the gradient-free density pass over it (bf16 torch, no tcnn) to about the cost of
+        # the training pass while leaving room for ~8 marched per compacted sample.
+        return DeviceDefaults(19, 2048.0, 128, 1024, 1 << 18, None, 256, 0.25, march_buffer_multiple=8,
+                              early_stop=True, sync_free=True)
     return DeviceDefaults(
         log2_hashmap_size=16 if image_size <= 128 else 17,
         max_resolution=float(min(2048, max(64, 8 * image_size))),

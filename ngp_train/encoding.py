@@ -92,7 +92,8 @@ def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str
     the table size) are folded into the per-axis terms, so the full-size work is two XORs:
     ((a ⊕ b ⊕ c) mod T) + off == (a mod T) ⊕ (b mod T) ⊕ ((c mod T) | off).
     """
-    n_dense = int(buffers["n_dense"])
+    nd = buffers["n_dense"]
+    n_dense = nd if isinstance(nd, int) else int(nd)                # the module passes an int: no device read
     scale64 = buffers["scale"].to(torch.float64)                      # (L,) float32 values
     L, N = scale64.shape[0], x.shape[0]
     xt = x.to(torch.float32).clamp(0.0, 1.0).T.to(torch.float64)      # positions are float32, as in tcnn
@@ -189,6 +190,7 @@ class HashGridEncoding(nn.Module):
         if any(lv.dense for lv in self.levels[n_dense:]):
             raise ValueError("dense levels must come first")
         self.register_buffer("n_dense", torch.tensor(n_dense), False)
+        self._n_dense = int(n_dense)          # host copy: reading the buffer would sync CUDA every forward
         c = torch.arange(8)
         res = torch.tensor([lv.resolution for lv in self.levels[:n_dense]], dtype=torch.int64).view(-1, 1)
         self.register_buffer("dense_corner_offset",                 # (D, 8, 1): dx + dy·res + dz·res²
@@ -203,8 +205,9 @@ class HashGridEncoding(nn.Module):
         return self.cfg.out_dim
 
     def _buffers_dict(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("scale", "resolution", "n_params", "offset", "dense", "n_dense",
-                                              "dense_corner_offset")}
+        d = {k: getattr(self, k) for k in ("scale", "resolution", "n_params", "offset", "dense",
+                                           "dense_corner_offset")}
+        return {**d, "n_dense": self._n_dense}
 
     def corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Table rows and trilinear weights, both (L, 8, N)."""

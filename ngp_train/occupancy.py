@@ -46,7 +46,8 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("occupied", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
         self._summary_key: tuple[int, int] | None = None
-        self._summary: tuple[bool, torch.Tensor, torch.Tensor] | None = None
+        self.sync_free = False            # set by the trainer on the CUDA path: update() reads nothing back
+        self._summary: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_cells(self) -> int:
@@ -62,40 +63,45 @@ class OccupancyGrid(nn.Module):
         r = self.resolution
         return torch.stack([idx % r, (idx // r) % r, idx // (r * r)], dim=-1)
 
-    def _occupancy_summary(self) -> tuple[bool, torch.Tensor, torch.Tensor]:
-        """(any cell occupied, box lo, box hi), recomputed only when `occupied` changed (its
-        version counter moves on every in-place write: an update, a loaded state dict)."""
+    def _occupancy_summary(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(any cell occupied (0-d bool), box lo, box hi, flags or all-True), recomputed only when
+        `occupied` changed (its version counter moves on every in-place write: an update, a
+        loaded state dict). All stay on the device: nothing here synchronises CUDA."""
         key = (self.occupied._version, self.occupied.data_ptr())
         if self._summary is None or self._summary_key != key:
             self._summary = self._compute_summary()
             self._summary_key = key
         return self._summary
 
-    def _compute_summary(self) -> tuple[bool, torch.Tensor, torch.Tensor]:
-        occ = self.occupied.view(self.resolution, self.resolution, self.resolution)   # (z, y, x)
-        dev = self.values.device
-        if not bool(occ.any()):
-            return False, torch.zeros(3, device=dev), torch.ones(3, device=dev)
+    def _compute_summary(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = self.resolution
+        occ = self.occupied.view(r, r, r)                                          # (z, y, x)
+        any_occ = occ.any()
         lo, hi = [], []
         for dims in ((0, 1), (0, 2), (1, 2)):          # reduce to x, y, z in turn
-            line = occ.any(dim=dims[0]).any(dim=dims[1] - 1)
-            idx = torch.nonzero(line).squeeze(1)
-            lo.append(idx.min())
-            hi.append(idx.max() + 1)
-        return True, torch.stack(lo).float() / self.resolution, torch.stack(hi).float() / self.resolution
+            line = occ.any(dim=dims[0]).any(dim=dims[1] - 1).to(torch.uint8)
+            lo.append(torch.argmax(line))                               # first occupied index
+            hi.append(r - torch.argmax(line.flip(0)))                   # one past the last
+        lo_t, hi_t = torch.stack(lo).float() / r, torch.stack(hi).float() / r
+        lo_t = torch.where(any_occ, lo_t, torch.zeros_like(lo_t))       # none occupied: the unit cube
+        hi_t = torch.where(any_occ, hi_t, torch.ones_like(hi_t))
+        return any_occ, lo_t, hi_t, occ | ~any_occ
 
     def flags(self) -> torch.Tensor | None:
         """The occupied flags as a (res, res, res) grid indexed [z, y, x]; None when no cell is
-        occupied (then everything counts as occupied), as `lookup` treats it."""
-        if not self._occupancy_summary()[0]:
+        occupied (then everything counts as occupied), as `lookup` treats it. Reads one flag
+        back to the host; `flags_or_all` does not."""
+        if not bool(self._occupancy_summary()[0]):
             return None
         return self.occupied.view(self.resolution, self.resolution, self.resolution)
 
+    def flags_or_all(self) -> torch.Tensor:
+        """The flags grid, all True when no cell is occupied; no host synchronisation."""
+        return self._occupancy_summary()[3]
+
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
         """Occupied flags (N,) for positions (N, 3); everything is occupied when no cell is."""
-        if not self._occupancy_summary()[0]:
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        return self.occupied[self.cell_index(x)]
+        return self.flags_or_all().reshape(-1)[self.cell_index(x)]
 
     @torch.no_grad()
     def update(self, step: int, density_fn: DensityFn, *, chunk: int = 65536,
@@ -108,12 +114,22 @@ class OccupancyGrid(nn.Module):
         else:
             k = max(1, int(n * self.sample_fraction))
             uniform = torch.randint(0, n, (k,), device=dev, generator=generator)
-            occ = torch.nonzero(self.occupied).squeeze(1)
-            if occ.numel() > 0:
-                pick = torch.randint(0, occ.numel(), (k,), device=dev, generator=generator)
-                cells = torch.cat([uniform, occ[pick]])
+            if self.sync_free:
+                # k occupied cells drawn uniformly by inverting the running count (no nonzero(),
+                # whose output size would be read back to the host); none occupied: uniform ones.
+                count = torch.cumsum(self.occupied.to(torch.int32), 0)
+                u = (torch.rand(k, device=dev, generator=generator) * count[-1]).long()
+                pick = torch.searchsorted(count, u, right=True).clamp_(max=n - 1)
+                other = torch.randint(0, n, (k,), device=dev, generator=generator)
+                cells = torch.cat([uniform, torch.where(count[-1] > 0, pick, other)])
             else:
-                cells = uniform
+                # the same draw with nonzero(): ~4x cheaper on CPU, where reading a size is free
+                occ = torch.nonzero(self.occupied).squeeze(1)
+                if occ.numel() > 0:
+                    pick = torch.randint(0, occ.numel(), (k,), device=dev, generator=generator)
+                    cells = torch.cat([uniform, occ[pick]])
+                else:
+                    cells = uniform
         new = torch.zeros(n, device=dev)
         for s in range(0, cells.numel(), chunk):
             c = cells[s:s + chunk]
@@ -122,13 +138,13 @@ class OccupancyGrid(nn.Module):
             sigma = density_fn(x).float() * self.min_step_size
             new.scatter_reduce_(0, c, sigma, reduce="amax")
         self.values.copy_(torch.maximum(self.values * self.decay, new))
-        thr = min(self.threshold, float(self.values.mean()))
+        thr = self.values.mean().clamp(max=self.threshold)
         self.occupied.copy_(self.values > thr)
         self.n_updates += 1
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Axis-aligned box (lo (3,), hi (3,)) around the occupied cells; the unit cube when none is."""
-        _, lo, hi = self._occupancy_summary()
+        _, lo, hi, _ = self._occupancy_summary()
         return lo, hi
 
     def occupied_fraction(self) -> float:

@@ -7,9 +7,10 @@ from typing import Callable
 
 import torch
 
-from .data import load_split, validate_dataset
+from .data import load_poses, validate_dataset
 from .errors import SnapshotError
-from .model import ModelConfig, NerfModel
+from .model import ModelConfig, NerfModel, composite_premultiplied
+from .precision import precision_for
 from .snapshot import load_snapshot
 from .train import resolve_backend, resolve_device
 
@@ -38,25 +39,36 @@ def load_model(snapshot_path: str | Path, device: str = "auto", backend: str = "
 
 def render_split(snapshot_path: str | Path, data_dir: str | Path, split: str, out_dir: str | Path,
                  device: str = "auto", progress: RenderProgress | None = None, *,
-                 downscale: int | None = None) -> list[Path]:
-    """Render every frame of `split` on a white background into out_dir/<frame>.png (RGB)."""
+                 downscale: int | None = None, rgba: bool = False) -> list[Path]:
+    """Render every frame of `split` into out_dir/<frame>.png: RGB on a white background, or with
+    rgba=True straight-alpha RGBA (one render scores on white and on black). Poses come from the
+    split's JSON; no dataset image is decoded."""
     from PIL import Image
 
     validate_dataset(data_dir)
     model, state = load_model(snapshot_path, device)
     dev = next(iter(model.buffers())).device
-    data = load_split(data_dir, split, downscale if downscale is not None else int(state.get("downscale", 1)))
+    amp = precision_for(dev.type, state.get("backend", "torch")).autocast_dtype
+    poses = load_poses(data_dir, split, downscale if downscale is not None else int(state.get("downscale", 1)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    white = torch.ones(3, device=dev)
     written = []
-    for k, name in enumerate(data.names):
-        img = model.render_image(torch.from_numpy(data.c2w[k]), data.width, data.height, data.focal, white,
-                                 autocast=dev.type == "cuda")
+    for k, name in enumerate(poses.names):
+        img = model.render_image_rgba(torch.from_numpy(poses.c2w[k]), poses.width, poses.height, poses.focal,
+                                      amp_dtype=amp)
         path = out / f"{name}.png"
-        Image.fromarray((img.clamp(0, 1) * 255).round().byte().cpu().numpy()).save(path)
+        Image.fromarray(to_png_array(img, rgba)).save(path)
         written.append(path)
         if progress is not None:
-            progress(k + 1, len(data.names))
+            progress(k + 1, len(poses.names))
     log.info("rendered %d %s frames to %s", len(written), split, out)
     return written
+
+
+def to_png_array(rgba: torch.Tensor, keep_alpha: bool):  # noqa: ANN201 - numpy uint8 (H, W, 3|4)
+    """Premultiplied (H, W, 4) → 8-bit RGB on white, or straight-alpha RGBA."""
+    if not keep_alpha:
+        return (composite_premultiplied(rgba, 1.0) * 255).round().byte().cpu().numpy()
+    from .train import png_rgba
+
+    return png_rgba(rgba).cpu().numpy()

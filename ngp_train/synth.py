@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .cameras import BLENDER_CAMERA_ANGLE_X, camera_rays_np, focal_from_angle, look_at_origin, sphere_position
+from .contract import SCENES
 from .errors import NgpError
 from .shapes import Box, Cylinder, Primitive, Sphere, trace
 
@@ -108,7 +109,6 @@ def _blocks(rng: np.random.Generator) -> tuple[Primitive, ...]:
 _BUILDERS: dict[str, Callable[[np.random.Generator], tuple[Primitive, ...]]] = {
     "default": _default, "spheres": _spheres, "rods": _rods, "blocks": _blocks,
 }
-SCENES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def scene_primitives(scene: str, seed: int) -> tuple[Primitive, ...]:
@@ -142,15 +142,22 @@ def _poses(split: str, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     return out
 
 
+def _write_view(job: tuple) -> None:
+    from PIL import Image
+
+    prims, c2w, size, focal, ss, path = job
+    Image.fromarray(render_view(prims, c2w, size, focal, ss), "RGBA").save(path)
+
+
 def generate_scene(out_dir: str | Path, scene: str = "default", size: int = 64, seed: int = 0, *,
                    n_train: int | None = None, n_val: int | None = None, n_test: int | None = None,
-                   supersample: int | None = None) -> Path:
+                   supersample: int | None = None, workers: int = 1) -> Path:
     """Write a NeRF-synthetic scene to `out_dir` and return its path.
 
     `size` is the image width and height in pixels; counts default to 100/8/20 views.
+    `workers` > 1 renders views in that many processes (the same images: each view depends only
+    on its pose, and the poses are drawn first).
     """
-    from PIL import Image
-
     if not isinstance(size, int) or size < 8 or size > 2048:
         raise NgpError(f"scene size must be an integer between 8 and 2048 pixels, got {size!r}")
     prims = scene_primitives(scene, seed)
@@ -164,14 +171,23 @@ def generate_scene(out_dir: str | Path, scene: str = "default", size: int = 64, 
     out.mkdir(parents=True, exist_ok=True)
     focal = focal_from_angle(size, BLENDER_CAMERA_ANGLE_X)
     rng = np.random.default_rng(seed + 7919)
+    jobs = []
     for split in ("train", "val", "test"):
         (out / split).mkdir(exist_ok=True)
         frames = []
         for k, c2w in enumerate(_poses(split, counts[split], rng)):
-            Image.fromarray(render_view(prims, c2w, size, focal, ss), "RGBA").save(out / split / f"r_{k}.png")
+            jobs.append((prims, c2w, size, focal, ss, out / split / f"r_{k}.png"))
             frames.append({"file_path": f"./{split}/r_{k}", "rotation": 0.0,
                            "transform_matrix": [[float(v) for v in row] for row in c2w]})
         meta = {"camera_angle_x": BLENDER_CAMERA_ANGLE_X, "frames": frames}
         (out / f"transforms_{split}.json").write_text(json.dumps(meta, indent=2))
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(_write_view, jobs, chunksize=1))
+    else:
+        for job in jobs:
+            _write_view(job)
     log.info("generated scene %r (%d px, seed %d) in %s", scene, size, seed, out)
     return out

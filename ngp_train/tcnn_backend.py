@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .field import FieldConfig, trunc_exp
+from .field_config import FieldConfig, trunc_exp
 
 log = logging.getLogger(__name__)
 

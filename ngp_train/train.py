@@ -12,17 +12,19 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from .data import load_split, validate_dataset
+from .contract import BACKENDS, DEVICES, FIELD_KINDS, LOSSES, PRECISIONS
+from .data import load_image, load_poses, load_split, validate_dataset
 from .defaults import DeviceDefaults, device_defaults
 from .encoding import HashGridConfig
 from .errors import ConfigError, NgpError
-from .field import FieldConfig
-from .model import ModelConfig, NerfModel, camera_rays
+from .field_config import FieldConfig
+from .model import ModelConfig, NerfModel, camera_rays, composite_premultiplied
 from .occupancy import should_update
+from .precision import make_grad_scaler, resolve_precision
 from .snapshot import load_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,13 @@ class TrainConfig:
     target_samples_per_step: int | None = None
     use_occupancy: bool = True
     snapshot_every_s: float = 10.0
-    progress_every: int = 10
+    progress_every: int = 10              # also how often loss/PSNR/sample counts are read back from the GPU
     eval_max_frames: int | None = None
+    precision: str = "auto"               # auto | fp32 | bf16 | fp16-scaled (see precision.py)
+    # None: device default (defaults.py)
+    march_buffer_multiple: int | None = None
+    early_stop: bool | None = None
+    sync_free: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +116,19 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"max_seconds must be > 0, got {cfg.max_seconds!r}")
     if not isinstance(cfg.downscale, int) or cfg.downscale < 1:
         raise ConfigError(f"downscale must be an integer >= 1, got {cfg.downscale!r}")
-    if cfg.loss not in ("l2", "huber"):
-        raise ConfigError(f"loss must be l2 or huber, got {cfg.loss!r}")
-    if cfg.field_kind not in ("ngp", "pe"):
-        raise ConfigError(f"field_kind must be ngp or pe, got {cfg.field_kind!r}")
-    if cfg.backend not in ("auto", "torch", "tcnn"):
-        raise ConfigError(f"backend must be auto, torch or tcnn, got {cfg.backend!r}")
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"loss must be {' or '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.field_kind not in FIELD_KINDS:
+        raise ConfigError(f"field_kind must be {' or '.join(FIELD_KINDS)}, got {cfg.field_kind!r}")
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend must be {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.march_buffer_multiple is not None and (not isinstance(cfg.march_buffer_multiple, int)
+                                                  or cfg.march_buffer_multiple < 1):
+        raise ConfigError(f"march_buffer_multiple must be an integer >= 1, got {cfg.march_buffer_multiple!r}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device must be {', '.join(DEVICES)}, got {cfg.device!r}")
 
 
 def build_model_config(cfg: TrainConfig, dd: DeviceDefaults) -> ModelConfig:
@@ -149,12 +163,19 @@ class Trainer:
         self.info = validate_dataset(self.data_dir)              # before any work: one-line DatasetError
         self.device = resolve_device(cfg.device)
         self.backend = resolve_backend(cfg.backend, self.device)
-        self.autocast = self.device.type == "cuda"
+        self.precision = resolve_precision(cfg.precision, self.device.type, self.backend)
+        self.amp_dtype = self.precision.autocast_dtype
+        self.scaler = make_grad_scaler(self.device.type, self.precision)
         train = load_split(self.data_dir, "train", cfg.downscale)
         self.width, self.height, self.focal = train.width, train.height, train.focal
-        self.images = torch.from_numpy(train.images).to(self.device)                 # (N,H,W,4)
+        self.images = torch.from_numpy(train.images).to(self.device)                 # (N,H,W,4) uint8
         self.c2w = torch.from_numpy(train.c2w).to(self.device)                       # (N,4,4)
         self.defaults = device_defaults(self.device.type, max(self.width, self.height))
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        self.early_stop = bool(pick(cfg.early_stop, self.defaults.early_stop))
+        self.sync_free = bool(pick(cfg.sync_free, self.defaults.sync_free))
+        self.march_multiple = int(pick(cfg.march_buffer_multiple, self.defaults.march_buffer_multiple))
+        self._pending: tuple[torch.Tensor, ...] | None = None   # device values of the last step, unread
         self.snapshot_path = self.out_dir / SNAPSHOT_NAME
         self.step = 0
         self.train_seconds = 0.0
@@ -166,7 +187,12 @@ class Trainer:
                           else build_model_config(cfg, self.defaults))
         torch.manual_seed(cfg.seed)
         self.model = NerfModel(self.model_cfg, self.backend, seed=cfg.seed).to(self.device)
+        self.model.grid.sync_free = self.sync_free
         self.target_samples = cfg.target_samples_per_step or self.defaults.target_samples_per_step
+        self.capacity = self.target_samples * self.march_multiple                  # marched-sample cap
+        # The sync-free path marches a dense (rays x steps) layout: bound it to ~2^27 candidates.
+        self.max_rays = min(1 << 18, max(64, (1 << 27) // (self.model_cfg.march_steps + 1))) \
+            if self.sync_free else 1 << 18
         self.n_rays = max(256, self.target_samples // 16)
         self.optimizer = self._make_optimizer()
         if state is not None:
@@ -191,6 +217,8 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.n_rays = int(state.get("n_rays", self.n_rays))
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])       # the grown loss scale, not 2^16 again
         self.last_loss = state.get("loss")
         if "rng" in state:
             torch.set_rng_state(state["rng"].cpu())
@@ -198,12 +226,15 @@ class Trainer:
         log.info("resumed from %s at step %d", self.snapshot_path, self.step)
 
     def save(self) -> Path:
+        if self._pending is not None:
+            self.read_back()                                 # the snapshot records the last loss and batch
         return save_snapshot(self.snapshot_path, {
             "step": self.step, "train_seconds": self.train_seconds, "n_rays": self.n_rays,
             "loss": self.last_loss, "model_config": self.model_cfg.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(), "backend": self.backend, "device": self.device.type,
             "device_defaults": self.defaults.to_dict(), "downscale": self.cfg.downscale,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "image_size": [self.width, self.height]})
 
     def _update_grid(self) -> None:
@@ -213,74 +244,171 @@ class Trainer:
             return
 
         def density(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, enabled=self.autocast):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
                 return self.model.density_unit(x).float()
 
         self.model.grid.update(self.step, density)
 
-    def train_step(self) -> tuple[float | None, int]:
-        """One optimisation step; returns (loss or None when no sample was marched, n_samples)."""
+    def train_step(self, read: bool = True) -> tuple[float | None, int]:
+        """One optimisation step; returns (loss, samples the field trained on).
+
+        read=False (the CUDA loop's non-logging steps): nothing is read back from the device and
+        (None, -1) is returned; the batch size adapts on the next step that reads. On the
+        variable-size (CPU) path the loss is None also when no sample was marched."""
         self._update_grid()
         n, dev = self.n_rays, self.device
         img = torch.randint(0, self.images.shape[0], (n,), device=dev)
         px = torch.randint(0, self.width, (n,), device=dev)
         py = torch.randint(0, self.height, (n,), device=dev)
         o, d = camera_rays(self.c2w[img], px, py, self.focal, self.width, self.height)
-        rgba = self.images[img, py, px]
+        rgba = self.images[img, py, px].float() * (1.0 / 255.0)                  # uint8 in memory, per batch
         bg = torch.rand((n, 3), device=dev)                      # random background while training
         gt = rgba[:, :3] * rgba[:, 3:] + bg * (1.0 - rgba[:, 3:])
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.step, self.cfg.steps, self.cfg.lr)
-        # The sample budget is the target: rays that overflow it are dropped for this step (as in
-        # instant-ngp), so a step never costs more than planned, even at the start when every
+        if self.sync_free:
+            return self._step_fixed(o, d, bg, gt, read)
+        # Marched samples are capped at `capacity`: rays that overflow it are dropped for this step
+        # (as in instant-ngp), so a step never costs more than planned, even at the start when every
         # cell is occupied and a ray marches ~5x the samples it will later.
-        out = self.model.render_rays(o, d, bg, jitter=torch.rand(n, device=dev), autocast=self.autocast,
-                                     early_stop=self.device.type == "cuda", max_samples=self.target_samples)
+        out = self.model.render_rays(o, d, bg, jitter=torch.rand(n, device=dev), amp_dtype=self.amp_dtype,
+                                     early_stop=self.early_stop, max_samples=self.capacity)
         self.step += 1
         if out.n_samples == 0:
             return None, 0                                       # nothing to learn from: skip
-        gt = gt[:out.rgb.shape[0]]
+        rays = out.rgb.shape[0]
+        gt = gt[:rays]
         if self.cfg.loss == "huber":
             loss = torch.nn.functional.huber_loss(out.rgb, gt, delta=0.1)
         else:
             loss = torch.nn.functional.mse_loss(out.rgb, gt)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        # Adapt the batch so the next step marches about `target_samples` samples.
-        ratio = self.target_samples / max(out.n_marched or out.n_samples, 1)
-        self.n_rays = int(min(max(self.n_rays * min(max(ratio, 0.5), 2.0), 64), 1 << 18))
+        self._backward_and_step(loss)
+        # Adapt the batch so the next step's compacted samples (those the field trains on) reach
+        # the target: rays rendered x target / compacted samples, at most x2 or /2 per step.
+        want = rays * self.target_samples / out.n_samples
+        self.n_rays = int(min(max(want, self.n_rays * 0.5), self.n_rays * 2.0))
+        self.n_rays = int(min(max(self.n_rays, 64), self.max_rays))
+        if not read:
+            return None, out.n_samples
         self.last_loss = float(loss.detach())
         with torch.no_grad():
             mse = float(torch.mean((out.rgb.detach() - gt) ** 2))
         self.last_psnr = -10.0 * math.log10(max(mse, 1e-10))
         return self.last_loss, out.n_samples
 
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            # Fused Adam unscales inside its kernel and skips a step with inf/nan on the device;
+            # update() adjusts the scale there too: no host synchronisation.
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    def _step_fixed(self, o: torch.Tensor, d: torch.Tensor, bg: torch.Tensor, gt: torch.Tensor,
+                    read: bool) -> tuple[float | None, int]:
+        """The sync-free step (batch.py): fixed buffers, the loss over the rays that fit."""
+        from .batch import render_train_batch
+
+        b = render_train_batch(self.model, o, d, bg, torch.rand(o.shape[0], device=o.device),
+                               target=self.target_samples, capacity=self.capacity, amp_dtype=self.amp_dtype)
+        self.step += 1
+        mask = b.ray_mask.to(b.rgb.dtype).unsqueeze(1)
+        denom = (b.n_rays_used * 3).clamp(min=1).to(b.rgb.dtype)
+        if self.cfg.loss == "huber":
+            per = torch.nn.functional.huber_loss(b.rgb, gt, delta=0.1, reduction="none")
+        else:
+            per = (b.rgb - gt) ** 2
+        loss = (per * mask).sum() / denom
+        self._backward_and_step(loss)
+        with torch.no_grad():
+            mse = (((b.rgb.detach() - gt) ** 2) * mask).sum() / denom
+        self._pending = (loss.detach(), mse, b.n_compacted, b.n_rays_used)
+        if not read:
+            return None, -1
+        return self.read_back()
+
+    def read_back(self) -> tuple[float | None, int]:
+        """Read the last sync-free step's loss, PSNR and counts (one synchronisation) and resize
+        the batch so the compacted samples reach the target (x4 or /4 at most per read)."""
+        if self._pending is None:
+            return self.last_loss, 0
+        vals = torch.stack([v.double() for v in self._pending]).tolist()
+        loss, mse, compacted, rays = vals
+        self._pending = None
+        if rays > 0 and compacted > 0:
+            want = rays * self.target_samples / compacted
+            self.n_rays = int(min(max(want, self.n_rays / 4), self.n_rays * 4.0))
+        elif rays == 0:
+            self.n_rays //= 2                                 # not one ray fitted: far too many
+        self.n_rays = int(min(max(self.n_rays, 64), self.max_rays))
+        self.last_loss = loss
+        self.last_psnr = -10.0 * math.log10(max(mse, 1e-10))
+        return loss, int(compacted)
+
+    def _view_indices(self, n: int, max_frames: int | None) -> list[int]:
+        if max_frames is None:
+            return list(range(n))
+        return sorted({round(k * (n - 1) / max(max_frames - 1, 1)) for k in range(max_frames)})
+
+    @torch.no_grad()
+    def iter_views(self, split: str = "test", max_frames: int | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, prediction (H, W, 4) premultiplied RGBA float, ground truth (H, W, 4) uint8
+        straight RGBA), both on the training device; poses come from the JSON and each ground
+        truth is decoded only when its frame is reached."""
+        poses = load_poses(self.data_dir, split, self.cfg.downscale)
+        size = None
+        self.model.eval()
+        try:
+            for k in self._view_indices(len(poses.names), max_frames):
+                pred = self.model.render_image_rgba(torch.from_numpy(poses.c2w[k]), poses.width, poses.height,
+                                                    poses.focal, amp_dtype=self.amp_dtype)
+                if size is None:
+                    from PIL import Image
+
+                    with Image.open(poses.image_paths[k]) as im:
+                        size = im.size
+                gt = torch.from_numpy(load_image(poses.image_paths[k], self.cfg.downscale, size)).to(self.device)
+                yield poses.names[k], pred, gt
+        finally:
+            self.model.train()
+
     @torch.no_grad()
     def render_views(self, split: str = "test", max_frames: int | None = None
                      ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-        """Render `split` on white; returns names, predictions and ground truths (H, W, 3)."""
-        data = load_split(self.data_dir, split, self.cfg.downscale)
-        idx = range(len(data.names)) if max_frames is None else \
-            sorted({round(k * (len(data.names) - 1) / max(max_frames - 1, 1)) for k in range(max_frames)})
-        white = torch.ones(3, device=self.device)
+        """Render `split` on white; returns names, predictions and ground truths (H, W, 3) on the CPU."""
         names, preds, gts = [], [], []
-        self.model.eval()
-        for k in idx:
-            img = self.model.render_image(torch.from_numpy(data.c2w[k]), data.width, data.height, data.focal,
-                                          white, autocast=self.autocast)
-            rgba = torch.from_numpy(data.images[k])
-            names.append(data.names[k])
-            preds.append(img.float().cpu())
-            gts.append(rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:]))
-        self.model.train()
+        for name, pred, gt in self.iter_views(split, max_frames):
+            names.append(name)
+            preds.append(composite_premultiplied(pred, 1.0).float().cpu())
+            gts.append(composite_straight(gt, 1.0).cpu())
         return names, preds, gts
 
     def evaluate_psnr(self, split: str = "test", max_frames: int | None = None) -> float:
-        from .metrics import psnr
+        from .metrics import psnr_t
 
-        _, preds, gts = self.render_views(split, max_frames)
-        return float(sum(psnr(p, g) for p, g in zip(preds, gts)) / len(preds))
+        vals = [psnr_t(composite_premultiplied(p, 1.0), composite_straight(g, 1.0))
+                for _, p, g in self.iter_views(split, max_frames)]
+        return float(torch.stack(vals).mean())
+
+
+def png_rgba(premultiplied: torch.Tensor) -> torch.Tensor:
+    """(H, W, 4) premultiplied float → (H, W, 4) uint8 straight-alpha RGBA, as PNG stores it."""
+    a8 = (premultiplied[..., 3:] * 255).round()
+    a = a8 * (1.0 / 255.0)
+    straight = torch.where(a > 0, premultiplied[..., :3] / a.clamp(min=1e-8), premultiplied[..., :3]).clamp(0, 1)
+    return torch.cat([(straight * 255).round(), a8], dim=-1).to(torch.uint8)
+
+
+def composite_straight(rgba8: torch.Tensor, background: float) -> torch.Tensor:
+    """(H, W, 4) uint8 straight-alpha RGBA → (H, W, 3) float32 on `background` (a grey level)."""
+    x = rgba8.float() * (1.0 / 255.0)
+    return x[..., :3] * x[..., 3:] + background * (1.0 - x[..., 3:])
 
 
 def _append_log(path: Path, rows: list[tuple[int, float, float, float | None]]) -> None:
@@ -312,11 +440,12 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progress:
             stopped = True
             break
         t0 = time.perf_counter()
-        loss, _ = tr.train_step()
-        if tr.device.type == "cuda":
-            torch.cuda.synchronize()
+        is_log = (tr.step + 1) % cfg.progress_every == 0 or tr.step + 1 == cfg.steps
+        loss, _ = tr.train_step(read=is_log)
+        if is_log and tr.device.type == "cuda":
+            torch.cuda.synchronize()                # the read above already waited; this makes timing exact
         tr.train_seconds += time.perf_counter() - t0
-        if loss is not None and (tr.step % cfg.progress_every == 0 or tr.step == cfg.steps):
+        if loss is not None and is_log:
             pending.append((tr.step, tr.train_seconds, loss, tr.last_psnr))
             if progress is not None:
                 progress(tr.step, cfg.steps, loss, tr.last_psnr, tr.train_seconds)
@@ -336,34 +465,54 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progress:
     return evaluate_and_summarise(tr, result)
 
 
+BACKGROUNDS = {"white": 1.0, "black": 0.0}
+
+
 def evaluate_and_summarise(tr: Trainer, result: TrainResult) -> TrainResult:
-    """Render the test split to out/renders (+ out/gt), write metrics.csv and summary.json."""
+    """Render the test split once as RGBA and score it on white and on black: out/renders
+    (RGBA PNG), out/gt (on white), metrics.csv (white, the NeRF-synthetic convention),
+    metrics_black.csv (instant-ngp's --nerf_compatibility figures) and summary.json."""
     from PIL import Image
 
-    from .metrics import FrameMetrics, means, psnr, ssim, write_metrics_csv
+    from .metrics import FrameMetrics, psnr_t, ssim_t, write_metrics_csv
 
     t0 = time.perf_counter()
-    names, preds, gts = tr.render_views("test", tr.cfg.eval_max_frames)
-    rows = []
     for sub in ("renders", "gt"):
         (tr.out_dir / sub).mkdir(exist_ok=True)
-    for name, p, g in zip(names, preds, gts):
-        p8 = (p.clamp(0, 1) * 255).round().byte().numpy()
-        g8 = (g.clamp(0, 1) * 255).round().byte().numpy()
-        Image.fromarray(p8).save(tr.out_dir / "renders" / f"{name}.png")
-        Image.fromarray(g8).save(tr.out_dir / "gt" / f"{name}.png")
-        pq, gq = torch.from_numpy(p8).double() / 255, torch.from_numpy(g8).double() / 255
-        rows.append(FrameMetrics(name, psnr(pq, gq), ssim(pq, gq)))
-    write_metrics_csv(rows, tr.out_dir / "metrics.csv")
-    pm, sm = means(rows)
+    names: list[str] = []
+    scores: list[torch.Tensor] = []                        # per frame: psnr, ssim on white, on black
+    for name, pred, gt in tr.iter_views("test", tr.cfg.eval_max_frames):
+        png = png_rgba(pred)                                # scored exactly as saved: straight RGBA, 8 bits
+        color = png[..., :3].float() * (1.0 / 255.0)
+        alpha = png[..., 3:].float() * (1.0 / 255.0)
+        row = []
+        for bg in BACKGROUNDS.values():
+            p = color * alpha + bg * (1.0 - alpha)
+            g = ((composite_straight(gt, bg) * 255).round_() * (1.0 / 255.0))
+            row += [psnr_t(p, g), ssim_t(p, g)]
+        scores.append(torch.stack(row))
+        names.append(name)
+        Image.fromarray(png.cpu().numpy(), "RGBA").save(tr.out_dir / "renders" / f"{name}.png")
+        Image.fromarray((composite_straight(gt, 1.0) * 255).round_().to(torch.uint8).cpu().numpy()).save(
+            tr.out_dir / "gt" / f"{name}.png")
+    table = torch.stack(scores).double().cpu().numpy()     # one read-back for all frames
+    means = {}
+    for j, bg in enumerate(BACKGROUNDS):
+        rows = [FrameMetrics(n, float(table[i, 2 * j]), float(table[i, 2 * j + 1])) for i, n in enumerate(names)]
+        write_metrics_csv(rows, tr.out_dir / ("metrics.csv" if bg == "white" else f"metrics_{bg}.csv"))
+        means[bg] = (float(table[:, 2 * j].mean()), float(table[:, 2 * j + 1].mean()))
+    pm, sm = means["white"]
     summary = {"psnr_mean": pm, "ssim_mean": sm, "steps": result.steps, "train_seconds": result.train_seconds,
                "eval_seconds": time.perf_counter() - t0, "backend": result.backend, "device": result.device,
-               "device_name": result.device_name, "n_test_images": len(rows), "final_loss": result.final_loss,
+               "device_name": result.device_name, "n_test_images": len(names), "final_loss": result.final_loss,
                "resumed_from_step": result.resumed_from_step, "image_size": [tr.width, tr.height],
                "downscale": tr.cfg.downscale, "seed": tr.cfg.seed, "background": "white",
+               "backgrounds": {bg: {"psnr_mean": m[0], "ssim_mean": m[1]} for bg, m in means.items()},
+               "precision": tr.precision.name,
                "model_config": tr.model_cfg.to_dict(), "device_defaults": tr.defaults.to_dict(),
                "occupied_fraction": tr.model.grid.occupied_fraction()}
     path = tr.out_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
-    log.info("test PSNR %.2f dB, SSIM %.4f over %d views", pm, sm, len(rows))
+    log.info("test PSNR %.2f dB, SSIM %.4f over %d views (on black: %.2f dB, %.4f)", pm, sm, len(names),
+             *means["black"])
     return replace(result, psnr_mean=pm, ssim_mean=sm, summary_path=path)

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import os
+import sqlite3
 import sys
 import traceback
 from types import ModuleType
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        return 1
+    except sqlite3.DatabaseError as exc:   # the ledger file failed under a command: a fault, not a bug
+        from .ledger import ledger_hint
+        sys.stderr.write(f"error: the ledger cannot be used: {' '.join(str(exc).split())}\n"
+                         f"hint: {ledger_hint(exc)}\n")
         return 1
     except SystemExit:
         raise

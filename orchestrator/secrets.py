@@ -6,6 +6,7 @@ is about to be logged, shown, or stored (errors, the ledger, run directories).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -21,11 +22,25 @@ def remember(secret: str) -> None:
             _known.add(secret)
 
 
+def looks_like_variable_name(name: str) -> bool:
+    """UPPER_CASE_WITH_DIGITS, as environment variables holding secrets are written; anything
+    else named in a `*_env` key may be the secret itself and is never echoed."""
+    return bool(re.fullmatch(r"[A-Z_][A-Z0-9_]*", name)) and len(name) <= 64
+
+
 def read_secret(*, env: str | None = None, file: str | None = None, what: str = "secret") -> str:
     """Return the secret named by `env` (an environment variable) or `file` (a path)."""
     if env:
         value = os.environ.get(env)
         if value is None or value == "":
+            if not looks_like_variable_name(env):
+                # it may be the secret itself, pasted where its variable's name belongs: never
+                # repeat it, and scrub it from anything logged later
+                remember(env)
+                raise ConfigError(f"{what}: no environment variable of that name is set, and it looks "
+                                  "like a value rather than a variable name",
+                                  hint="put the secret in an environment variable (export NAME=...) "
+                                       "and write NAME here, or use a *_file reference")
             raise ConfigError(f"{what}: environment variable {env} is not set",
                               hint=f"export {env}=... before running, or use a *_file reference")
         value = value.strip()

@@ -13,6 +13,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ngp_train.contract import BACKENDS, DEVICES
+
 log = logging.getLogger(__name__)
 
 
@@ -104,6 +106,15 @@ def cmd_watchdog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .procs import ROLES, stop_marked
+
+    roles = ROLES if args.role == "all" else (args.role,)
+    n = stop_marked(args.job_dir, roles, grace_s=args.grace_s)
+    sys.stdout.write(f"{n}\n")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="validate a NeRF-synthetic scene (exit 2 when unusable)")
     p.add_argument("dir", help="scene directory holding transforms_{train,test}.json")
@@ -115,8 +126,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     p.add_argument("--max-seconds", type=_positive_float, default=None,
                    help="stop training after this many seconds")
-    p.add_argument("--backend", choices=("auto", "torch", "tcnn"), default="auto")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--scene", default=None, help="scene name for summary.json (default: dir name)")
     p.add_argument("--downscale", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -143,3 +154,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-s", type=float, default=30.0,
                    help="seconds a running pipeline gets after SIGTERM before the stop")
     p.set_defaults(func=cmd_watchdog, log_level=logging.INFO)
+
+    p = sub.add_parser("stop", help="end this job's own processes (found by their environment "
+                                    "markers, never by a bare pid)")
+    p.add_argument("--job-dir", required=True, help="the job directory, exactly as it was started")
+    p.add_argument("--role", choices=("pipeline", "watchdog", "all"), default="all")
+    p.add_argument("--grace-s", type=float, default=20.0,
+                   help="seconds between SIGTERM and SIGKILL")
+    p.set_defaults(func=cmd_stop, log_level=logging.WARNING)

@@ -13,11 +13,13 @@ The CLI prints one line `error: <message>` on stderr and exits with `exit_code`.
 """
 from __future__ import annotations
 
+from . import contract as c
+
 
 class PayloadError(Exception):
     """Base of every error the payload raises on purpose."""
 
-    exit_code: int = 1
+    exit_code: int = c.EXIT_ERROR
 
     def __init__(self, message: str, *, phase: str | None = None) -> None:
         super().__init__(message)
@@ -29,30 +31,30 @@ class PayloadError(Exception):
 
 
 class BadData(PayloadError):
-    exit_code = 2
+    exit_code = c.EXIT_BAD_DATA
 
 
 class TrainFailed(PayloadError):
-    exit_code = 3
+    exit_code = c.EXIT_TRAIN_FAILED
 
 
 class OutOfMemory(PayloadError):
-    exit_code = 4
+    exit_code = c.EXIT_OUT_OF_MEMORY
 
 
 class Interrupted(PayloadError):
-    exit_code = 5
+    exit_code = c.EXIT_INTERRUPTED
 
 
 class StageFailed(PayloadError):
-    exit_code = 6
+    exit_code = c.EXIT_STAGE_FAILED
 
 
 class AlreadyRunning(PayloadError):
-    exit_code = 7
+    exit_code = c.EXIT_ALREADY_RUNNING
 
 
-USAGE_EXIT_CODE = 64   # bad command-line arguments (argparse), distinct from "bad data" (2)
+USAGE_EXIT_CODE = c.EXIT_USAGE  # bad command-line arguments (argparse), distinct from "bad data" (2)
 
 
 class BadUsage(PayloadError):

@@ -52,6 +52,17 @@ class RunOptions:
 _NOT_OPTIONS = {"steps", "max_seconds", "backend", "device", "downscale", "seed", "eval"}
 
 
+CUDA_PROGRESS_EVERY = 100
+
+
+def _uses_cuda(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def build_train_config(opts: RunOptions) -> Any:
     """TrainConfig from the run options; `--train-option KEY=VALUE` values are typed from the
     field's default (None defaults: int, then float). Unknown keys name the closest field."""
@@ -60,11 +71,13 @@ def build_train_config(opts: RunOptions) -> Any:
 
     from ngp_train.train import TrainConfig
 
-    # progress every step (overridable): status.json is then ~1 s fresh even at CPU speeds, and
-    # the writer throttles the writes; train_log.csv gets a row per step
+    # progress every step on CPU (overridable): status.json is then ~1 s fresh even at CPU
+    # speeds, and the writer throttles the writes; train_log.csv gets a row per step. On CUDA a
+    # progress step reads loss and counts back from the GPU (a synchronisation): every
+    # CUDA_PROGRESS_EVERY steps, ~1 s at instant-ngp speeds.
     kw: dict[str, Any] = {"eval": False, "max_seconds": opts.max_seconds, "backend": opts.backend,
                           "device": opts.device, "downscale": opts.downscale, "seed": opts.seed,
-                          "progress_every": 1}
+                          "progress_every": CUDA_PROGRESS_EVERY if _uses_cuda(opts.device) else 1}
     if opts.steps is not None:
         kw["steps"] = opts.steps
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -209,7 +222,7 @@ class Pipeline:
             self._timed("render", lambda: stages.render_stage(
                 snapshot, o.data_dir, self.out, stems, o.device, self._tick))
             self._timed("gt", lambda: stages.gt_stage(o.data_dir, self.out, stems))
-            self._timed("metrics", lambda: stages.metrics_stage(self.out))
+            self._timed("metrics", lambda: stages.metrics_stage(self.out, o.data_dir))
             self._timed("summary", lambda: stages.summary_stage(
                 self.out, scene=o.scene or Path(o.data_dir).name, train=train_info,
                 n_test=report.n_test, data_dir=o.data_dir))

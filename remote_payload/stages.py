@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from .frames import has_frames, numeric_key, write_gt_frames
+from .frames import has_frames, numeric_key, split_frames, write_gt_frames
 from .status import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def drop_model_outputs(out: Path) -> None:
     """Remove what depends on the trained model (renders, scores, summary, videos)."""
     for name in ("renders", "videos"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("metrics.csv", "summary.json"):
+    for name in ("metrics.csv", "metrics_black.csv", "summary.json"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -61,7 +61,8 @@ def render_stage(snapshot: Path, data_dir: Path, out: Path, stems: list[str], de
     from ngp_train.render import render_split
 
     tmp = _fresh_tmp(final)
-    render_split(snapshot, data_dir, "test", tmp, device=device, progress=tick)
+    # RGBA (alpha kept): one render is scored on white and on black (metrics_stage)
+    render_split(snapshot, data_dir, "test", tmp, device=device, progress=tick, rgba=True)
     missing = [s for s in stems if not (tmp / f"{s}.png").is_file()]
     if missing:
         raise RuntimeError(f"the renderer wrote no image for {len(missing)} test view(s), "
@@ -96,7 +97,13 @@ def read_metrics_csv(path: Path) -> list[FrameScore]:
                 for r in csv.DictReader(fh)]
 
 
-def metrics_stage(out: Path) -> bool:
+BLACK_METRICS = "metrics_black.csv"
+
+
+def metrics_stage(out: Path, data_dir: Path | None = None) -> bool:
+    """metrics.csv: renders vs gt/ on white (the NeRF-synthetic convention); with `data_dir`,
+    also metrics_black.csv: the RGBA renders vs the dataset's RGBA test views on black
+    (instant-ngp's --nerf_compatibility figures)."""
     path = out / "metrics.csv"
     if path.is_file():
         return False
@@ -107,10 +114,31 @@ def metrics_stage(out: Path) -> bool:
                     key=lambda s: numeric_key(s.frame))
     if not scores:
         raise RuntimeError("no rendered frame matched a ground-truth frame")
+    if data_dir is not None and _has_alpha(out / "renders"):
+        test_dir = split_frames(data_dir, "test")[0].parent
+        black = sorted((FrameScore(str(m.frame), float(m.psnr), float(m.ssim))
+                        for m in evaluate_dirs(out / "renders", test_dir, background="black")),
+                       key=lambda s: numeric_key(s.frame))
+        write_metrics_csv(out / BLACK_METRICS, black)
     write_metrics_csv(path, scores)
     log.info("metrics: %d frames, mean PSNR %.3f dB", len(scores),
              sum(s.psnr for s in scores) / len(scores))
     return True
+
+
+def _has_alpha(renders: Path) -> bool:
+    from PIL import Image
+
+    first = next(iter(sorted(renders.glob("*.png"))), None)
+    if first is None:
+        return False
+    with Image.open(first) as im:
+        return im.mode in ("RGBA", "LA")
+
+
+def _means(scores: list[FrameScore]) -> dict[str, float]:
+    n = len(scores)
+    return {"psnr_mean": sum(s.psnr for s in scores) / n, "ssim_mean": sum(s.ssim for s in scores) / n}
 
 
 def _ffmpeg_version() -> str | None:
@@ -149,6 +177,11 @@ def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
         return False
     scores = read_metrics_csv(out / "metrics.csv")
     n = len(scores)
+    # psnr_mean/ssim_mean stay the white-background figures; `backgrounds` has both conventions
+    backgrounds: dict[str, dict[str, float] | None] = {"white": _means(scores), "black": None}
+    if (out / BLACK_METRICS).is_file():
+        black = read_metrics_csv(out / BLACK_METRICS)
+        backgrounds["black"] = _means(black) if black else None
     summary = {
         "scene": scene,
         "steps": train["steps"],
@@ -164,6 +197,7 @@ def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
         "n_test_images": n_test,
         "n_scored": n,
         "background": "white",
+        "backgrounds": backgrounds,
         "data_dir": str(data_dir),
         "versions": versions(),
     }

@@ -14,11 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .contract import PHASES, STATUS_KEYS, STATUS_NAME
+
 log = logging.getLogger(__name__)
 
-PHASES = ("check", "train", "render", "gt", "metrics", "summary", "videos", "done", "failed",
-          "interrupted")
-STATUS_NAME = "status.json"
+__all__ = ["PHASES", "STATUS_KEYS", "STATUS_NAME", "Status", "read_status", "write_json_atomic"]
 
 
 def utc_now_iso() -> str:

@@ -312,7 +312,9 @@ def test_mutations_of_the_valid_example(data: st.DataObject) -> None:
                 text = "\n".join(lines) + "\n"
         else:
             text = text.replace(data.draw(st.sampled_from(["10", "local", "H100", "demo", "here", "32", "15"])),
-                                data.draw(st.sampled_from(["-3", "null", "[]", "{}", "x", "0", ".inf", "1e400"])), 1)
+                                data.draw(st.sampled_from(["-3", "null", "[]", "{}", "x", "0", ".inf", "1e400",
+                                                           "-.inf", ".nan", "1.0e+308", "1e3", "2.5e1",
+                                                           "1e-400", "*nowhere"])), 1)
     _check(text)
 
 
@@ -323,3 +325,37 @@ def test_release_retry_window_is_a_cloud_host_setting() -> None:
     with pytest.raises(ConfigError, match=r"hosts\.vast\.release_retry_s"):
         parse_config(VALID.replace("max_price_per_hour: 0.5,", "max_price_per_hour: 0.5, release_retry_s: 0,", 1),
                      "experiments.yaml")
+
+
+# --- aliases: shared settings work, an alias bomb is refused quickly with one line -----------
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(breadth=st.integers(1, 12), depth=st.integers(1, 9),
+       leaf=st.sampled_from(['"lol"', "1", ".inf", "-.inf", ".nan", "1.0e+308", "1e3", "{a: 1}"]),
+       where=st.sampled_from(["steps", "scenes", "seed", "max_seconds", "root", "merge"]))
+def test_alias_chains_are_bounded(breadth: int, depth: int, leaf: str, where: str) -> None:
+    import time
+    chain = [f"&a0 [{', '.join([leaf] * breadth)}]"]
+    for k in range(1, depth):
+        chain.append(f"&a{k} [{', '.join([f'*a{k - 1}'] * breadth)}]")
+    top = f"[{', '.join(chain)}]" if depth > 1 or breadth > 1 else chain[0]
+    text = VALID
+    if where == "merge":
+        text = text.replace("  here: {provider: local}", f"  here: {{<<: {{k: {top}}}, provider: local}}")
+    elif where == "root":
+        text = text.replace("  here: {provider: local}", f"  here: {{provider: local, root: {top}}}")
+    else:
+        text = text.replace("        steps: 30000", f"        steps: 30000\n        {where}: {top}"
+                            if where != "steps" else f"        steps: {top}")
+        if where == "max_seconds":
+            text = text.replace("        max_seconds: 120\n", "")
+    t0 = time.monotonic()
+    _check(text)
+    assert time.monotonic() - t0 < 10
+
+
+def test_alias_sharing_settings_still_works() -> None:
+    text = VALID.replace("defaults: {backend: torch, seed: 3}", "defaults: &d {backend: torch, seed: 3}")
+    text = text.replace("        max_seconds: 120", "        max_seconds: 120\n        <<: *d")
+    cfg = parse_config(text)
+    assert cfg.experiments[1].seed == 3 and cfg.experiments[1].backend == "torch"

@@ -60,7 +60,8 @@ def test_train_learns_and_writes_summary(scene: Path, tmp_path: Path) -> None:
     white = np.mean([psnr(np.ones((24, 24, 3)), _rgb(p)) for p in gts])
     assert summary["psnr_mean"] > white + 3.0
     rows_eval = evaluate_dirs(tmp_path / "renders", tmp_path / "gt")
-    assert np.mean([r.psnr for r in rows_eval]) == pytest.approx(summary["psnr_mean"], abs=1e-6)
+    # float32 metrics on both sides of the comparison: equal within 1e-4 dB
+    assert np.mean([r.psnr for r in rows_eval]) == pytest.approx(summary["psnr_mean"], abs=1e-4)
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
     assert metrics[0] == "frame,psnr,ssim" and [m.split(",")[0] for m in metrics[1:]] == ["r_0", "r_1"]
 

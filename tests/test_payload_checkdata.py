@@ -153,3 +153,32 @@ def test_detached_run_logging_to_log_txt_writes_each_line_once(good: Path, tmp_p
     assert text.count("pipeline start") == 1
     assert text.count("results-only copy") == 2     # the ERROR log line and the final `error:` line
     assert text.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_check_data_finds_a_truncated_frame_it_does_not_decode_and_decodes_only_a_sample(
+        good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    from remote_payload.checkdata import SAMPLE_PER_SPLIT, _sample, check_data
+    from remote_payload.errors import BadData
+
+    d = tmp_path / "scene"
+    shutil.copytree(good, d)
+    assert 1 not in _sample(4)                        # train/r_1 is not among the decoded frames
+    decoded: list[str] = []
+    orig = ImageFile.ImageFile.load
+
+    def counting_load(self):  # noqa: ANN001, ANN202
+        decoded.append(str(getattr(self, "filename", "")))
+        return orig(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    report = check_data(d)
+    assert report.n_train == 4
+    # 4 train, 1 val, 2 test frames: at most SAMPLE_PER_SPLIT decoded per split, not all 7
+    assert 0 < len(decoded) <= 3 + 1 + 2 < 7 and SAMPLE_PER_SPLIT == 3
+    p = d / "train" / "r_1.png"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 30])             # cut inside the last chunks: the header still reads
+    with pytest.raises(BadData, match=r"r_1\.png: image is truncated"):
+        check_data(d)

@@ -73,9 +73,9 @@ def wait_for(pred, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def white_composite(path: Path) -> np.ndarray:
+def white_composite(path: Path, background: float = 1.0) -> np.ndarray:
     rgba = np.asarray(Image.open(path).convert("RGBA"), dtype=np.float64) / 255.0
-    return rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
+    return rgba[..., :3] * rgba[..., 3:] + background * (1.0 - rgba[..., 3:])
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -111,25 +111,35 @@ def test_end_to_end_produces_every_artifact_and_rerun_skips(scene: Path, tmp_pat
     for s in stems:
         gt = np.asarray(Image.open(out / "gt" / f"{s}.png").convert("RGB"), dtype=np.float64)
         assert np.abs(gt - white_composite(scene / "test" / f"{s}.png") * 255).max() <= 1.0
-        assert Image.open(out / "renders" / f"{s}.png").size == (24, 24)
+        render = Image.open(out / "renders" / f"{s}.png")
+        assert render.size == (24, 24) and render.mode == "RGBA"          # alpha kept: both conventions
 
-    # metrics.csv equals an independent recomputation (scikit-image as the oracle)
+    # metrics.csv (white) and metrics_black.csv equal an independent recomputation (scikit-image)
+    means = {}
+    for name, bg in (("metrics.csv", 1.0), ("metrics_black.csv", 0.0)):
+        rows = read_rows(out / name)
+        assert [r["frame"] for r in rows] == stems
+        for r in rows:
+            pred = white_composite(out / "renders" / f"{r['frame']}.png", bg)
+            gt = white_composite(scene / "test" / f"{r['frame']}.png", bg)
+            if bg == 1.0:
+                gt = np.asarray(Image.open(out / "gt" / f"{r['frame']}.png").convert("RGB")) / 255.0
+            want_psnr = peak_signal_noise_ratio(gt, pred, data_range=1.0)
+            want_ssim = structural_similarity(gt, pred, data_range=1.0, channel_axis=2,
+                                              gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False)
+            assert float(r["psnr"]) == pytest.approx(want_psnr, abs=1e-3)
+            assert float(r["ssim"]) == pytest.approx(want_ssim, abs=2e-3)
+        means[bg] = np.mean([float(r["psnr"]) for r in rows])
+    assert means[0.0] != pytest.approx(means[1.0], abs=1e-3)              # two different conventions
     rows = read_rows(out / "metrics.csv")
-    assert [r["frame"] for r in rows] == stems
-    for r in rows:
-        pred = np.asarray(Image.open(out / "renders" / f"{r['frame']}.png").convert("RGB")) / 255.0
-        gt = np.asarray(Image.open(out / "gt" / f"{r['frame']}.png").convert("RGB")) / 255.0
-        want_psnr = peak_signal_noise_ratio(gt, pred, data_range=1.0)
-        want_ssim = structural_similarity(gt, pred, data_range=1.0, channel_axis=2,
-                                          gaussian_weights=True, sigma=1.5,
-                                          use_sample_covariance=False)
-        assert float(r["psnr"]) == pytest.approx(want_psnr, abs=1e-3)
-        assert float(r["ssim"]) == pytest.approx(want_ssim, abs=2e-3)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scene"] == "tiny" and summary["steps"] == 8
     assert summary["n_test_images"] == N_TEST
     assert summary["psnr_mean"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]), abs=1e-5)
+    assert summary["backgrounds"]["white"]["psnr_mean"] == pytest.approx(summary["psnr_mean"], abs=1e-9)
+    assert summary["backgrounds"]["black"]["psnr_mean"] == pytest.approx(means[0.0], abs=1e-5)
     assert summary["ssim_mean"] == pytest.approx(np.mean([float(r["ssim"]) for r in rows]), abs=1e-5)
     assert 5 < summary["psnr_mean"] < 60
     assert summary["device"] == "cpu" and summary["backend"] == "torch" and summary["device_name"]

@@ -259,3 +259,30 @@ def test_a_job_stopped_early_shows_its_training_time_and_curve_without_metrics(t
     assert job.out_dir == out and job.psnr is None and job.train_seconds == pytest.approx(7.5)
     html = render(data, "html")
     assert 'id="plot-training"' in html and 'id="plot-psnr-cost"' not in html
+
+
+def test_each_published_row_is_compared_under_its_own_background(world):
+    led, runs_root, jobs = world
+    _, spec, out = next(j for j in jobs if j[1].job_id == "ngp-lego-h100")
+    # the payload's second convention: the same renders scored on black
+    black = [p + 1.5 for p in spec.psnrs]
+    with (out / "metrics_black.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["frame", "psnr", "ssim"])
+        for i, (p, s) in enumerate(zip(black, spec.ssims)):
+            w.writerow([f"r_{i}", f"{p:.6f}", f"{s:.6f}"])
+    data = json.loads(write_report(led, ["r1"], "json", runs_root=runs_root))
+    ref = {r["method"]: r for r in data["reference"]}
+    ours_black = ref["ours (H100, tcnn), on black"]
+    assert ours_black["background"] == "black" and ours_black["lego"] == pytest.approx(statistics.fmean(black))
+    assert ref["ours (H100, tcnn)"]["background"] == "white"
+    white = _metrics_mean(out / "metrics.csv")[0]
+    cost = _billed_cost(spec.billed_s, spec.granularity_s, spec.price_per_hour)
+    lines = [x for x in data["comparison"] if x.startswith("lego (H100, tcnn)")]
+    paper = next(x for x in lines if "paper Table 2" in x)       # published on black → ours on black
+    assert f"{statistics.fmean(black) - 36.39:+.2f} dB vs instant-ngp hash (paper Table 2) [black]" in paper
+    nerfacc = next(x for x in lines if "nerfacc occupancy grid" in x)   # published on white → ours on white
+    assert f"{white - 35.67:+.2f} dB vs nerfacc occupancy grid [white]" in nerfacc
+    assert paper.endswith(f"at {cost:.4g} USD")
+    md = write_report(led, ["r1"], "md", runs_root=runs_root)
+    assert f"- {paper}" in md

@@ -81,6 +81,10 @@ def test_a_cpu_partition_is_charged_per_cpu_and_defaults_to_gpu_cpu() -> None:
      "experiments.yaml:7: hosts.hpc.sbatch_lines[0]: '--exclusive' does not start with \"#SBATCH \""),
     ("provider: slurm\nhost: a\ngpu: H100\ngres: \"tpu:1\"\n",
      "experiments.yaml:7: hosts.hpc.gres: 'tpu:1': expected gpu:<count>"),
+    ("provider: slurm\nhost: a\ngpu: H100\npartition: \"gpu\\n#SBATCH --uid=0\"\n",
+     "experiments.yaml:7: hosts.hpc.partition: may use only letters, digits"),
+    ("provider: slurm\nhost: a\ngpu: H100\nmem: 16 G\n",
+     "experiments.yaml:7: hosts.hpc.mem: may use only letters, digits"),
     ("provider: slurm\ngpu: H100\n",
      "hosts.hpc: say how to reach the host with exactly one of host:, ssh_alias: or endpoint_command:"),
 ])

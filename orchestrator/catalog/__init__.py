@@ -186,7 +186,8 @@ def convert(amount: float, from_currency: str, to_currency: str) -> tuple[float,
     missing = [c for c in (a, b) if c not in rates]
     if missing:
         raise ConfigError(f"no exchange rate for {', '.join(missing)} in the catalog",
-                          hint=f"add a row to {CATALOG_DIR / 'fx.csv'} or use one currency")
+                          hint="use one currency for every host and the budget "
+                               f"(rates are known for {', '.join(sorted(rates))})")
     value = amount * rates[a].usd_per_unit / rates[b].usd_per_unit
     why = "; ".join(f"{c}: {rates[c].source}" for c in (a, b) if c != "USD")
     src = f"fx.csv: 1 {a} = {rates[a].usd_per_unit / rates[b].usd_per_unit:.4g} {b} ({why})"

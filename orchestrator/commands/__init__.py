@@ -3,11 +3,13 @@ jobs with their estimates, tables (rich, or JSON with `--json`), confirmation pr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.source import printable
 from ..errors import ConfigError
 
 
@@ -57,11 +59,14 @@ def money(v: float | None) -> str:
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
     table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*["-" if v is None else str(v) for v in r])
+        # control characters (an ESC from a name or an error text) would drive the terminal, and
+        # rich would read `[...]` in them as markup: plain Text, escaped
+        table.add_row(*[Text("-" if v is None else printable(str(v))) for v in r])
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)   # logs and pipes: never squeeze the columns
@@ -102,11 +107,17 @@ def load_and_plan(path: Path) -> LoadedPlan:
     if not jobs:
         raise ConfigError(f"{path}: the experiments expand to no jobs", hint="list scenes and hosts")
     check_secrets(config, sorted({j.host.name for j in jobs}))
-    ledger = Ledger.open()
+    from ..errors import LedgerError
+    try:
+        ledger: Ledger | None = Ledger.open()
+    except LedgerError as exc:   # history only sharpens the estimate; the run itself reports it
+        logging.getLogger(__name__).debug("estimating without the ledger's history: %s", exc.message)
+        ledger = None
     try:
         est = estimate_plan(jobs, ledger)
     finally:
-        ledger.close()
+        if ledger is not None:
+            ledger.close()
     if config.budget is not None:
         currency = config.budget.currency
     else:

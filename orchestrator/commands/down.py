@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="every open instance in the ledger")
     p.add_argument("--orphans", action="store_true",
                    help="also destroy labelled cloud instances no live run will release")
+    p.add_argument("--any-controller", action="store_true",
+                   help="with --orphans: also instances labelled by runs this ledger does not know "
+                        "(another machine's controller may be using them)")
     p.add_argument("--config", type=Path, default=None,
                    help="experiments file for provider settings (default: the run's own file)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
@@ -64,15 +67,22 @@ def _provider_for(row: InstanceRow, ledger: Ledger, cli_config: ExperimentsConfi
         host = HostConfig(name=row.host_name, provider=row.provider, gpu=row.gpu)
     provider = make_provider(host)
     if row.provider == "slurm":      # its scheduler is reached through the login node
-        from ..run.slurm import bind_login
+        from ..run.slurm_login import bind_login
         bind_login(provider, host)
     return provider, host
 
 
+class UsageError(OrchestratorError):
+    """A command line that says nothing to do: the CLI's usage exit code, as argparse's."""
+    exit_code = 64
+
+
 def main(args: argparse.Namespace) -> int:
     if not args.instance and not args.all and not args.orphans:
-        raise ConfigError("say what to stop: an INSTANCE, --all, or --orphans",
-                          hint="`orchestrate status` lists open instances")
+        raise UsageError("say what to stop: an INSTANCE, --all, or --orphans",
+                         hint="`orchestrate status` lists open instances")
+    if args.any_controller and not args.orphans:
+        raise UsageError("--any-controller goes with --orphans")
     cli_config = _config_for(args.config)
     if args.config is not None and cli_config is None:
         raise ConfigError(f"--config {args.config}: no such file")
@@ -116,12 +126,10 @@ def main(args: argparse.Namespace) -> int:
         if args.orphans:
             if importlib.util.find_spec("orchestrator.run.reconcile") is None:
                 raise ConfigError("--orphans is not available in this build")
-            from ..run.reconcile import down_orphans
-            for td in down_orphans(ledger, cli_config, args.yes or is_tty()):
-                report.append({"provider": td.orphan.provider, "instance_id": td.orphan.info.instance_id,
-                               "reason": td.orphan.reason,
-                               "result": "destroyed" if td.destroyed else f"FAILED: {td.error}"})
-                failed += 0 if td.destroyed else 1
+            result = _down_orphans(args, ledger, cli_config, report)
+            if result is None:
+                return 1
+            failed += result
     finally:
         ledger.close()
     if args.json:
@@ -134,3 +142,31 @@ def main(args: argparse.Namespace) -> int:
             err = f": {e['error']}" if e.get("error") else ""
             sys.stdout.write(f"{e['provider']} {e['instance_id']}: {e['result']}{cost}{err}\n")
     return 1 if failed else 0
+
+
+def _down_orphans(args: argparse.Namespace, ledger: Ledger, cli_config: Any | None,
+                  report: list[dict[str, Any]]) -> int | None:
+    """Show every orphan and why it is believed orphaned, ask (as --all does), then destroy
+    exactly what was shown. The failure count, or None when the user said no."""
+    from ..run.reconcile import close_vanished, destroy_orphan, find_orphans, providers_for
+    provs = providers_for(cli_config, ledger)
+    found = [(p, o) for p in provs.values() for o in find_orphans(ledger, [p], any_controller=args.any_controller)]
+    if found and not args.yes:
+        listing = "; ".join(f"{o.provider}:{o.info.instance_id} ({o.reason})" for _, o in found)
+        if not is_tty():
+            raise ConfigError(f"would destroy {len(found)} orphan(s): {listing}; not on a terminal",
+                              hint="pass --yes to confirm")
+        for _, o in found:
+            sys.stderr.write(f"  {o.provider} {o.info.instance_id} {o.info.label}: {o.reason}\n")
+        if not confirm(f"destroy these {len(found)} orphan(s)?"):
+            sys.stderr.write("nothing destroyed\n")
+            return None
+    failed = 0
+    for provider, orphan in found:
+        td = destroy_orphan(ledger, provider, orphan)
+        report.append({"provider": orphan.provider, "instance_id": orphan.info.instance_id,
+                       "reason": orphan.reason,
+                       "result": "destroyed" if td.destroyed else f"FAILED: {td.error}"})
+        failed += 0 if td.destroyed else 1
+    close_vanished(ledger, list(provs.values()))
+    return failed

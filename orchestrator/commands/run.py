@@ -11,6 +11,7 @@ import json
 import logging
 import secrets
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -18,9 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..run.budget import BudgetGuard, check_estimate, effective_budget
-from ..errors import BudgetError
+from ..errors import BudgetError, ConfigError, LedgerError
 from ..ledger import Ledger
+from ..ledger.guard import GuardedLedger, replay_journals
+from ..run.budget import BudgetGuard, check_estimate, effective_budget
 from ..run.live import LiveView
 from ..run.runner import JobOutcome, Runner, RunOptions
 from . import (add_json_flag, confirm, estimate_table, is_tty, load_and_plan, money, print_table,
@@ -59,17 +61,15 @@ def main(args: argparse.Namespace) -> int:
     out = sys.stdout
     if not args.json:
         estimate_table(loaded, title=f"estimate for {loaded.name} ({len(loaded.jobs)} jobs)")
-    ledger = Ledger.open()
     run_id = new_run_id()
     try:
-        try:
-            check_estimate(loaded.total_cost, budget)
-        except BudgetError as exc:
-            ledger.create_run(run_id, loaded.name, str(args.config.resolve()), budget.max_cost,
-                              budget.currency, status="refused")
-            ledger.add_event("refused", str(exc), run_id)
-            ledger.finish_run(run_id, "refused", note=str(exc))
-            raise
+        check_estimate(loaded.total_cost, budget)
+    except BudgetError as exc:
+        _record_refusal(args, loaded, budget, run_id, exc)   # best effort: the refusal is the answer
+        raise
+    ledger = Ledger.open()
+    try:
+        replay_journals(ledger)
         if args.dry_run:
             if args.json:
                 out.write(json.dumps({"dry_run": True, "estimate": loaded.estimate_json()}, indent=2) + "\n")
@@ -91,10 +91,44 @@ def main(args: argparse.Namespace) -> int:
         ledger.close()
 
 
-def _execute(args: argparse.Namespace, loaded: Any, budget: Any, ledger: Ledger, run_id: str) -> int:
+def check_writable(runs_dir: Path) -> None:
+    """Create `runs_dir` and write a probe file in it; ConfigError (nothing started) if not."""
+    import tempfile
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=runs_dir, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--runs-dir {runs_dir}: results cannot be written there "
+                          f"({exc.strerror or exc}); nothing was started",
+                          hint="give a writable directory with --runs-dir") from None
+
+
+def _record_refusal(args: argparse.Namespace, loaded: Any, budget: Any, run_id: str, exc: BudgetError) -> None:
+    """Note a budget refusal in the ledger; a ledger that cannot take it (read-only, damaged)
+    must not hide the refusal behind a storage error."""
+    try:
+        ledger = Ledger.open()
+    except LedgerError as err:
+        log.debug("the refusal is not recorded: %s", err.message)
+        return
+    try:
+        ledger.create_run(run_id, loaded.name, str(args.config.resolve()), budget.max_cost,
+                          budget.currency, status="refused")
+        ledger.add_event("refused", str(exc), run_id)
+        ledger.finish_run(run_id, "refused", note=str(exc))
+    except (sqlite3.Error, OSError, LedgerError) as err:
+        log.debug("the refusal is not recorded in the ledger: %s", err)
+    finally:
+        ledger.close()
+
+
+def _execute(args: argparse.Namespace, loaded: Any, budget: Any, plain: Ledger, run_id: str) -> int:
     from ..run.reconcile import hold_run_lock
 
+    ledger: Any = GuardedLedger(plain, run_id)    # a ledger fault mid-run loses no billing
     runs_dir = (args.runs_dir or args.config.resolve().parent / "runs").resolve()
+    check_writable(runs_dir)      # before renting: results that cannot be saved are paid for and lost
     stop = threading.Event()
     ledger.create_run(run_id, loaded.name, str(args.config.resolve()), budget.max_cost, budget.currency)
     ledger.add_event("started", f"{len(loaded.jobs)} job(s), estimate {loaded.total_cost:.4f} "
@@ -116,7 +150,11 @@ def _execute(args: argparse.Namespace, loaded: Any, budget: Any, ledger: Ledger,
     statuses = {o.status for o in outcomes}
     status = ("interrupted" if stop.is_set() else "succeeded" if statuses == {"succeeded"} else "failed")
     ledger.finish_run(run_id, status)
+    flushed = ledger.flush()
     _print_results(args, run_id, outcomes, ledger, time.monotonic() - t0, runs_dir)
+    if not flushed or ledger.relocated_to is not None:
+        _report_ledger_fault(ledger, run_id)
+        return EXIT_JOB_FAILED
     if stop.is_set():
         return EXIT_INTERRUPTED
     return 0 if status == "succeeded" else EXIT_JOB_FAILED
@@ -132,6 +170,24 @@ def _check_orphans(config: Any, ledger: Ledger) -> None:
     for line in check_orphans(ledger, providers, terminate=TERMINATE_ON_SIGHT):
         sys.stderr.write(line + "\n")
         ledger.add_event("orphan_seen", line)
+
+
+def _report_ledger_fault(ledger: Any, run_id: str) -> None:
+    """The run's records could not all reach the ledger file: say where they are and what the
+    run cost so far (from the copy this process holds, which has every interval)."""
+    try:
+        cost = f"{money(ledger.run_cost(run_id))}"
+    except LedgerError:
+        cost = "unknown"
+    if ledger.relocated_to is not None:
+        sys.stderr.write(f"error: the ledger file was replaced during run {run_id}; its records are in "
+                         f"{ledger.relocated_to}; cost so far {cost}\n")
+        return
+    journal = ledger.save_journal()
+    sys.stderr.write(f"error: the ledger refused {ledger.pending} change(s) of run {run_id} "
+                     f"({ledger.last_fault}); they are kept in {journal} and written by the next "
+                     "`orchestrate run` or `status`; "
+                     f"cost so far {cost}\n")
 
 
 def _install_handlers(stop: threading.Event) -> dict[int, Any]:

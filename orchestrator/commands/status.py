@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..ledger import Ledger
+from ..ledger.guard import replay_journals
 from . import add_json_flag, money, print_table
 
 
@@ -19,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     ledger = Ledger.open()
     try:
+        replay_journals(ledger)   # changes a run could not write (a ledger fault) land now
         runs = ledger.runs()[-max(1, args.runs):]
         jobs = [j for r in runs for j in ledger.jobs(r["run_id"])]
         open_rows = ledger.instances(open_only=True)

@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 from types import MappingProxyType
 
+from .. import catalog
 from ..errors import ConfigError
 from ..secrets import read_secret
 from .model import (BACKENDS, CLOUD_PROVIDERS, DEFAULT_HOST_NAME, DEVICES, GENERATOR_SCENES, PROVIDERS,
                     SETTINGS, TOP_KEYS, Budget, DatasetConfig, Defaults, ExperimentConfig,
                     ExperimentsConfig, GenerateSpec, HostConfig, is_secret_key)
+from .limits import currency_problem
 from .reader import Reader, check_currency, check_name, kind_of
 from .sections import parse_dataset, parse_experiment, parse_host, parse_settings
 from .source import YMap, YSeq, fail, read_yaml
@@ -40,11 +42,14 @@ def parse_config(text: str, filename: str = "experiments.yaml", path: Path | Non
              hint="start with `name: my-run`")
     r.keys(doc, TOP_KEYS, "")
     name = r.get(doc, "name", "", "str", required=True)
+    if len(name) > 100 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        r.fail(doc, "name", "name", "the run name must be one line of at most 100 printable characters")
     budget = None
     if doc.get("budget") is not None:
         b = r.mapping(doc, "budget", doc["budget"], "budget")
         r.keys(b, ("max_cost", "currency"), "budget")
-        budget = Budget(r.get(b, "max_cost", "budget", "num", required=True, lo=0, lo_open=True),
+        budget = Budget(r.get(b, "max_cost", "budget", "num", required=True, lo=0, lo_open=True,
+                              hi=1e12),
                         check_currency(r, b, "budget"))
     defaults = Defaults()
     if doc.get("defaults") is not None:
@@ -85,6 +90,12 @@ def parse_config(text: str, filename: str = "experiments.yaml", path: Path | Non
         if any(x.name == exp.name for x in experiments):
             r.fail(em, "name", f"experiments[{i}].name", f"experiment name {exp.name!r} is used twice")
         experiments.append(exp)
+    used = [(h.currency, f"{filename}:{h.line}: hosts.{h.name}.currency") for h in hosts.values()]
+    if budget is not None:
+        used.append((budget.currency, f"{filename}:{doc.key_lines.get('budget', doc.line)}: budget.currency"))
+    bad_currency = currency_problem(used, set(catalog.fx_rates()))
+    if bad_currency:
+        raise ConfigError(f"{bad_currency[0]}: {bad_currency[1]}")
     return ExperimentsConfig(name, budget, defaults, MappingProxyType(hosts), MappingProxyType(datasets),
                              tuple(experiments), path, filename)
 

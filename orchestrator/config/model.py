@@ -11,12 +11,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-# Keep in sync with ngp_train.synth.SCENES (a test checks); the controller must not import ngp_train.
-GENERATOR_SCENES: tuple[str, ...] = ("default", "spheres", "rods", "blocks")
+from ngp_train.contract import BACKENDS, DEVICES, SCENES
+
+GENERATOR_SCENES: tuple[str, ...] = SCENES          # the payload's own list (its contract module)
 PROVIDERS: tuple[str, ...] = ("local", "ssh", "vastai", "runpod", "lambda", "slurm")
 CLOUD_PROVIDERS: tuple[str, ...] = ("vastai", "runpod", "lambda")
-BACKENDS: tuple[str, ...] = ("auto", "torch", "tcnn")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 LAYOUTS: tuple[str, ...] = ("blender",)
 MIRROR_SCHEMES: tuple[str, ...] = ("https", "http", "s3", "hf", "file")
 SETTINGS: tuple[str, ...] = ("steps", "backend", "device", "max_seconds", "downscale", "seed")

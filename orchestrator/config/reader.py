@@ -10,6 +10,7 @@ import re
 from typing import Any, Callable
 
 from ..errors import did_you_mean
+from .limits import name_problem
 from .model import NAME_RE, is_secret_key
 from .source import YMap, YSeq, fail
 
@@ -68,6 +69,7 @@ class Reader:
                 self.fail(m, key, sub, f"expected true or false, got {kind_of(v)}")
             return v
         if kind in ("int", "num"):
+            v = _yaml11_number(v)
             ok = isinstance(v, int) if kind == "int" else isinstance(v, (int, float))
             if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
                 want = "a whole number" if kind == "int" else "a number"
@@ -105,6 +107,21 @@ class Reader:
         return tuple(out)
 
 
+_SCI_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml11_number(v: Any) -> Any:
+    """`1e3` is text to YAML 1.1 (it wants `1.0e+3`) but a number to anyone writing it: read it
+    as one where a number is expected. An integral value counts as a whole number too."""
+    if isinstance(v, str) and _SCI_RE.match(v.strip()):
+        try:
+            f = float(v)
+        except (ValueError, OverflowError):
+            return v
+        return int(f) if f.is_integer() and abs(f) < 2**63 else f
+    return v
+
+
 def kind_of(v: Any) -> str:
     if v is None:
         return "nothing"
@@ -124,7 +141,10 @@ def kind_of(v: Any) -> str:
 
 
 def check_name(r: Reader, m: YMap, key: str, path: str, what: str, at_key: bool = True) -> None:
-    if not NAME_RE.match(key) or key in (".", ".."):
+    problem = name_problem(key, what)
+    if problem:
+        r.fail(m, key, path, problem, at_key=at_key)
+    if not NAME_RE.match(key):
         r.fail(m, key, path, f"{what} name {key!r} may use only letters, digits, '_', '-' and '.'",
                at_key=at_key)
 

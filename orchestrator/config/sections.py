@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from types import MappingProxyType
@@ -14,6 +15,7 @@ from .. import catalog
 from ..errors import ConfigError, did_you_mean
 from ..secrets import read_secret
 from . import model as c
+from .limits import MAX_PRICE_PER_HOUR, name_problem, ssh_field_problem
 from .model import DatasetConfig, Defaults, ExperimentConfig, HostConfig
 from .reader import Reader, check_currency, check_name
 from .source import YMap, YSeq, fail
@@ -44,7 +46,8 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
 
     r.keys(m, allowed, path, elsewhere)
     local = provider == "local"
-    price = r.get(m, "price_per_hour", path, "num", lo=0) if "price_per_hour" in allowed else None
+    price = (r.get(m, "price_per_hour", path, "num", lo=0, hi=MAX_PRICE_PER_HOUR)
+             if "price_per_hour" in allowed else None)
     slurm = parse_slurm(r, m, path) if provider == "slurm" else {}
     if slurm:
         price = slurm["price_per_gpu_hour"] * slurm_units(slurm["gres"], slurm["cpus_per_task"])
@@ -81,12 +84,16 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
                 "ssh_key_name"):
         if key in allowed:
             fields[key] = r.get(m, key, path, "str")
+            problem = fields[key] and ssh_field_problem(key, fields[key])
+            if problem:
+                r.fail(m, key, f"{path}.{key}", problem)
     if "port" in allowed:
         fields["port"] = r.get(m, "port", path, "int", lo=1, hi=65535)
     if "shutdown_on_host" in allowed:
         fields["shutdown_on_host"] = r.get(m, "shutdown_on_host", path, "bool", default=False)
     if "max_price_per_hour" in allowed:
-        fields["max_price_per_hour"] = r.get(m, "max_price_per_hour", path, "num", lo=0, lo_open=True)
+        fields["max_price_per_hour"] = r.get(m, "max_price_per_hour", path, "num", lo=0, lo_open=True,
+                                             hi=MAX_PRICE_PER_HOUR)
         fields["disk_gb"] = r.get(m, "disk_gb", path, "num", lo=0, lo_open=True)
         base = r.get(m, "api_base", path, "str")
         if base and not base.startswith(("http://", "https://")):
@@ -159,11 +166,19 @@ def slurm_time_s(text: str) -> float | None:
     return float(n[0] * 3600 + n[1] * 60 + n[2])
 
 
+_SBATCH_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:,+@%/-]*$")
+
+
 def parse_slurm(r: Reader, m: YMap, path: str) -> dict[str, Any]:
     """The Slurm settings of a host (its login node's ssh fields are read with the ssh ones)."""
     out: dict[str, Any] = {k: r.get(m, k, path, "str") for k in ("partition", "account", "qos", "mem")}
     gres = r.get(m, "gres", path, "str", default="gpu:1")
     out["gres"] = None if gres.strip().lower() in ("", "none") else gres.strip()
+    for key in ("partition", "account", "qos", "mem", "gres"):
+        # each becomes one "#SBATCH --key=value" line: a space or newline would start another
+        if out[key] and not _SBATCH_VALUE_RE.match(out[key]):
+            r.fail(m, key, f"{path}.{key}", "may use only letters, digits and _ . : , + @ % / - "
+                   "(it is passed to sbatch as one value)")
     if out["gres"] and not out["gres"].startswith("gpu"):
         r.fail(m, "gres", f"{path}.gres", f"{gres!r}: expected gpu:<count> or gpu:<type>:<count> "
                "(or none on a CPU partition)")
@@ -177,12 +192,13 @@ def parse_slurm(r: Reader, m: YMap, path: str) -> dict[str, Any]:
                    "write minutes or [D-]HH:MM:SS, e.g. time_limit: \"2:00:00\"")
     lines = r.str_list(m, "sbatch_lines", path)
     for i, line in enumerate(lines):
-        if not line.startswith("#SBATCH "):
+        if not line.startswith("#SBATCH ") or any(ch in line for ch in "\n\r"):
             fail(r.filename, m.value_lines["sbatch_lines"], f"{path}.sbatch_lines[{i}]",
                  f"{line!r} does not start with \"#SBATCH \"")
     out["sbatch_lines"] = lines
     out["setup"] = r.get(m, "setup", path, "str", default="")
-    out["price_per_gpu_hour"] = r.get(m, "price_per_gpu_hour", path, "num", default=0.0, lo=0)
+    out["price_per_gpu_hour"] = r.get(m, "price_per_gpu_hour", path, "num", default=0.0, lo=0,
+                                      hi=MAX_PRICE_PER_HOUR)
     return out
 
 
@@ -226,6 +242,9 @@ def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
             sums[k] = v.strip().lower()
 
     def check_scene(s: str, line: int) -> None:
+        problem = name_problem(s, "scene")
+        if problem:
+            fail(r.filename, line, f"{path}.scenes", problem)
         if not c.NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 
@@ -308,6 +327,9 @@ def parse_experiment(r: Reader, em: YMap, path: str, defaults: Defaults,
         if ds.generate is None and ds.scenes and s not in ds.scenes:
             fail(r.filename, line, f"{path}.scenes", f"dataset {ds.name!r} has no scene {s!r}; "
                  f"{did_you_mean(s, ds.scenes)}")
+        problem = name_problem(s, "scene")
+        if problem:
+            fail(r.filename, line, f"{path}.scenes", problem)
         if not c.NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 

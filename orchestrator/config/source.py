@@ -16,6 +16,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ..errors import ConfigError, nearest
 
 MAX_DEPTH = 50
+MAX_VALUES = 100_000   # values after expanding aliases: a real file has a few hundred
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 
@@ -124,6 +125,38 @@ class _Converter:
         return out
 
 
+def expanded_size(node: Node, cap: int = MAX_VALUES) -> int:
+    """How many values `node` becomes once every alias (and `<<:` merge) is expanded, counted
+    on the composed graph (each distinct node once, memoised), so a small file of nested aliases
+    (a "billion laughs") is measured without expanding it; stops counting past `cap`."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: Node) -> int:
+        key = id(n)
+        if key in memo:
+            return memo[key]
+        if key in active:          # a recursive alias: the converter reports it
+            return 1
+        active.add(key)
+        total = 1
+        if isinstance(n, SequenceNode):
+            for item in n.value:
+                total += size(item)
+                if total > cap:
+                    break
+        elif isinstance(n, MappingNode):
+            for k, v in n.value:
+                total += size(k) + size(v)
+                if total > cap:
+                    break
+        active.discard(key)
+        memo[key] = min(total, cap + 1)
+        return memo[key]
+
+    return size(node)
+
+
 def _reader_line(text: str, exc: yaml.reader.ReaderError) -> int:
     pos = exc.position if isinstance(exc.position, int) else 0
     return text[:pos].count("\n") + 1
@@ -161,6 +194,10 @@ def read_yaml(text: str, filename: str) -> Any:
         if node is None:
             return None
         try:
+            if expanded_size(node) > MAX_VALUES:
+                fail(filename, _line(node), "", f"the file expands to more than {MAX_VALUES:,} values "
+                     "once its aliases (*name) are expanded; refusing to read it",
+                     hint="use anchors and aliases for sharing settings, not for repeating them")
             return _Converter(filename, loader).convert(node, "")
         except RecursionError:
             fail(filename, _line(node), "", f"nested more than {MAX_DEPTH} levels deep")

@@ -2,7 +2,8 @@
 intent, billing intervals, events).
 
 `store.py` holds the `Ledger` and its rows; `schema.py` the tables, built by ordered
-migrations recorded in the file's `PRAGMA user_version`. The names below are the ones
+migrations recorded in the file's `PRAGMA user_version`; `guard.py` the run's view of the ledger
+that survives ledger faults (writes kept, retried, journaled) without losing billing. The names below are the ones
 `orchestrator.ledger` has always exported.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .store import (
     default_home,
     interval_cost,
     iso,
+    ledger_hint,
     parse_iso,
     utcnow,
 )
@@ -31,6 +33,6 @@ from .store import (
 __all__ = [
     "CREATING", "DESTROYED", "FAILED", "INTENT", "JOB_DONE_STATES", "LATEST_VERSION",
     "MIGRATIONS", "OPEN_STATES", "RUNNING", "SCHEMA", "STOPPED", "BillingRow", "InstanceRow",
-    "JobRow", "Ledger", "Migration", "default_home", "interval_cost", "iso", "parse_iso",
+    "JobRow", "Ledger", "Migration", "default_home", "interval_cost", "iso", "ledger_hint", "parse_iso",
     "utcnow",
 ]

@@ -43,6 +43,19 @@ def parse_iso(s: str) -> datetime:
     return datetime.fromisoformat(s)
 
 
+def ledger_hint(exc: BaseException) -> str:
+    """Advice that fits the fault: a damaged file is not a permissions problem."""
+    text = str(exc).lower()
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return ("the ledger file is damaged; `orchestrate status` and `costs` may still read it; "
+                "keep a copy, then move it aside to start a new one")
+    if "readonly" in text or "read-only" in text or "permission" in text:
+        return "make the ledger writable, or set ORCHESTRATE_HOME to a writable directory"
+    if "locked" in text or "busy" in text:
+        return "another process holds the ledger; wait for it, then run the command again"
+    return "set ORCHESTRATE_HOME to a writable directory"
+
+
 def interval_cost(started_at: str, ended_at: str | None, price_per_hour: float,
                   granularity_s: float, now: datetime | None = None) -> float:
     """Cost of one billing interval: duration rounded up to the granularity × price."""
@@ -160,8 +173,7 @@ class Ledger:
         self._lock = threading.RLock()
 
     def _cannot_open(self, exc: BaseException) -> LedgerError:
-        return LedgerError(f"cannot open the ledger at {self.path}: {exc}",
-                           hint="set ORCHESTRATE_HOME to a writable directory")
+        return LedgerError(f"cannot open the ledger at {self.path}: {exc}", hint=ledger_hint(exc))
 
     @classmethod
     def open(cls, home: Path | str | None = None) -> "Ledger":

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,8 @@ COST_PER_DB_DEFINITION = (
     "(lower is better; a job with no PSNR has none)")
 BACKGROUND_NOTE = (
     "Background convention: the instant-ngp paper evaluates on black (--nerf_compatibility); "
-    "ours, like most reimplementations, composites on white, which lowers some scenes.")
+    "most reimplementations composite on white, which lowers some scenes. Each job scores the "
+    "same renders on both, and every published row is compared with ours under its own convention.")
 REFERENCE_SCENES = ("mic", "ficus", "chair", "hotdog", "materials", "drums", "ship", "lego")
 
 
@@ -82,6 +84,8 @@ class JobReport:
     currency: str
     out_dir: Path | None
     estimate: EstimateVsActual
+    psnr_black: float | None = None      # the same renders scored on black (metrics_black.csv)
+    ssim_black: float | None = None
 
     @property
     def cost_per_db(self) -> float | None:
@@ -280,6 +284,12 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
     elif result:
         psnr, ssim = _float(result.get("psnr_mean")), _float(result.get("ssim_mean"))
         n_frames = int(result.get("n_test_images") or 0)
+    psnr_black = ssim_black = None
+    if out_dir is not None and (out_dir / "metrics_black.csv").is_file():
+        psnr_black, ssim_black, _ = read_metrics(out_dir / "metrics_black.csv")
+    elif isinstance((summary.get("backgrounds") or {}).get("black"), dict):
+        black = summary["backgrounds"]["black"]
+        psnr_black, ssim_black = _float(black.get("psnr_mean")), _float(black.get("ssim_mean"))
     train_s = _float(summary.get("train_seconds")) or _float((result or {}).get("train_seconds"))
     if train_s is None and out_dir is not None and (out_dir / "train_log.csv").is_file():
         points = read_train_log(out_dir / "train_log.csv")
@@ -299,7 +309,8 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
     return JobReport(job.run_id, job.job_id, job.experiment, job.scene, job.gpu, backend,
                      job.host_name, job.provider, int(summary.get("steps") or job.steps or 0),
                      job.status, psnr, ssim, n_frames, train_s, cost,
-                     currency or str((job.estimate or {}).get("currency") or ""), out_dir, estimate)
+                     currency or str((job.estimate or {}).get("currency") or ""), out_dir, estimate,
+                     psnr_black=psnr_black, ssim_black=ssim_black)
 
 
 def resolve_runs(ledger: Ledger, wanted: list[str] | None) -> tuple[str, ...]:
@@ -335,7 +346,15 @@ def collect(ledger: Ledger, runs: list[str] | None = None, *, runs_root: Path | 
     reports.sort(key=lambda r: (r.scene, r.gpu, r.backend, r.run_id, r.job_id))
     notes = [f"{j.run_id} {j.job_id}: {j.status}: {redact(j.error)}" for j in jobs
              if j.status != "succeeded" and j.error]
-    notes += [f"{e['run_id']} {e['job_id'] or ''} {e['kind']}: {redact(e['message'])}".replace("  ", " ")
-              for rid in run_ids for e in ledger.events(rid) if e["kind"] in NOTE_EVENT_KINDS]
+    for rid in run_ids:
+        try:
+            events = ledger.events(rid)
+        except sqlite3.DatabaseError as exc:   # notes are extras: a damaged page must not cost the report
+            log.warning("the ledger's events of run %s cannot be read (%s); the report leaves them out",
+                        rid, exc)
+            notes.append(f"{rid}: events left out: the ledger's events table is damaged ({exc})")
+            continue
+        notes += [f"{e['run_id']} {e['job_id'] or ''} {e['kind']}: {redact(e['message'])}".replace("  ", " ")
+                  for e in events if e["kind"] in NOTE_EVENT_KINDS]
     return ReportData(run_ids, tuple(reports), read_reference(), now.isoformat(timespec="seconds"),
                       tuple(notes))

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collect import BACKGROUND_NOTE, COST_PER_DB_DEFINITION, JobReport, ReportData, read_train_log
-from .tables import ESTIMATE_NOTE, estimate_frame, fmt, psnr_pivot, reference_frame, results_frame
+from .tables import (ESTIMATE_NOTE, comparison_lines, estimate_frame, fmt, psnr_pivot, reference_frame,
+                     results_frame)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -204,6 +205,7 @@ def to_html(data: ReportData, *, html_dir: Path | None = None,
               "<h2>Beside published figures</h2>", f'<p class="note">{escape(BACKGROUND_NOTE)}</p>',
               _table(reference_frame(data), "reference",
                      row_class=lambda r: "ours" if str(r["method"]).startswith("ours") else ""),
+              '<ul class="comparison">' + "".join(f"<li>{escape(x)}</li>" for x in comparison_lines(data)) + "</ul>",
               "<h2>Estimate vs actual</h2>",
               f'<p class="note">{escape(ESTIMATE_NOTE)}</p>',
               _table(estimate_frame(data), "estimates"), "<h2>Plots</h2><div class=plots>"]

@@ -68,19 +68,47 @@ def reference_frame(data: ReportData) -> "pd.DataFrame":
         row.update({"average": r.average, "source": r.source})
         rows.append(row)
     if len(ours):
+        ours["psnr_black"] = [j.psnr_black for j in data.jobs]
         for (gpu, backend), g in ours.groupby(["gpu", "backend"], sort=True):
-            by_scene = g.groupby("scene")["psnr"].mean()
             steps = sorted(set(int(s) for s in g["steps"]))
-            row = {"method": f"ours ({gpu}, {backend})", "gpu": gpu,
-                   "budget": "/".join(str(s) for s in steps) + " steps", "background": "white"}
-            row.update({s: by_scene.get(s) for s in scenes})
-            row.update({"average": by_scene.mean(), "source": "this report"})
-            rows.append(row)
+            for column, background in (("psnr", "white"), ("psnr_black", "black")):
+                by_scene = pd.to_numeric(g[column], errors="coerce").groupby(g["scene"]).mean().dropna()
+                if by_scene.empty:
+                    continue
+                name = f"ours ({gpu}, {backend})" + (", on black" if background == "black" else "")
+                row = {"method": name, "gpu": gpu,
+                       "budget": "/".join(str(s) for s in steps) + " steps", "background": background}
+                row.update({s: by_scene.get(s) for s in scenes})
+                row.update({"average": by_scene.mean(), "source": "this report"})
+                rows.append(row)
     df = pd.DataFrame(rows)
     for s in scenes + ["average"]:
         if s in df:
             df[s] = pd.to_numeric(df[s], errors="coerce")
     return df
+
+
+def comparison_lines(data: ReportData) -> list[str]:
+    """Per scene and GPU / backend: "Δ dB vs <published row> at <our cost>", each published row
+    against our score under the same background convention (its `background` column)."""
+    groups: dict[tuple[str, str, str], list] = {}
+    for j in data.jobs:
+        groups.setdefault((j.scene, j.gpu, j.backend), []).append(j)
+    lines = []
+    for (scene, gpu, backend), jobs in sorted(groups.items()):
+        cost = sum(j.cost for j in jobs) / len(jobs)
+        currency = jobs[0].currency
+        for r in data.reference:
+            published = r.psnr_by_scene.get(scene)
+            black = r.background.strip().lower().startswith("black")
+            ours = [j.psnr_black if black else j.psnr for j in jobs]
+            ours = [v for v in ours if v is not None and math.isfinite(v)]
+            if published is None or not ours:
+                continue
+            delta = sum(ours) / len(ours) - published
+            lines.append(f"{scene} ({gpu}, {backend}): {delta:+.2f} dB vs {r.method} "
+                         f"[{'black' if black else 'white'}] at {cost:.4g} {currency}".rstrip())
+    return lines
 
 
 ESTIMATE_NOTE = ("Error % = (estimate − actual) / actual. Seconds are billed wall time (the "
@@ -140,6 +168,7 @@ def to_markdown(data: ReportData) -> str:
               markdown_table(psnr_pivot(data), index=True), "",
               "## Beside published figures", "", BACKGROUND_NOTE, "",
               markdown_table(reference_frame(data)), "",
+              *[f"- {line}" for line in comparison_lines(data)], "",
               "## Estimate vs actual", "",
               ESTIMATE_NOTE, "", markdown_table(estimate_frame(data)), ""]
     if data.notes:
@@ -173,6 +202,7 @@ def to_json_obj(data: ReportData) -> dict[str, Any]:
             str(scene): {str(k): (None if isinstance(v, float) and math.isnan(v) else v)
                          for k, v in row.items()} for scene, row in pivot.iterrows()},
         "reference": _records(reference_frame(data)),
+        "comparison": comparison_lines(data),
         "estimate_vs_actual": [
             {**rec, "phases_s": {ph: {"estimate": j.estimate.estimate_phases_s.get(ph),
                                       "actual": j.estimate.actual_phases_s.get(ph)}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from remote_payload.contract import EXIT_OK
 from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,34 @@ def job_key(job_id: str, settings: dict[str, object]) -> str:
     return f"{job_id}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
+def claim_job_dir(transport: Transport, key_dir: str, run_id: str,
+                  owner_is_live: Callable[[str], bool]) -> str:
+    """The job directory this run trains in: `key_dir` (job id + settings hash, so a rerun
+    resumes) unless another live run holds it, then `key_dir-<run_id>`. The claim is a file
+    beside the directory naming the run, changed only under a lock on the host, so two
+    controllers starting together never both take it; a claim whose run is gone (its
+    controller died) is taken over, and its pipeline re-attached to."""
+    q = shlex.quote
+    claim, lock = f"{key_dir}.claim", f"{key_dir}.claim.lock"
+
+    def ask(takeover_from: str) -> str:
+        script = (f"cur=$(cat {q(claim)} 2>/dev/null || true); "
+                  f"if [ -z \"$cur\" ] || [ \"$cur\" = {q(run_id)} ] || [ \"$cur\" = {q(takeover_from)} ]; "
+                  f"then printf %s {q(run_id)} > {q(claim)} && echo +; else printf '%s\\n' \"$cur\"; fi")
+        cmd = (f"mkdir -p \"$(dirname {q(claim)})\" && if command -v flock >/dev/null 2>&1; then "
+               f"flock -w 60 {q(lock)} bash -c {q(script)}; else bash -c {q(script)}; fi")
+        return transport.run(cmd, timeout_s=90).stdout.strip()
+
+    owner = ask("")
+    if owner == "+":
+        return key_dir
+    if owner and not owner_is_live(owner) and ask(owner) == "+":
+        log.info("taking over %s from run %s (its controller is gone)", key_dir, owner)
+        return key_dir
+    log.info("%s is in use by run %s; this run trains in its own directory", key_dir, owner)
+    return f"{key_dir}-{run_id}"
+
+
 def run_args(*, data_dir: str, job_dir: str, steps: int, backend: str, device: str, scene: str,
              max_seconds: float | None, downscale: int, seed: int, cpu_share: int = 1) -> str:
     args = (f"remote_payload run --data {shlex.quote(data_dir)} --job-dir {shlex.quote(job_dir)}"
@@ -219,21 +248,36 @@ def attach_or_start(transport: Transport, *, job_dir: str, python: str, payload_
             transport.run(f"kill -0 {current.pid}", check=False, timeout_s=30).ok:
         log.info("%s: re-attaching to the running pipeline (pid %d)", job_id, current.pid)
         return Started(current.pid, 0, current)
-    if current is not None and current.phase == "done" and current.exit_code == 0:
+    if current is not None and current.phase == "done" and current.exit_code == EXIT_OK:
         transport.run(f"rm -rf {q(job_dir)}", timeout_s=300)
     transport.run(f"mkdir -p {q(job_dir)}/out && rm -f {q(job_dir)}/status.json && touch {q(job_dir)}/heartbeat",
                   timeout_s=60)
     if not transport.run(f"test -f {q(job_dir)}/out/snapshot.pt", check=False, timeout_s=30).ok:
         restore_snapshot(transport, job_dir, runs_dir, job_id)
-    env = {"ORCHESTRATE_INSTANCE": instance_id, "PYTHONUNBUFFERED": "1"}
+    # the markers identify every process of this job (and its children) on the host: teardown
+    # and the watchdog end them by marker, never by a PID that may have been reused
+    env = {"ORCHESTRATE_INSTANCE": instance_id, "PYTHONUNBUFFERED": "1", JOB_DIR_ENV: job_dir}
     pid = transport.start_detached(f"cd {q(transport.root)} && {payload_command(python, payload_dir, run_args)}",
-                                   log_path=f"{job_dir}/log.txt", env=env)
-    stop_cmd = self_stop_command or f"kill -TERM {pid}"
+                                   log_path=f"{job_dir}/log.txt", env={**env, ROLE_ENV: "pipeline"})
+    stop_cmd = self_stop_command or stop_command(python, payload_dir, job_dir, "pipeline")
     wd_pid = transport.start_detached(
         payload_command(python, payload_dir, watchdog_args(job_dir=job_dir, idle_timeout_s=idle_timeout_s,
                                                            deadline_s=deadline_s, stop_command=stop_cmd)),
-        log_path=f"{job_dir}/watchdog.log", env=env)
+        log_path=f"{job_dir}/watchdog.log", env={**env, ROLE_ENV: "watchdog"})
     return Started(pid, wd_pid, None)
+
+
+JOB_DIR_ENV = "ORCHESTRATE_JOB_DIR"   # = remote_payload.procs.JOB_DIR_ENV (the host side)
+ROLE_ENV = "ORCHESTRATE_ROLE"
+
+
+def stop_command(python: str, payload_dir: str, job_dir: str, role: str = "all",
+                 grace_s: float = 20.0) -> str:
+    """The host command that ends this job's processes of `role` (pipeline, watchdog, all),
+    found by their environment markers: a shared host (ssh, local) keeps running other work."""
+    return payload_command(python, payload_dir,
+                           f"remote_payload stop --job-dir {shlex.quote(job_dir)} --role {role} "
+                           f"--grace-s {grace_s:g}")
 
 
 def pull_results(transport: Transport, job_dir: str, local: Path) -> dict[str, Any] | None:

@@ -101,10 +101,18 @@ def _providers(providers: Iterable[Provider] | Mapping[str, Provider]) -> list[P
     return list(providers.values()) if isinstance(providers, Mapping) else list(providers)
 
 
-def find_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Provider]) -> list[Orphan]:
-    """Instances with our label prefix that no live job will release (see module doc)."""
+def _label_of_our_run(ledger: Ledger, label: str, run_ids: list[str]) -> bool:
+    return any(label.startswith(f"{LABEL_PREFIX}-{rid}-") for rid in run_ids)
+
+
+def find_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Provider], *,
+                 any_controller: bool = False) -> list[Orphan]:
+    """Instances with our label prefix that no live job will release (see module doc). An
+    instance whose label names a run this ledger never had belongs to another controller (on
+    another machine, with its own ledger) and is left alone unless `any_controller`."""
     orphans: list[Orphan] = []
     live_runs: dict[str, bool] = {}
+    run_ids = [r["run_id"] for r in ledger.runs()]
     for provider in _providers(providers):
         listed = provider.list(LABEL_PREFIX + "-")
         for info in listed:
@@ -119,8 +127,15 @@ def find_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Pr
                 pending = [r for r in by_label if r.state in OPEN_STATES]
                 if pending and _job_live(ledger, pending[0].run_id, pending[0].job_id, live_runs):
                     continue
+                if not by_label and not any_controller and not _label_of_our_run(ledger, info.label, run_ids):
+                    log.debug("%s %s (%s) belongs to no run of this ledger: another controller's; left alone",
+                             provider.name, info.instance_id, info.label)
+                    continue
                 orphans.append(Orphan(provider.name, info, by_label[-1].row_id if by_label else None,
-                                      "not in the ledger (a create whose reply was lost?)"))
+                                      "not in the ledger (a create whose reply was lost?)" if by_label
+                                      or _label_of_our_run(ledger, info.label, run_ids)
+                                      else "labelled by a controller this ledger does not know "
+                                           "(--any-controller)"))
             elif row.state not in OPEN_STATES:
                 orphans.append(Orphan(provider.name, info, row.row_id,
                                       f"the ledger says {row.state}, the provider still lists it"))
@@ -175,7 +190,7 @@ def providers_for(config: ExperimentsConfig | None, ledger: Ledger, **provider_k
         try:
             out[key] = make_provider(host, **provider_kwargs)
             if host.provider == "slurm":
-                from .slurm import bind_login
+                from .slurm_login import bind_login
                 bind_login(out[key], host)
         except OrchestratorError as exc:
             log.warning("cannot check %s for orphans: %s", host.provider, exc)
@@ -259,13 +274,14 @@ def check_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, P
 
 
 def down_orphans(ledger: Ledger, config_or_none: ExperimentsConfig | None, yes: bool, *,
-                 providers: Iterable[Provider] | Mapping[str, Provider] | None = None) -> list[Teardown]:
+                 providers: Iterable[Provider] | Mapping[str, Provider] | None = None,
+                 any_controller: bool = False) -> list[Teardown]:
     """Find orphans and, when `yes`, destroy them and close their ledger rows. Without `yes`
     nothing is touched: the list (destroyed=False, error="not confirmed") is for showing."""
     provs = _providers(providers) if providers is not None else list(providers_for(config_or_none, ledger).values())
     results: list[Teardown] = []
     for p in provs:
-        for orphan in find_orphans(ledger, [p]):
+        for orphan in find_orphans(ledger, [p], any_controller=any_controller):
             if not yes:
                 results.append(Teardown(orphan, False, "not confirmed"))
                 continue

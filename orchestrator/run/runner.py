@@ -34,11 +34,10 @@ from ..secrets import redact
 from ..staging import stage_dataset
 from ..transport import connect
 from ..transport.base import Transport
+from remote_payload.contract import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
 
-EXIT_INTERRUPTED = 5
-EXIT_ALREADY_RUNNING = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +170,7 @@ class Runner:
                 self.ledger.update_job(self.run_id, jid, instance_row=prov.row_id)
                 self.view.update(jid, currency=prov.currency)
                 transport = connect(provider, prov.instance_id, job.host, ledger=self.ledger,
-                                    instance_row=prov.row_id)
+                                    instance_row=prov.row_id, stop=self.stop)
             attempt.host_ready = time.time()
             summary = self._on_host(job, provider, prov, transport, attempt)
             out = self._result(job, prov, summary, attempt)
@@ -207,7 +206,7 @@ class Runner:
             self.view.update(jid, phase="staging")
             with lock:
                 return stage_dataset(t, job.dataset, job.scene, python=python,
-                                     payload_dir=pushed.remote_dir, progress=None)
+                                     payload_dir=pushed.remote_dir, progress=None, stop=self.stop)
 
         ready = pl.bootstrap_and_stage(t, python=python, payload_dir=pushed.remote_dir, stage=stage)
         self.ledger.record_phase(self.run_id, jid, "setup", ready.setup_started, ready.setup_ended)
@@ -218,7 +217,8 @@ class Runner:
         data_dir = ready.data_dir
         self._check_stop()
 
-        job_dir = f"{t.root}/jobs/{pl.job_key(jid, job.settings())}"
+        job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
+                                   self._run_is_live)
         attempt.job_dir = job_dir
         status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
         self._watch(job, prov, t, attempt, status)
@@ -228,6 +228,7 @@ class Runner:
                          python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:
         idle_s = float(job.host.idle_timeout_s or 600.0)
         deadline_s = float(job.host.deadline_s or max(3600.0, 3 * job.estimate_seconds))
+        attempt.stop_command = pl.stop_command(python, payload_dir, attempt.job_dir)
         started = pl.attach_or_start(
             t, job_dir=attempt.job_dir, python=python, payload_dir=payload_dir,
             run_args=pl.run_args(data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps,
@@ -242,6 +243,14 @@ class Runner:
             self.ledger.add_event("pipeline_started", f"pid {started.pipeline_pid} in {attempt.job_dir}",
                                   self.run_id, job.job_id)
         return started.attached
+
+    def _run_is_live(self, run_id: str) -> bool:
+        """Whether the run holding a job directory may still be using it: a run this ledger
+        does not know (another home's controller) counts as live."""
+        from .reconcile import run_is_live
+        if self.ledger.run(run_id) is None:
+            return True
+        return run_is_live(self.ledger, run_id)
 
     def _cpu_share(self, job: JobPlan, provider: Provider) -> int:
         """How many jobs may run at once on the machine behind `job`'s host: every instance of a
@@ -266,6 +275,9 @@ class Runner:
                 text = t.run(poll, check=False, timeout_s=60).stdout
                 lost_since = None
             except TransportError as exc:
+                if self.stop.is_set():   # Ctrl-C while the host is unreachable: no more waiting
+                    attempt.stop_status = attempt.stop_status or "interrupted"
+                    raise JobInterrupted(f"interrupted while the host was unreachable: {exc}") from None
                 now = time.monotonic()
                 lost_since = lost_since or now
                 if now - lost_since > self.opts.reconnect_deadline_s:
@@ -375,11 +387,11 @@ class Runner:
         self.view.update(jid, note="teardown")
         t0 = time.time()
         try:
-            if t is not None and attempt.watchdog_pid:
-                try:
-                    t.run(f"kill -TERM {int(attempt.watchdog_pid)} 2>/dev/null || true", check=False, timeout_s=20)
+            if t is not None and attempt.stop_command:
+                try:   # watchdog and pipeline (and their children), found by marker, not pid
+                    t.run(attempt.stop_command, check=False, timeout_s=60)
                 except OrchestratorError as exc:
-                    log.warning("%s: could not end the watchdog: %s", jid, exc)
+                    log.warning("%s: could not end the job's processes: %s", jid, exc)
             keep = bool(job.host.keep_on_failure) and not attempt.succeeded \
                 and not attempt.stop_status
             if keep:
@@ -409,6 +421,7 @@ class _Attempt:
     row_id: int | None = None
     pipeline_pid: int = 0
     watchdog_pid: int = 0
+    stop_command: str = ""           # ends the job's own processes on the host (teardown)
     out_dir: str | None = None
     stop_status: str | None = None
     succeeded: bool = False

@@ -22,7 +22,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from ..errors import JobError, OrchestratorError, ProviderError
 from ..ledger import DESTROYED, FAILED, OPEN_STATES
@@ -39,18 +39,16 @@ from ..providers.slurm import (
     parse_squeue,
     squeue_command,
     time_limit_s,
-    with_setup,
 )
 from ..secrets import redact
 from ..staging import stage_dataset
 from ..transport.base import Transport
-from ..transport.ssh import SSHTransport, auth_from_host
 from . import payload as pl
 from .runner import EXIT_INTERRUPTED, JobOutcome, JobPlan, Runner
+from .slurm_login import COMMAND_TIMEOUT_S, login_transport
 
 log = logging.getLogger(__name__)
 
-COMMAND_TIMEOUT_S = 120.0
 CANCEL_WAIT_S = 150.0        # Slurm's KillWait (30 s by default) plus the pipeline's snapshot
 ACCOUNTING_TRIES = 10
 
@@ -83,57 +81,6 @@ def run_all(runner: Runner) -> list[JobOutcome]:
     for th in threads:
         th.join()
     return [found[j.job_id] for j in runner.jobs]
-
-
-def login_transport(provider: SlurmProvider, host: Any, *, reconnect_deadline_s: float = 300.0) -> Transport:
-    """An SSH transport to the login node, bound to `provider` (its commands run through it).
-    The host key is pinned at first contact for the life of the connection."""
-    holder: dict[str, SSHTransport] = {}
-
-    def pin(key: str) -> None:
-        holder["t"].pinned_key = key
-
-    t = SSHTransport(provider.resolve_endpoint, root=host.root or "~/orchestrate", auth=auth_from_host(host),
-                     on_first_key=pin, name=host.name, reconnect_deadline_s=reconnect_deadline_s)
-    holder["t"] = t
-
-    def execute(command: str) -> tuple[int, str, str]:
-        res = t.run(command, check=False, timeout_s=COMMAND_TIMEOUT_S)
-        return res.exit_code, res.stdout, res.stderr
-
-    provider.bind(execute)
-    return cast(Transport, _WithSetup(t, host))
-
-
-class _WithSetup:
-    """The login-node transport with the host's `setup` run before every command, so staging
-    and the data check find the same `python` (modules, a conda env) as the tasks do."""
-
-    def __init__(self, inner: SSHTransport, host: Any) -> None:
-        self.inner = inner
-        self.host = host
-
-    @property
-    def root(self) -> str:
-        return self.inner.root
-
-    def run(self, command: str, **kwargs: Any) -> Any:
-        return self.inner.run(with_setup(self.host, command), **kwargs)
-
-    def start_detached(self, command: str, **kwargs: Any) -> int:
-        return self.inner.start_detached(with_setup(self.host, command), **kwargs)
-
-    def __getattr__(self, name: str) -> Any:   # put, get, read_text, write_text, close
-        return getattr(self.inner, name)
-
-
-def bind_login(provider: Any, host: Any) -> Transport | None:
-    """For `down` and the orphan checks of `run` and `status`: a Slurm provider gets its
-    login-node connection (returned, for the caller to close; a login node that does not answer
-    is given up after 30 s); any other provider is left as it is (None)."""
-    if not isinstance(provider, SlurmProvider):
-        return None
-    return login_transport(provider, host, reconnect_deadline_s=30.0)
 
 
 @dataclass(slots=True)

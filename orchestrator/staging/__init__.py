@@ -7,7 +7,7 @@ fetched by the host from the fastest mirror (issue #7).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .common import StageProgress, check_remote, content_key, payload_cmd
 from .estimate import estimate_staging_seconds
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
                   payload_dir: str, progress: StageProgress | None = None,
-                  tuning: StageTuning | None = None) -> str:
+                  tuning: StageTuning | None = None, stop: Any = None) -> str:
     """Make `scene` of `dataset` available on the host; return the remote scene directory.
 
     Raises DatasetInvalid (the data is fake or broken: one line from the check) or StagingError
@@ -31,7 +31,7 @@ def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, 
     if dataset.generate is not None:
         return stage_generated(transport, dataset, scene, python=python, payload_dir=payload_dir)
     return stage_mirrored(transport, dataset, scene, python=python, payload_dir=payload_dir,
-                          progress=progress, content_key=content_key, tuning=tuning)
+                          progress=progress, content_key=content_key, tuning=tuning, stop=stop)
 
 
 __all__ = ["StageProgress", "StageTuning", "check_remote", "content_key", "estimate_staging_seconds",

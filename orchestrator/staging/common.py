@@ -6,6 +6,8 @@ import json
 import shlex
 from typing import TYPE_CHECKING, Callable
 
+from remote_payload.contract import EXIT_BAD_DATA
+
 from ..errors import DatasetInvalid, StagingError
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ def check_remote(transport: "Transport", scene_dir: str, *, python: str, payload
     """Run `remote_payload check-data` on the host; raise DatasetInvalid with its one line."""
     res = transport.run(payload_cmd(python, payload_dir, f"remote_payload check-data {shlex.quote(scene_dir)}"),
                         check=False, timeout_s=600)
-    if res.exit_code == 2:
+    if res.exit_code == EXIT_BAD_DATA:
         line = (res.stderr.strip() or res.stdout.strip() or "invalid dataset").splitlines()[-1]
         raise DatasetInvalid(f"dataset at {scene_dir} is not usable: {line}",
                              hint="fix or replace the dataset; nothing was trained")

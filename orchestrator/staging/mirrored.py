@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote
 
+from remote_payload.contract import EXIT_BAD_DATA
+
 from ..errors import DatasetInvalid, StagingError
 from ..secrets import redact
 from .common import payload_cmd
@@ -85,7 +87,8 @@ def _stage_args(dest: str, scene: str, mirrors: list[str], sha256: dict[str, str
 
 def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, dest: str, scene: str,
                    mirrors: list[str], sha256: dict[str, str], tuning: StageTuning,
-                   progress: StageProgress | None, from_local: str | None = None) -> HostStageResult:
+                   progress: StageProgress | None, from_local: str | None = None,
+                   stop: Any = None) -> HostStageResult:
     """Start `remote_payload stage` detached on the host and follow it to its end (bounded)."""
 
     tag = uuid.uuid4().hex[:8]
@@ -125,9 +128,12 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
             progress(f"{scene}: staged" + (f" at {rate / 1e6:.1f} MB/s" if rate else ""), n, n)
         if rc_text.strip():
             break
-        if time.monotonic() > deadline:
+        interrupted = stop is not None and stop.is_set()    # Ctrl-C: no waiting out a download
+        if interrupted or time.monotonic() > deadline:
             transport.run(f"kill -TERM -- -{int(pid)} 2>/dev/null || kill -TERM {int(pid)} 2>/dev/null || true",
                           check=False, timeout_s=30)
+            if interrupted:
+                raise StagingError(f"staging {scene!r} on the host was interrupted")
             raise StagingError(f"staging {scene!r} on the host did not finish within {tuning.timeout_s:g} s",
                                hint="check the mirrors, or raise the staging timeout")
         time.sleep(POLL_S)
@@ -211,7 +217,7 @@ def upload_local(transport: "Transport", dataset: "DatasetConfig", scene: str, d
                              tuning=tuning, progress=progress, from_local=remote)
         if res.exit_code == 0:
             return str(res.last_event.get("scene_dir") or f"{dest}/{scene}"), notes
-        if res.exit_code == 2:
+        if res.exit_code == EXIT_BAD_DATA:
             raise DatasetInvalid(f"dataset {dataset.name!r}, scene {scene!r} (uploaded from {path}): {res.message}",
                                  hint="fix or replace the dataset; nothing was trained")
         notes.append(f"{url}: {res.message}")
@@ -222,7 +228,7 @@ def upload_local(transport: "Transport", dataset: "DatasetConfig", scene: str, d
 
 def stage_mirrored(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
                    payload_dir: str, progress: StageProgress | None, content_key: Callable[[Any], str],
-                   tuning: StageTuning | None = None) -> str:
+                   tuning: StageTuning | None = None, stop: Any = None) -> str:
     tuning = tuning or StageTuning()
     dest = f"{transport.root}/cache/datasets/{dataset_key(dataset, content_key)}"
     scene_dir = f"{dest}/{scene}"
@@ -237,10 +243,10 @@ def stage_mirrored(transport: "Transport", dataset: "DatasetConfig", scene: str,
     if network:
         res = run_host_stage(transport, python=python, payload_dir=payload_dir, dest=dest, scene=scene,
                              mirrors=network, sha256=dict(dataset.sha256 or {}),
-                             tuning=tuning, progress=progress)
+                             tuning=tuning, progress=progress, stop=stop)
         if res.exit_code == 0:
             return str(res.last_event.get("scene_dir") or scene_dir)
-        if res.exit_code == 2:
+        if res.exit_code == EXIT_BAD_DATA:
             raise DatasetInvalid(f"dataset {dataset.name!r}, scene {scene!r}: {res.message}",
                                  hint="fix or replace the dataset; nothing was trained")
         if not has_local:

@@ -5,6 +5,7 @@ is imported lazily so the local path needs no paramiko at import time.
 """
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -17,7 +18,7 @@ if TYPE_CHECKING:   # types only: providers depend on transport.endpoint, not th
 
 
 def connect(provider: Provider, instance_id: str, host_cfg: HostConfig, *, ledger: Ledger | None = None,
-            instance_row: int | None = None) -> Transport:
+            instance_row: int | None = None, stop: threading.Event | None = None) -> Transport:
     """A transport to `instance_id` of `provider` (its `transport_kind` decides which)."""
     kind = provider.transport_kind
     if kind == "local":
@@ -25,7 +26,7 @@ def connect(provider: Provider, instance_id: str, host_cfg: HostConfig, *, ledge
         return LocalTransport(provider.work_root(instance_id))
     if kind == "ssh":
         from .ssh import connect_ssh
-        return connect_ssh(provider, instance_id, host_cfg, ledger=ledger, instance_row=instance_row)
+        return connect_ssh(provider, instance_id, host_cfg, ledger=ledger, instance_row=instance_row, stop=stop)
     raise ConfigError(f"provider {provider.name!r} has unknown transport kind {kind!r}")
 
 

@@ -84,8 +84,9 @@ class SSHTransport:
                  on_first_key: Callable[[str], None] | None = None,
                  connect_timeout_s: float = 15.0, keepalive_s: float = 15.0,
                  reconnect_deadline_s: float = 300.0, backoff_initial_s: float = 0.5,
-                 backoff_max_s: float = 10.0, name: str = "") -> None:
+                 backoff_max_s: float = 10.0, name: str = "", stop: threading.Event | None = None) -> None:
         self._resolve = resolve
+        self._stop = stop            # Ctrl-C: one more attempt at most, never a backoff wait
         self._root_spec = root
         self._root: str | None = root if root.startswith("/") else None
         self.auth = auth or SSHAuth()
@@ -198,7 +199,11 @@ class SSHTransport:
                         f"cannot connect to {self.name or 'host'} at {ep or '?'} after {attempt} "
                         f"attempt(s) in {self.reconnect_deadline_s:.0f} s: {last}",
                         hint="check that the host is running and the endpoint is right")
-                time.sleep(delay)
+                if self._stop is not None and self._stop.wait(delay):
+                    raise ConnectError(f"interrupted while connecting to {self.name or 'host'} at "
+                                       f"{ep or '?'} (attempt {attempt}: {last})")
+                if self._stop is None:
+                    time.sleep(delay)
                 delay = min(delay * 2, self.backoff_max_s)
             self.endpoint = ep
             self.connects += 1
@@ -373,7 +378,7 @@ def auth_from_host(host_cfg: HostConfig) -> SSHAuth:
 
 
 def connect_ssh(provider: Provider, instance_id: str, host_cfg: HostConfig, *, ledger: Ledger,
-                instance_row: Any) -> SSHTransport:
+                instance_row: Any, stop: threading.Event | None = None) -> SSHTransport:
     """The transport the runner uses for a provider whose transport_kind is 'ssh'.
 
     The endpoint comes from `provider.describe(instance_id)` at every (re)connect; a changed
@@ -403,7 +408,7 @@ def connect_ssh(provider: Provider, instance_id: str, host_cfg: HostConfig, *, l
             auth = SSHAuth(identity_file=keys[0])
     return SSHTransport(resolve, root=host_cfg.root or "~/orchestrate",
                         auth=auth, pinned_key=ledger.host_key(row_id),
-                        on_first_key=lambda key: ledger.pin_host_key(row_id, key), name=name)
+                        on_first_key=lambda key: ledger.pin_host_key(row_id, key), name=name, stop=stop)
 
 
 def _refresh_ssh_config(ledger: Any) -> None:

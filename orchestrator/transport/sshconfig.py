@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.limits import ssh_token_ok
+
 log = logging.getLogger(__name__)
 
 MANAGED_NAME = "ssh_config"
@@ -70,6 +72,12 @@ def host_entries(ledger: Any, home: Path | str) -> list[HostEntry]:
             ep = parse_endpoint(r.endpoint)
         except ValueError:
             log.warning("ledger row %s has an unreadable endpoint; skipped", r.row_id)
+            continue
+        if not (ssh_token_ok(ep.host) and ssh_token_ok(ep.user)):
+            # written verbatim, `User root ProxyCommand=...` would become a second directive
+            # in a file every ssh on this machine reads
+            log.warning("ledger row %s: the endpoint's user or host is not a plain ssh name; "
+                        "left out of the managed ssh config", r.row_id)
             continue
         iid = _slug(r.instance_id)
         name = _slug(r.host_name)

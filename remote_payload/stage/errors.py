@@ -6,13 +6,14 @@
 """
 from __future__ import annotations
 
+from ..contract import EXIT_NO_MIRROR
 from ..errors import BadData, PayloadError
 
 StageError = PayloadError
 
 
 class NoMirror(PayloadError):
-    exit_code = 3
+    exit_code = EXIT_NO_MIRROR
 
 
 __all__ = ["BadData", "NoMirror", "PayloadError", "StageError"]
