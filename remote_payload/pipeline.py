@@ -225,7 +225,7 @@ class Pipeline:
             self._timed("metrics", lambda: stages.metrics_stage(self.out, o.data_dir))
             self._timed("summary", lambda: stages.summary_stage(
                 self.out, scene=o.scene or Path(o.data_dir).name, train=train_info,
-                n_test=report.n_test, data_dir=o.data_dir))
+                n_test=report.n_test, data_dir=o.data_dir, train_options=dict(o.train_options)))
             self._timed("videos", lambda: stages.video_stage(self.out, stems, o.fps))
         except PayloadError:
             raise

@@ -171,7 +171,7 @@ def versions() -> dict[str, str | None]:
 
 
 def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
-                  data_dir: Path) -> bool:
+                  data_dir: Path, train_options: dict[str, str] | None = None) -> bool:
     path = out / "summary.json"
     if path.is_file():
         return False
@@ -199,6 +199,7 @@ def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
         "background": "white",
         "backgrounds": backgrounds,
         "data_dir": str(data_dir),
+        "train_options": dict(train_options or {}),   # the --train-option values, as given
         "versions": versions(),
     }
     write_json_atomic(path, summary)

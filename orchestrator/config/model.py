@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 from ngp_train.contract import BACKENDS, DEVICES, SCENES
 
@@ -32,7 +32,7 @@ HOST_KEYS: dict[str, tuple[str, ...]] = {
     **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS}}
 DATASET_KEYS = ("generate", "layout", "mirrors", "sha256", "scenes")
 GENERATE_KEYS = ("scene", "size", "seed")
-EXPERIMENT_KEYS = ("name", "dataset", "scenes", "hosts") + SETTINGS
+EXPERIMENT_KEYS = ("name", "dataset", "scenes", "hosts", "train") + SETTINGS
 SECRET_WORDS = ("password", "passwd", "passphrase", "api_key", "apikey", "token", "secret",
                 "secret_key", "access_key", "private_key")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -124,6 +124,8 @@ class ExperimentConfig:
     max_seconds: float | None | tuple[float | None, ...] = None
     downscale: int | tuple[int, ...] = 1
     seed: int | tuple[int, ...] = 0
+    # `train:` TrainConfig fields (ngp_train.contract.TRAIN_OPTIONS); a tuple value is an axis
+    train: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     line: int = 0
 
 

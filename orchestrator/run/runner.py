@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from . import payload as pl
 from .budget import BudgetGuard
@@ -60,6 +60,7 @@ class JobPlan:
     estimate_seconds: float = 0.0
     currency: str = "USD"
     estimate: dict[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)   # TrainConfig fields (`train:`)
 
     @property
     def gpu(self) -> str:
@@ -67,10 +68,13 @@ class JobPlan:
 
     def settings(self) -> dict[str, Any]:
         gen = self.dataset.generate
-        return {"dataset": self.dataset_name, "scene": self.scene, "steps": self.steps,
-                "backend": self.backend, "device": self.device, "max_seconds": self.max_seconds,
-                "downscale": self.downscale, "seed": self.seed,
-                "generate": repr(gen) if gen is not None else None}
+        out = {"dataset": self.dataset_name, "scene": self.scene, "steps": self.steps,
+               "backend": self.backend, "device": self.device, "max_seconds": self.max_seconds,
+               "downscale": self.downscale, "seed": self.seed,
+               "generate": repr(gen) if gen is not None else None}
+        if self.train:   # only when set: the job key (and so a resumable job dir) stays as it was
+            out["train"] = dict(sorted(self.train.items()))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +238,7 @@ class Runner:
             run_args=pl.run_args(data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps,
                                  backend=job.backend, device=job.device, scene=job.scene,
                                  max_seconds=job.max_seconds, downscale=job.downscale, seed=job.seed,
-                                 cpu_share=self._cpu_share(job, provider)),
+                                 cpu_share=self._cpu_share(job, provider), train=job.train),
             instance_id=prov.instance_id, self_stop_command=provider.self_stop_command(prov.instance_id),
             idle_timeout_s=idle_s, deadline_s=deadline_s, runs_dir=self.opts.runs_dir, job_id=job.job_id)
         attempt.started = time.time()
