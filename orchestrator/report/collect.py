@@ -86,6 +86,7 @@ class JobReport:
     estimate: EstimateVsActual
     psnr_black: float | None = None      # the same renders scored on black (metrics_black.csv)
     ssim_black: float | None = None
+    train: str = ""                      # the experiment's `train:` options, "lr=0.005 ..."
 
     @property
     def cost_per_db(self) -> float | None:
@@ -310,7 +311,15 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
                      job.host_name, job.provider, int(summary.get("steps") or job.steps or 0),
                      job.status, psnr, ssim, n_frames, train_s, cost,
                      currency or str((job.estimate or {}).get("currency") or ""), out_dir, estimate,
-                     psnr_black=psnr_black, ssim_black=ssim_black)
+                     psnr_black=psnr_black, ssim_black=ssim_black,
+                     train=_train_text((job.settings or {}).get("train") or summary.get("train_options")))
+
+
+def _train_text(options: Any) -> str:
+    """`train:` options as a table cell: `key=value` pairs in key order."""
+    if not isinstance(options, dict):
+        return ""
+    return " ".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
 def resolve_runs(ledger: Ledger, wanted: list[str] | None) -> tuple[str, ...]:
