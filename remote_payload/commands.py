@@ -92,6 +92,17 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from .env import provision
+
+    root = Path(args.root).expanduser().resolve()
+    env = provision(root, configured=args.python, torch_mode=args.torch,
+                    wheels=Path(args.wheels).expanduser() if args.wheels else None,
+                    out=Path(args.out).expanduser(), plan_only=args.plan)
+    sys.stdout.write(json.dumps(env) + "\n")
+    return 0
+
+
 def cmd_watchdog(args: argparse.Namespace) -> int:
     from .watchdog import watch
 
@@ -131,6 +142,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="env.json", help="where to write the record (default ./env.json)")
     p.add_argument("--force", action="store_true", help="probe again even when env.json is current")
     p.set_defaults(func=cmd_bootstrap, log_level=logging.WARNING)
+
+    p = sub.add_parser("env", help="find the interpreter, build <root>/env/<key>/, write env.json")
+    p.add_argument("--root", required=True, help="the work root (<root>/env/ holds the environments)")
+    p.add_argument("--python", default=None, help="the interpreter to use (default: search)")
+    p.add_argument("--torch", choices=("require", "install"), default="require")
+    p.add_argument("--wheels", default=None, help="a directory of wheels the controller pushed")
+    p.add_argument("--out", default="env.json", help="where to write the record")
+    p.add_argument("--plan", action="store_true",
+                   help="only find the interpreter and check torch; print the plan")
+    p.set_defaults(func=cmd_env, log_level=logging.WARNING)
 
     p = sub.add_parser("watchdog", help="stop the host when the controller is gone and nothing runs")
     p.add_argument("--job-dir", required=True)
