@@ -153,6 +153,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="only find the interpreter and check torch; print the plan")
     p.set_defaults(func=cmd_env, log_level=logging.WARNING)
 
+    from . import tcnn
+    p = sub.add_parser("tcnn-build", help="build a tiny-cuda-nn wheel for one compute capability")
+    p.add_argument("--out", required=True, help="directory for the wheel, build.log and result.json")
+    p.add_argument("--compute-capability", required=True, help="e.g. 9.0 (H100)")
+    p.add_argument("--timeout-s", type=_positive_float, default=1800.0)
+    p.add_argument("--python", default=None, help="the environment's python (default: this one)")
+    p.add_argument("--max-jobs", type=_positive_int, default=None, help="parallel compile jobs")
+    p.add_argument("--source", default=tcnn.TCNN_SOURCE, help="what pip builds (tests: a local package)")
+    p.add_argument("--dry-run", action="store_true", help="print the exact build command, run nothing")
+    p.set_defaults(func=tcnn.main_build, log_level=logging.WARNING)
+
+    p = sub.add_parser("tcnn-install", help="install a tiny-cuda-nn wheel and check that it imports")
+    p.add_argument("--wheel", required=True)
+    p.add_argument("--python", default=None)
+    p.add_argument("--import-name", default=tcnn.TCNN_IMPORT)
+    p.set_defaults(func=tcnn.main_install, log_level=logging.WARNING)
+
     p = sub.add_parser("watchdog", help="stop the host when the controller is gone and nothing runs")
     p.add_argument("--job-dir", required=True)
     p.add_argument("--idle-timeout", type=_positive_float, required=True,
