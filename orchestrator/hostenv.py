@@ -203,10 +203,51 @@ def preflight(record: dict[str, Any], *, host_name: str, device: str, backend: s
 
 
 # -- the runner's glue ------------------------------------------------------------------------------
+@dataclass(slots=True)
+class HostSetup:
+    """What `set_up_host` prepared: the python to use, env.json, and tiny-cuda-nn's state (a
+    build may still be running on the host while staging goes on)."""
+    python: str
+    record: dict[str, Any]
+    env_seconds: float
+    tcnn: Any                     # tcnn_cache.TcnnStatus | tcnn_cache.PendingBuild
+    backend: str = "auto"
+    host_name: str = ""
+
+    def finish(self, view: Any = None, job_id: str = "") -> Any:
+        """After staging: wait for a tcnn build (bounded by tcnn_build_timeout_s)."""
+        from .tcnn_cache import PendingBuild
+        if isinstance(self.tcnn, PendingBuild):
+            if view is not None:
+                view.update(job_id, note="building tiny-cuda-nn")
+            self.tcnn = self.tcnn.finish()
+            if view is not None:
+                view.update(job_id, note=f"tcnn {self.tcnn.state}")
+        if self.backend == "tcnn" and self.tcnn.state not in ("imported", "cached", "built"):
+            raise HostEnvError(f"host {self.host_name}: backend tcnn asked but tiny-cuda-nn is not "
+                               f"available ({self.tcnn.state}: {self.tcnn.detail})", phase="setup",
+                               hint="use backend: auto to fall back to the torch backend")
+        return self.tcnn
+
+    def annotate(self, summary: dict[str, Any], out_dir: str | None) -> dict[str, Any]:
+        """summary.json (here and in the ledger) says how the environment and tcnn went."""
+        e = self.record.get("environment") or {}
+        tcnn = self.tcnn.to_dict() if hasattr(self.tcnn, "to_dict") else {"state": "unknown"}
+        summary = {**summary, "tcnn": tcnn, "environment": {
+            k: e.get(k) for k in ("venv", "interpreter", "installer", "reused", "wheels_pushed",
+                                  "torch_installed", "requirements")}}
+        if out_dir:
+            try:
+                (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            except OSError as exc:
+                log.warning("could not add the environment to %s: %s", out_dir, exc)
+        return summary
+
+
 def set_up_host(t: Transport, job: Any, provider: Any, prov: Any, *, payload_dir: str, ledger: Any,
-                run_id: str, view: Any) -> str:
-    """Environment, preflight, the user's `setup:` lines; the python every later payload
-    command uses. Raises HostEnvError before anything is staged."""
+                run_id: str, view: Any) -> HostSetup:
+    """Environment, preflight, the user's `setup:` lines, tiny-cuda-nn (cached wheel installed,
+    or a build started in the background). Raises HostEnvError before anything is staged."""
     from .ledger import default_home
     home = Path(ledger.path).parent if getattr(ledger, "path", None) else default_home()
     view.update(job.job_id, phase="setup", note="environment")
@@ -223,8 +264,34 @@ def set_up_host(t: Transport, job: Any, provider: Any, prov: Any, *, payload_dir
     if lines:
         view.update(job.job_id, phase="setup", note="setup lines")
         run_setup(t, lines, instance_id=prov.instance_id, host_name=job.host_name, env_python=env.python)
+    tcnn = tcnn_plan(t, rec, python=env.python, payload_dir=payload_dir, home=home, backend=job.backend,
+                     timeout_s=float(getattr(job.host, "tcnn_build_timeout_s", None) or 1800.0))
+    ledger.add_event("tcnn", f"{getattr(tcnn, 'state', 'building')}: {getattr(tcnn, 'detail', '')}",
+                     run_id, job.job_id)
     view.update(job.job_id, note="")
-    return env.python
+    return HostSetup(python=env.python, record=rec, env_seconds=env.seconds, tcnn=tcnn,
+                     backend=job.backend, host_name=job.host_name)
+
+
+def tcnn_plan(t: Transport, rec: dict[str, Any], *, python: str, payload_dir: str, home: Path,
+              backend: str, timeout_s: float) -> Any:
+    """TcnnStatus now, or a PendingBuild: imported already; not applicable (no CUDA, backend
+    torch); a cached wheel installed; a build started (CUDA and nvcc); no nvcc → torch backend."""
+    from . import tcnn_cache
+    from .tcnn_cache import TcnnStatus
+    if rec.get("tcnn"):
+        return TcnnStatus("imported", "tinycudann imports in the environment")
+    key = tcnn_cache.key_from_env(rec)
+    if key is None:
+        return TcnnStatus("not_applicable", "torch sees no CUDA device")
+    if backend == "torch":
+        return TcnnStatus("not_applicable", "backend torch")
+    if tcnn_cache.cached_wheel(home, key) is None and not t.run(
+            "command -v nvcc >/dev/null || test -x /usr/local/cuda/bin/nvcc", check=False, timeout_s=30).ok:
+        return TcnnStatus("failed", "no nvcc on the host (a CUDA -runtime image?): the torch backend is "
+                          "used; a CUDA -devel image (image:) lets tiny-cuda-nn be built", key=key.slug)
+    return tcnn_cache.ensure(t, python=python, payload_dir=payload_dir, home=home, key=key,
+                             timeout_s=timeout_s)
 
 
 def run_setup(t: Transport, lines: Any, *, instance_id: str, host_name: str, env_python: str,

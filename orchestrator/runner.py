@@ -205,9 +205,11 @@ class Runner:
         setup_t0 = time.time()
         pushed = pl.push_payload(t)
         self._check_stop()
+        setup = None
         if provider.transport_kind != "local":   # a rented host: its own environment, checked first
-            python = hostenv.set_up_host(t, job, provider, prov, payload_dir=pushed.remote_dir,
-                                         ledger=self.ledger, run_id=self.run_id, view=self.view)
+            setup = hostenv.set_up_host(t, job, provider, prov, payload_dir=pushed.remote_dir,
+                                        ledger=self.ledger, run_id=self.run_id, view=self.view)
+            python = setup.python
             self._check_stop()
         with self._plock:   # two jobs staging the same scene on one host: one does it
             lock = self._stage_locks.setdefault((job.host_name, job.dataset_name, job.scene), threading.Lock())
@@ -225,13 +227,16 @@ class Runner:
         if ready.error is not None:
             raise ready.error
         data_dir = ready.data_dir
+        if setup is not None:
+            setup.finish(self.view, jid)   # a tiny-cuda-nn build started before staging
         self._check_stop()
 
         job_dir = f"{t.root}/jobs/{pl.job_key(jid, job.settings())}"
         attempt.job_dir = job_dir
         status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
         self._watch(job, prov, t, attempt, status)
-        return self._pull(job, t, attempt)
+        summary = self._pull(job, t, attempt)
+        return setup.annotate(summary, attempt.out_dir) if setup is not None else summary
 
     def _attach_or_start(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                          python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:

@@ -75,6 +75,9 @@ def build(out: Path, *, python: str, compute_capability: str, timeout_s: float,
     jobs = jobs or max_jobs()
     t0 = time.monotonic()
     env = {**os.environ, **build_env(compute_capability, jobs)}
+    if os.path.isdir("/usr/local/cuda/bin"):   # CUDA images keep nvcc there, often off PATH
+        env["PATH"] = "/usr/local/cuda/bin:" + env.get("PATH", "")
+        env.setdefault("CUDA_HOME", "/usr/local/cuda")
     argv = build_argv(python, out, source)
     with open(out / "build.log", "w") as log:
         # --no-build-isolation builds with the environment's own tools: make sure they exist

@@ -117,6 +117,9 @@ def test_torch_only_host_succeeds_and_second_run_rebuilds_nothing(tmp_path: Path
         # the image's torch is reused, not copied into the environment
         assert not list(Path(e["venv"]).glob("lib/python*/site-packages/torch"))
         built_at = e["built_at"]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["tcnn"]["state"] == "not_applicable" and summary["backend"] == "torch"
+        assert summary["environment"]["installer"] == "uv" and summary["environment"]["reused"] is False
 
         second = run(tmp_path)
         assert second.returncode == 0, second.stderr[-3000:]

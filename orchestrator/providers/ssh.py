@@ -163,6 +163,7 @@ class SSHProvider:
         self.ssh_alias = getattr(host, "ssh_alias", None)
         self.endpoint_command = getattr(host, "endpoint_command", None)
         self.stop_command = getattr(host, "stop_command", None)
+        self.proxy_jump = getattr(host, "proxy_jump", None)
         self.shutdown_on_host = bool(getattr(host, "shutdown_on_host", False))
         self.gpu = str(getattr(host, "gpu", None) or "")
         price = getattr(host, "price_per_hour", None)
@@ -183,7 +184,17 @@ class SSHProvider:
 
     # -- endpoint ---------------------------------------------------------------------------------
     def resolve_endpoint(self) -> Endpoint:
-        """The endpoint right now (never cached)."""
+        """The endpoint right now (never cached), with its jump host: `proxy_jump`, else the
+        ProxyJump that `ssh -G` reports for an alias."""
+        import dataclasses
+        ep = self._resolve_direct()
+        jump = self.proxy_jump
+        if not jump and self.ssh_alias:
+            value = ssh_g(self.ssh_alias).get("proxyjump", ["none"])[0]
+            jump = None if value.lower() == "none" else value
+        return dataclasses.replace(ep, jump=jump) if jump else ep
+
+    def _resolve_direct(self) -> Endpoint:
         if self.endpoint_command:
             out = _run_local(self.endpoint_command, f"endpoint_command of {self.host_name}")
             try:

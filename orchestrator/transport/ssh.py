@@ -95,6 +95,7 @@ class SSHTransport:
         self.endpoint: Endpoint | None = None       # of the live connection, for messages only
         self.connects = 0
         self._client: paramiko.SSHClient | None = None
+        self._jump_client: paramiko.SSHClient | None = None
         self._lock = threading.RLock()
 
     # -- connection -------------------------------------------------------------------------------
@@ -144,10 +145,14 @@ class SSHTransport:
             kwargs["key_filename"] = str(Path(self.auth.identity_file).expanduser())
         if self.auth.password:
             kwargs["password"] = self.auth.password
+        if ep.jump:
+            from .jump import open_jump_channel
+            self._jump_client, kwargs["sock"] = open_jump_channel(ep, kwargs, self.connect_timeout_s)
         try:
             client.connect(**kwargs)
         except BaseException:
             client.close()
+            self._close_jump()
             raise
         t = client.get_transport()
         assert t is not None
@@ -217,6 +222,15 @@ class SSHTransport:
             except Exception:  # closing a dead connection must not mask the real error
                 pass
         self._client = None
+        self._close_jump()
+
+    def _close_jump(self) -> None:
+        if self._jump_client is not None:
+            try:
+                self._jump_client.close()
+            except Exception:  # as above
+                pass
+        self._jump_client = None
 
     def connect(self) -> "SSHTransport":
         self._paramiko()
