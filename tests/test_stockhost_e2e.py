@@ -166,6 +166,19 @@ def test_cuda_wanted_on_a_cpu_torch_host_stops_before_staging(tmp_path: Path, to
     assert_released(tmp_path)
 
 
+@pytest.mark.timeout(300)
+def test_failing_setup_line_stops_before_staging(tmp_path: Path, torch_only: Path) -> None:
+    with host(tmp_path) as srv:
+        (tmp_path / "experiments.yaml").write_text(config(
+            tmp_path, srv, str(torch_only), extra="    setup: \"echo preparing; exit 3\"\n"))
+        res = run(tmp_path)
+    assert res.returncode != 0
+    err = last_job(tmp_path)["error"]
+    assert err == "host rented: a setup: line failed (exit 3): preparing", err
+    assert not (tmp_path / "hostroot" / "cache").exists()
+    assert_released(tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_torch_install_on_a_bare_host(tmp_path: Path) -> None:
@@ -200,11 +213,17 @@ def test_host_without_index_gets_pushed_wheels(tmp_path: Path, torch_only: Path)
 
 
 @pytest.mark.timeout(900)
-def test_video_failure_is_a_warning(tmp_path: Path, torch_only: Path) -> None:
+def test_video_failure_is_a_warning_and_setup_lines_run_once(tmp_path: Path, torch_only: Path) -> None:
+    setup = ('    setup:\n      - echo "python is $ORCHESTRATE_PYTHON" > setup-proof.txt\n'
+             """      - '"$ORCHESTRATE_PYTHON" -c "import PIL, numpy; print(numpy.__version__)"'\n""")
     with host(tmp_path, ORCHESTRATE_PAYLOAD_INJECT="videos") as srv:
-        (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, str(torch_only)))
+        (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, str(torch_only), extra=setup))
         res = run(tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    env_python = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]["python"]
+    assert (tmp_path / "hostroot" / "setup-proof.txt").read_text() == f"python is {env_python}\n"
+    assert (tmp_path / "hostroot" / "setup.log").read_text() == "2.4.6\n"
+    assert len(list((tmp_path / "hostroot").glob(".setup-rented-*"))) == 1
     job = last_job(tmp_path)
     out = Path(job["out_dir"])
     assert job["status"] == "succeeded"
