@@ -26,7 +26,9 @@ from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, nu
 log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://console.vast.ai"
-DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+# -devel: nvcc is in the image, so tiny-cuda-nn can be built on the first host of a GPU
+# (orchestrator/tcnn_cache.py); `image:` on the host overrides it
+DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-devel"
 # vast.ai storage is priced per offer (`storage_cost`, $/GB-month); this is the typical figure
 # seen on its offers page, used for the ledger's storage-while-stopped interval.
 STORAGE_USD_PER_GB_MONTH = 0.15
