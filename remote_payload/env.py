@@ -33,7 +33,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -376,7 +375,7 @@ def build(root: Path, p: dict[str, Any], *, wheels: Path | None) -> dict[str, An
                              "and no wheels pushed")
         kind, uv = _installer(root, wheels if have_wheels else None)
         shutil.rmtree(env_dir, ignore_errors=True)     # a build cut short: start over
-        if kind == "uv":
+        if uv is not None:
             _check(_run([uv, "venv", "-q", "--system-site-packages", "--python", interp["path"],
                          str(env_dir)], timeout_s=300), "uv venv")
         else:
@@ -395,7 +394,7 @@ def build(root: Path, p: dict[str, Any], *, wheels: Path | None) -> dict[str, An
             (["--find-links", str(wheels)] if have_wheels else [])
 
         def install(args: list[str], what: str) -> None:
-            if kind == "uv":
+            if uv is not None:
                 argv = [uv, "pip", "install", "-q", "--python", str(py), *source, *args]
             else:
                 argv = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
@@ -408,7 +407,7 @@ def build(root: Path, p: dict[str, Any], *, wheels: Path | None) -> dict[str, An
             spec = f"torch=={TORCH_VERSION}" + ("+cpu" if family == "cpu" else "")
             index = os.environ.get("ORCHESTRATE_TORCH_INDEX", TORCH_INDEX.format(family=family))
             extra = [] if offline or index == "none" else ["--extra-index-url", index]
-            if kind == "uv" and extra:
+            if uv is not None and extra:
                 extra += ["--index-strategy", "unsafe-best-match"]
             log.info("installing %s (%s wheels)", spec, family)
             install([spec, *extra], f"installing {spec}")

@@ -67,10 +67,10 @@ def evaluate(out: Path, *, scene: str, fps: float = 24.0) -> dict:
     try:
         stages.metrics_stage(out)
         stages.summary_stage(out, scene=scene, train=train, n_test=len(stems), data_dir=out / "gt")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the stage is one line for the user
         raise OrchestratorError(f"metrics failed here too: {type(exc).__name__}: {exc}") from None
     try:
         stages.video_stage(out, stems, fps)
-    except Exception as exc:   # videos are a convenience: metrics stand without them
+    except Exception as exc:  # noqa: BLE001 - videos are a convenience: metrics stand without them
         stages.record_missing_videos(out, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
     return json.loads((out / "summary.json").read_text())
