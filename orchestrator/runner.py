@@ -394,7 +394,11 @@ class Runner:
         try:
             if t is not None and attempt.watchdog_pid:
                 try:
-                    t.run(f"kill -TERM {int(attempt.watchdog_pid)} 2>/dev/null || true", check=False, timeout_s=20)
+                    # the pid is the setsid'd bash wrapper: signal its whole process group, or the
+                    # watchdog (its child) outlives the job and fires its stop command later
+                    wd = int(attempt.watchdog_pid)
+                    t.run(f"kill -TERM -- -{wd} 2>/dev/null || kill -TERM {wd} 2>/dev/null || true",
+                          check=False, timeout_s=20)
                 except OrchestratorError as exc:
                     log.warning("%s: could not end the watchdog: %s", jid, exc)
             keep = bool(getattr(job.host, "keep_on_failure", False)) and not attempt.succeeded \

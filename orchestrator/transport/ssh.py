@@ -309,9 +309,11 @@ class SSHTransport:
         inner = shlex.quote("".join(f"export {k}={shlex.quote(v)}; " for k, v in (env or {}).items())
                             + command)
         # In a non-interactive shell the background job is not a group leader, so setsid does
-        # not fork again and $! is the pid of the new session's leader.
-        script = (f"mkdir -p \"$(dirname {logf})\" && "
-                  f"nohup setsid bash -c {inner} >>{logf} 2>&1 </dev/null & echo $!")
+        # not fork again and $! is the pid of the new session's leader. Two statements (as in
+        # transport/local.py): `mkdir && nohup … &` backgrounds the whole list in a subshell,
+        # $! is then that subshell, and a kill of it leaves the real process running.
+        script = (f"mkdir -p \"$(dirname {logf})\" || exit 1\n"
+                  f"nohup setsid bash -c {inner} >>{logf} 2>&1 </dev/null &\necho $!")
         res = self.run(script, timeout_s=60)
         try:
             return int(res.stdout.strip().splitlines()[-1])
