@@ -213,6 +213,17 @@ class HostSetup:
     tcnn: Any                     # tcnn_cache.TcnnStatus | tcnn_cache.PendingBuild
     backend: str = "auto"
     host_name: str = ""
+    transport: Any = None         # to record tcnn's outcome in the host's env.json
+
+    def record_tcnn(self) -> None:
+        """env.json on the host says what became of tiny-cuda-nn (and why), next to the probe."""
+        if self.transport is None or not hasattr(self.tcnn, "to_dict"):
+            return
+        self.record = {**self.record, "tcnn_status": self.tcnn.to_dict()}
+        try:
+            self.transport.write_text(f"{self.transport.root}/env.json", json.dumps(self.record, indent=1))
+        except OrchestratorError as exc:   # a record, never a reason to fail the job
+            log.warning("could not record tcnn's state in env.json: %s", exc)
 
     def finish(self, view: Any = None, job_id: str = "") -> Any:
         """After staging: wait for a tcnn build (bounded by tcnn_build_timeout_s)."""
@@ -221,6 +232,7 @@ class HostSetup:
             if view is not None:
                 view.update(job_id, note="building tiny-cuda-nn")
             self.tcnn = self.tcnn.finish()
+            self.record_tcnn()
             if view is not None:
                 view.update(job_id, note=f"tcnn {self.tcnn.state}")
         if self.backend == "tcnn" and self.tcnn.state not in ("imported", "cached", "built"):
@@ -269,8 +281,10 @@ def set_up_host(t: Transport, job: Any, provider: Any, prov: Any, *, payload_dir
     ledger.add_event("tcnn", f"{getattr(tcnn, 'state', 'building')}: {getattr(tcnn, 'detail', '')}",
                      run_id, job.job_id)
     view.update(job.job_id, note="")
-    return HostSetup(python=env.python, record=rec, env_seconds=env.seconds, tcnn=tcnn,
-                     backend=job.backend, host_name=job.host_name)
+    setup = HostSetup(python=env.python, record=rec, env_seconds=env.seconds, tcnn=tcnn,
+                      backend=job.backend, host_name=job.host_name, transport=t)
+    setup.record_tcnn()
+    return setup
 
 
 def tcnn_plan(t: Transport, rec: dict[str, Any], *, python: str, payload_dir: str, home: Path,

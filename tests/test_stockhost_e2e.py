@@ -136,7 +136,10 @@ def test_torch_only_host_succeeds_and_second_run_rebuilds_nothing(tmp_path: Path
 
         second = run(tmp_path)
         assert second.returncode == 0, second.stderr[-3000:]
-    e2 = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]
+    env2 = json.loads((tmp_path / "hostroot" / "env.json").read_text())
+    assert env2["tcnn_status"] == {"state": "not_applicable", "detail": "torch sees no CUDA device",
+                                   "seconds": 0.0, "key": ""}
+    e2 = env2["environment"]
     assert (e2["reused"], e2["built_at"], e2["venv"]) == (True, built_at, e["venv"])
     runs = [r["run_id"] for r in rows(tmp_path, "SELECT run_id FROM runs ORDER BY created_at")]
     setup = {r["run_id"]: r["seconds"] for r in rows(tmp_path, "SELECT * FROM phases WHERE phase='setup'")}
