@@ -103,6 +103,14 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_complete(args: argparse.Namespace) -> int:
+    from .stages import complete
+
+    summary = complete(Path(args.out).expanduser(), scene=args.scene, fps=args.fps)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
 def cmd_watchdog(args: argparse.Namespace) -> int:
     from .watchdog import watch
 
@@ -152,6 +160,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", action="store_true",
                    help="only find the interpreter and check torch; print the plan")
     p.set_defaults(func=cmd_env, log_level=logging.WARNING)
+
+    p = sub.add_parser("complete", help="metrics, summary and videos of an out/ dir from its renders and gt")
+    p.add_argument("--out", required=True, help="the job's out/ directory (renders/, gt/, train_result.json)")
+    p.add_argument("--scene", required=True, help="scene name for summary.json")
+    p.add_argument("--fps", type=_positive_float, default=24.0)
+    p.set_defaults(func=cmd_complete, log_level=logging.WARNING)
 
     from . import tcnn
     p = sub.add_parser("tcnn-build", help="build a tiny-cuda-nn wheel for one compute capability")

@@ -219,3 +219,24 @@ def record_missing_videos(out: Path, reason: str) -> None:
                                  if not (vdir / f"{n}.mp4").is_file()}
     summary.setdefault("warnings", []).append(f"videos failed: {reason}")
     write_json_atomic(out / "summary.json", summary)
+
+
+def complete(out: Path, *, scene: str, fps: float = 24.0) -> dict[str, Any]:
+    """metrics.csv, summary.json and the videos in `out` from its renders/ and gt/: a job whose
+    metrics failed on its host, finished on the controller's machine (`orchestrate eval`)."""
+    from .errors import StageFailed
+    from .frames import numeric_key
+
+    stems = sorted((p.stem for p in (out / "gt").glob("*.png")), key=numeric_key)
+    if not stems:
+        raise StageFailed(f"no ground-truth frames in {out / 'gt'}", phase="metrics")
+    train = read_json(out / "train_result.json")
+    if train is None:
+        raise StageFailed(f"{out / 'train_result.json'} is missing: training did not finish", phase="metrics")
+    metrics_stage(out)
+    summary_stage(out, scene=scene, train=train, n_test=len(stems), data_dir=out / "gt")
+    try:
+        video_stage(out, stems, fps)
+    except Exception as exc:  # noqa: BLE001 - videos are a convenience: metrics stand without them
+        record_missing_videos(out, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    return read_json(out / "summary.json") or {}

@@ -1,19 +1,25 @@
 """`orchestrate eval RUN JOB`: finish a job whose metrics (or videos) failed on the host.
 
 The runner pulls what a failed job made (snapshot, renders, ground truth); this recomputes
-metrics.csv, summary.json and the videos here, on the CPU, with the payload's own stages (the
-same code the host runs), then records the result in the ledger. Needs the payload extra
-(numpy, pillow, imageio-ffmpeg, ffmpeg-python) on this machine, no GPU.
+metrics.csv, summary.json and the videos here, on the CPU, by running the payload's own
+`remote_payload complete` (the same stages the host runs) as a process on this machine, then
+records the result in the ledger. Needs the payload extra (numpy, pillow, imageio-ffmpeg,
+ffmpeg-python) here, no GPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import OrchestratorError
 from ..ledger import Ledger
+
+SOURCE_ROOT = Path(__file__).resolve().parents[2]     # holds remote_payload/ and ngp_train/
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
         if out is None or not (out / "renders").is_dir() or not (out / "gt").is_dir():
             raise OrchestratorError(f"{args.job_id}: nothing to evaluate: renders/ and gt/ did not "
                                     f"come home ({out or 'no results directory'})")
-        summary = evaluate(out, scene=job.scene, fps=args.fps)
+        summary = complete(out, scene=job.scene, fps=args.fps)
         ledger.add_result(args.run_id, args.job_id, summary, gpu=job.gpu, out_dir=str(out))
         ledger.update_job(args.run_id, args.job_id, status="succeeded", error=None)
         ledger.add_event("eval", f"metrics recomputed locally: PSNR {summary['psnr_mean']:.2f} dB over "
@@ -50,27 +56,21 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(out: Path, *, scene: str, fps: float = 24.0) -> dict:
-    """metrics.csv + summary.json + videos in `out` from its renders/ and gt/."""
+def complete(out: Path, *, scene: str, fps: float = 24.0) -> dict[str, Any]:
+    """Run `python -m remote_payload complete` here on `out`; the summary it wrote."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(SOURCE_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    res = subprocess.run([sys.executable, "-m", "remote_payload", "complete", "--out", str(out),
+                          "--scene", scene, "--fps", f"{fps:g}"], capture_output=True, text=True,
+                         env=env, timeout=3600, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        why = lines[-1].removeprefix("error: ") if lines else f"exit {res.returncode}"
+        raise OrchestratorError(f"metrics failed here too: {why}",
+                                hint="this machine needs the payload's packages: "
+                                     "pip install 'orchestrate[payload]'"
+                                if "ModuleNotFoundError" in why or "No module" in why else None)
     try:
-        from remote_payload import stages
-        from remote_payload.frames import numeric_key
-    except ImportError as exc:
-        raise OrchestratorError(f"eval needs the payload's packages here ({exc.name} is missing)",
-                                hint="pip install 'orchestrate[payload]'") from None
-    stems = sorted((p.stem for p in (out / "gt").glob("*.png")), key=numeric_key)
-    if not stems:
-        raise OrchestratorError(f"no ground-truth frames in {out / 'gt'}")
-    train = stages.read_json(out / "train_result.json")
-    if train is None:
-        raise OrchestratorError(f"{out / 'train_result.json'} is missing: training did not finish")
-    try:
-        stages.metrics_stage(out)
-        stages.summary_stage(out, scene=scene, train=train, n_test=len(stems), data_dir=out / "gt")
-    except Exception as exc:  # noqa: BLE001 - any failure of the stage is one line for the user
-        raise OrchestratorError(f"metrics failed here too: {type(exc).__name__}: {exc}") from None
-    try:
-        stages.video_stage(out, stems, fps)
-    except Exception as exc:  # noqa: BLE001 - videos are a convenience: metrics stand without them
-        stages.record_missing_videos(out, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
-    return json.loads((out / "summary.json").read_text())
+        return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        raise OrchestratorError(f"remote_payload complete printed no summary: {res.stdout[-200:]!r}") from None
