@@ -39,11 +39,11 @@ def _ts(iso: str) -> float:
 
 def controller_run(work: Path, steps: int, size: int) -> dict[str, float]:
     os.environ["ORCHESTRATE_HOME"] = str(work / "home")
-    from orchestrator.budget import Budget, BudgetGuard
+    from orchestrator.run.budget import Budget, BudgetGuard
     from orchestrator.commands import load_and_plan
     from orchestrator.ledger import Ledger
-    from orchestrator.live import LiveView
-    from orchestrator.runner import Runner, RunOptions
+    from orchestrator.run.live import LiveView
+    from orchestrator.run.runner import Runner, RunOptions
 
     cfg = work / "experiments.yaml"
     cfg.write_text(f"""name: bench

@@ -1,11 +1,11 @@
 """Upload a dataset-like directory over an emulated WAN link: our tar stream vs the usual tools.
 
-    sudo python bench/bench_transfer.py [--files 200] [--file-mb 1.0] [--delay-ms 25] [--rate-mbit 200]
+    sudo python bench/bench_transfer.py --wanem PATH/wanem.py [--files 200] [--file-mb 1.0] [--delay-ms 25] [--rate-mbit 200]
 
 Builds three network namespaces of its own (controller | link | host) joined by veth pairs,
-with the shared userspace WAN emulator (/work/shared/tools/wan/wanem.py: one-way delay, rate
-limit, drop-tail queue; this kernel has no tc netem) in the middle, and a real sshd in the host
-namespace. In the controller namespace it then uploads the same directory (hundreds of ~1 MB
+with a userspace WAN emulator (a layer-2 bridge with one-way delay, rate limit and drop-tail
+queue, for kernels without tc netem; named by `--wanem PATH` or $ORCHESTRATE_WANEM) in the middle,
+and a real sshd in the host namespace. In the controller namespace it then uploads the same directory (hundreds of ~1 MB
 incompressible PNG-like files) with: raw TCP (the link's real goodput), our tar stream
 (SSHTransport.put), paramiko SFTP put per file, OpenSSH `scp -r` and rsync over ssh; every
 upload lands in an empty directory and is checked by size. Prints a table: MB/s, % of the
@@ -30,7 +30,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WANEM = Path(os.environ.get("WANEM", "/work/shared/tools/wan/wanem.py"))
 NS_CTL, NS_LINK, NS_HOST = "orchtx_ctl", "orchtx_link", "orchtx_host"
 CTL_IP, HOST_IP = "10.203.0.1", "10.203.0.2"
 SSH_PORT, TCP_PORT = 2222, 5201
@@ -41,7 +40,7 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 # -- the link -------------------------------------------------------------------------------------
-def link_up(delay_ms: float, rate_mbit: float, state: Path) -> subprocess.Popen:
+def link_up(wanem: Path, delay_ms: float, rate_mbit: float, state: Path) -> subprocess.Popen:
     for ns in (NS_CTL, NS_LINK, NS_HOST):
         sh("ip", "netns", "add", ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -61,7 +60,7 @@ def link_up(delay_ms: float, rate_mbit: float, state: Path) -> subprocess.Popen:
     sh("ip", "-n", NS_CTL, "link", "set", "otc0", "up")
     sh("ip", "-n", NS_HOST, "link", "set", "oth0", "up")
     log = open(state / "wanem.log", "w")
-    emu = subprocess.Popen(["ip", "netns", "exec", NS_LINK, sys.executable, str(WANEM), "otw0", "otw1",
+    emu = subprocess.Popen(["ip", "netns", "exec", NS_LINK, sys.executable, str(wanem), "otw0", "otw1",
                             str(delay_ms), str(rate_mbit)], stdout=log, stderr=subprocess.STDOUT)
     return emu
 
@@ -243,6 +242,9 @@ def main() -> int:
     ap.add_argument("--file-mb", type=float, default=1.0)
     ap.add_argument("--delay-ms", type=float, default=25.0, help="one way (RTT is twice this)")
     ap.add_argument("--rate-mbit", type=float, default=200.0)
+    ap.add_argument("--wanem", type=Path, default=os.environ.get("ORCHESTRATE_WANEM"),
+                    help="the WAN emulator script: wanem.py IF_A IF_B --delay-ms D --rate-mbit R "
+                         "(default $ORCHESTRATE_WANEM)")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--key", help=argparse.SUPPRESS)
@@ -254,8 +256,9 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.stderr.write("error: this benchmark needs root (network namespaces)\n")
         return 2
-    if not WANEM.is_file():
-        sys.stderr.write(f"error: WAN emulator not found at {WANEM} (set WANEM=...)\n")
+    if args.wanem is None or not Path(args.wanem).is_file():
+        sys.stderr.write(f"error: WAN emulator not found at {args.wanem} "
+                         "(pass --wanem PATH or set ORCHESTRATE_WANEM)\n")
         return 2
     existing = sh("ip", "netns", "list").stdout
     if NS_CTL in existing:
@@ -275,7 +278,7 @@ def main() -> int:
         src = work / "dataset"
         total = make_dataset(src, args.files, args.file_mb)
         print(f"dataset: {args.files} files, {total / 1e6:.0f} MB in {src}", flush=True)
-        emu = link_up(args.delay_ms, args.rate_mbit, work)
+        emu = link_up(Path(args.wanem), args.delay_ms, args.rate_mbit, work)
         srv = SSHServer(base_dir=work / "sshd", host=HOST_IP, netns=NS_HOST, port=SSH_PORT).start()
         wait_reachable(SSH_PORT)
         sink = subprocess.Popen(["ip", "netns", "exec", NS_HOST, sys.executable, "-c", TCP_SINK,

@@ -1,8 +1,7 @@
 """`orchestrate`: parsing, logging set-up and the one place errors become exit codes.
 
-Each subcommand is a module in `orchestrator/commands/`. A module either has
-`register(subparsers)` (which adds its parser and sets `func(args) -> int`), or the short form
-`NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+Each subcommand is a module in `orchestrator/commands/` with `register(subparsers)`, which adds
+its parser and sets `func(args) -> int`; COMMANDS lists them in the order `--help` shows.
 
 Errors: an `OrchestratorError` prints `error: <message>` (and `hint: ...`) and exits with its
 `exit_code`; Ctrl-C exits 130; anything else is a bug: one line `internal error: ...` and exit
@@ -36,14 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _load_commands() -> list[ModuleType]:
-    mods = []
-    for name in COMMANDS:
-        try:
-            mods.append(importlib.import_module(f"orchestrator.commands.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"orchestrator.commands.{name}":
-                raise
-    return mods
+    return [importlib.import_module(f"orchestrator.commands.{name}") for name in COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for mod in _load_commands():
-        if hasattr(mod, "register"):
-            mod.register(sub)
-        else:
-            p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
-            mod.add_arguments(p)
-            p.set_defaults(func=getattr(mod, "run", None) or mod.main)
+        mod.register(sub)
     return parser
 
 
@@ -121,9 +108,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def entry() -> None:
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())

@@ -4,6 +4,7 @@
     ├── ConfigError                    experiments.yaml is wrong (file, line, key, did-you-mean)
     ├── BudgetError                    the estimate or the spend would cross the budget
     ├── LedgerError                    the state database cannot be read or written
+    │   └── LedgerTooNew               the ledger file was written by a newer orchestrate
     ├── ProviderError                  a provider API call failed (provider, instance, status)
     │   ├── CapacityError              no offer / sold out for the requested GPU
     │   └── InstanceNotFound           the provider does not know this instance
@@ -20,6 +21,8 @@ traceback reaching a user is a bug. Messages never contain secrets: pass them th
 `orchestrator.secrets.redact` when they might.
 """
 from __future__ import annotations
+
+import difflib
 
 
 class OrchestratorError(Exception):
@@ -46,6 +49,10 @@ class BudgetError(OrchestratorError):
 
 class LedgerError(OrchestratorError):
     pass
+
+
+class LedgerTooNew(LedgerError):
+    """The file's schema version is past the migrations this code knows; it is not touched."""
 
 
 class ProviderError(OrchestratorError):
@@ -104,3 +111,37 @@ class JobError(OrchestratorError):
         self.job_id = job_id
         self.phase = phase
         self.remote_exit_code = exit_code
+
+
+# -- did-you-mean: the one suggestion rule every "unknown X" message uses -----------------------
+def _edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) turning `a` into `b`."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+def nearest(word: str, choices: tuple[str, ...] | list[str]) -> str | None:
+    """The closest choice: fewest edits (a swap counts once), then difflib's similarity."""
+    if not choices or len(word) > 200:
+        return None
+    w = word.lower()
+    scored = sorted((_edit_distance(w, c.lower()),
+                     -difflib.SequenceMatcher(None, w, c.lower()).ratio(), c) for c in choices)
+    dist, neg_ratio, best = scored[0]
+    if dist <= max(1, len(w) // 3) or -neg_ratio >= 0.6:
+        return best
+    return None
+
+
+def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    """`did you mean 'x'?` for a near miss, else the list of what is allowed."""
+    close = nearest(word, choices)
+    if close:
+        return f"did you mean {close!r}?"
+    return "expected one of: " + ", ".join(choices)

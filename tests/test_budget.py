@@ -6,7 +6,7 @@ import time
 import pytest
 
 from orchestrator import ledger as L
-from orchestrator.budget import Budget, BudgetGuard
+from orchestrator.run.budget import Budget, BudgetGuard
 
 
 @pytest.fixture()

@@ -17,11 +17,11 @@ import threading
 import time
 
 
-from orchestrator.budget import Budget, BudgetGuard
+from orchestrator.run.budget import Budget, BudgetGuard
 from orchestrator.config import parse_config
 from orchestrator.ledger import Ledger
-from orchestrator.live import LiveView
-from orchestrator.runner import JobPlan, Runner, RunOptions
+from orchestrator.run.live import LiveView
+from orchestrator.run.runner import JobPlan, Runner, RunOptions
 
 PRICE_PER_HOUR = 3600.0
 GRANULE_COST = 1.0                 # 1 s at 1 USD/s

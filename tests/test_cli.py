@@ -152,7 +152,7 @@ def test_status_and_down_on_an_empty_ledger(tmp_path: Path) -> None:
     home = tmp_path / "home"
     res = run_cli(["status", "--json"], home, tmp_path)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == {"runs": [], "jobs": [], "open_instances": []}
+    assert json.loads(res.stdout) == {"runs": [], "jobs": [], "open_instances": [], "orphans": []}
     res = run_cli(["down", "--all", "--yes", "--json"], home, tmp_path)
     assert res.returncode == 0 and json.loads(res.stdout) == {"released": []}
     res = run_cli(["down"], home, tmp_path)
@@ -191,21 +191,20 @@ def test_status_shows_open_instances_and_down_releases_them(tmp_path: Path,
     released by `down --all --yes`: state destroyed, billing interval closed, processes ended."""
     from orchestrator.ledger import Ledger
     from orchestrator.providers.local import LocalProvider, marked_pids
-    from orchestrator.provisioning import provision
+    from orchestrator.run.provisioning import provision
+    from orchestrator.testing.hosts import make_host
     from orchestrator.transport import connect
 
     home = tmp_path / "home"
     monkeypatch.setenv("ORCHESTRATE_HOME", str(home))
 
-    class Host:
-        name, provider, gpu, price_per_hour, currency, root = "here", "local", "cpu", 36.0, "USD", None
-
+    host = make_host("local", name="here", price_per_hour=36.0)
     ledger = Ledger.open(home)
-    provider = LocalProvider(Host())
+    provider = LocalProvider(host)
     ledger.create_run("r1", "t")
-    p = provision(provider, Host(), ledger=ledger, run_id="r1", job_id="j1", label="orch-r1-j1")
+    p = provision(provider, host, ledger=ledger, run_id="r1", job_id="j1", label="orch-r1-j1")
     ledger.close()
-    t = connect(provider, p.instance_id, Host())
+    t = connect(provider, p.instance_id, host)
     t.start_detached("sleep 120", log_path="jobs/j1/log.txt", env={"ORCHESTRATE_INSTANCE": p.instance_id})
 
     res = run_cli(["status", "--json"], home, tmp_path)

@@ -16,7 +16,7 @@ from orchestrator.config import (GENERATOR_SCENES, ExperimentsConfig, HostConfig
                                  load_config, parse_config)
 from orchestrator.errors import ConfigError
 from orchestrator.estimate import estimate_plan
-from orchestrator.plan import expand
+from orchestrator.config.plan import expand
 
 VALID = textwrap.dedent("""\
     name: t
@@ -314,3 +314,12 @@ def test_mutations_of_the_valid_example(data: st.DataObject) -> None:
             text = text.replace(data.draw(st.sampled_from(["10", "local", "H100", "demo", "here", "32", "15"])),
                                 data.draw(st.sampled_from(["-3", "null", "[]", "{}", "x", "0", ".inf", "1e400"])), 1)
     _check(text)
+
+
+def test_release_retry_window_is_a_cloud_host_setting() -> None:
+    text = VALID.replace("max_price_per_hour: 0.5,", "max_price_per_hour: 0.5, release_retry_s: 120,", 1)
+    assert parse_config(text, "experiments.yaml").hosts["vast"].release_retry_s == 120.0
+    assert parse_config(VALID, "experiments.yaml").hosts["vast"].release_retry_s is None
+    with pytest.raises(ConfigError, match=r"hosts\.vast\.release_retry_s"):
+        parse_config(VALID.replace("max_price_per_hour: 0.5,", "max_price_per_hour: 0.5, release_retry_s: 0,", 1),
+                     "experiments.yaml")

@@ -12,9 +12,10 @@ import pytest
 from orchestrator import catalog
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError
+from orchestrator.commands.estimate import explain
 from orchestrator.estimate import estimate_job, estimate_plan
 from orchestrator.ledger import Ledger
-from orchestrator.plan import expand
+from orchestrator.config.plan import expand
 
 PRICES = """\
 provider,gpu,price_per_hour,currency,billing_granularity_s,storage_price_per_gb_month,offer,source,date,billing_source
@@ -172,7 +173,7 @@ def test_currencies_are_not_mixed(tiny_catalog: Path) -> None:
     assert total_cny == pytest.approx(cny + usd / 0.5)
     with pytest.raises(ConfigError, match="no exchange rate for EUR"):
         plan.total_in("EUR")
-    text_out = plan.explain()
+    text_out = explain(plan)
     assert "total USD:" in text_out and "total CNY:" in text_out and "currencies are kept apart" in text_out
 
 
@@ -203,7 +204,7 @@ def test_history_changes_source_and_figure(tiny_catalog: Path, tmp_path: Path) -
     assert after.phase("setup").source == "assumption"                 # never recorded: table stays
     # 80 + 40 + 11.2 + 42 + 4 + 20 + 10 = 207.2 s -> 240 s billed
     assert after.total_seconds == pytest.approx(207.2) and after.billed_seconds == 240.0
-    assert "history (median of 3)" in estimate_plan([job], ledger).explain()
+    assert "history (median of 3)" in explain(estimate_plan([job], ledger))
     ledger.close()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import parse_config
 from orchestrator.estimate import estimate_job
-from orchestrator.plan import expand
+from orchestrator.config.plan import expand
 
 
 def job(gpu: str, *, provider: str = "ssh", backend: str = "auto", device: str = "auto"):

@@ -20,7 +20,7 @@ from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
-from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, host_config  # noqa: F401 (fixture)
+from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sshd
 CLASSES = {"vastai": VastProvider, "runpod": RunPodProvider, "lambda": LambdaProvider}
@@ -28,7 +28,7 @@ FAST = RetryPolicy(deadline_s=5.0, attempt_timeout_s=2.0, backoff_s=0.02, max_ba
 
 
 def provider(fc: FakeCloud, kind: str, **extra):
-    return CLASSES[kind](host_config(fc, kind, **extra), policy=FAST)
+    return CLASSES[kind](fake_host(fc, kind, **extra), policy=FAST)
 
 
 def wait_state(p, iid: str, state: InstanceState, timeout_s: float = 10.0, need_endpoint: bool = True):
@@ -211,7 +211,7 @@ def test_state_survives_restart_and_port_changes(tmp_path, monkeypatch):
 def test_wrong_api_key_refused_in_each_dialect(fake_cloud, monkeypatch):
     monkeypatch.setenv("WRONG_KEY", "not-the-key")
     for kind in CLASSES:
-        p = CLASSES[kind](host_config(fake_cloud, kind, api_key_env="WRONG_KEY"), policy=FAST)
+        p = CLASSES[kind](fake_host(fake_cloud, kind, api_key_env="WRONG_KEY"), policy=FAST)
         with pytest.raises(ProviderError) as exc:
             p.list("orch-")
         assert exc.value.status == 401

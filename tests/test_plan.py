@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError
-from orchestrator.plan import Job, expand, slug
+from orchestrator.config.plan import Job, expand, slug
 
 TEXT = textwrap.dedent("""\
     name: m

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
+from orchestrator.testing.hosts import make_host
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.testing.canned_http import CannedAPI
@@ -30,7 +31,7 @@ def api(monkeypatch: pytest.MonkeyPatch):
 
 
 def client(srv: CannedAPI, **extra) -> LambdaProvider:
-    return LambdaProvider({"api_base": srv.url, "api_key_env": "TEST_LAMBDA_KEY", **extra})
+    return LambdaProvider(make_host("lambda", **{"api_base": srv.url, "api_key_env": "TEST_LAMBDA_KEY", **extra}))
 
 
 def test_instance_types_price_in_cents_and_capacity(api):
@@ -87,7 +88,7 @@ def test_launch_sends_name_and_branches_on_error_code(api):
     assert client(api, ssh_key_name="mykey").create(spec) == IID
     body = api.requests[0].body
     assert body == {"region_name": "us-east-1", "instance_type_name": "gpu_1x_h100_pcie",
-                    "ssh_key_names": ["mykey"], "name": "orch-r1-j1", "quantity": 1}
+                    "ssh_key_names": ["mykey"], "name": "orch-r1-j1"}
     with pytest.raises(CapacityError, match="Not enough capacity"):
         client(api).create(spec)
     with pytest.raises(ProviderError, match="Invalid SSH key") as exc:

@@ -8,8 +8,8 @@ from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState, make_label
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
-from orchestrator.reconcile import down_orphans, find_orphans, hold_run_lock, lock_path, run_is_live
-from orchestrator.testing.fakecloud import fake_cloud, host_config  # noqa: F401 (fixture)
+from orchestrator.run.reconcile import down_orphans, find_orphans, hold_run_lock, lock_path, run_is_live
+from orchestrator.testing.fakecloud import fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sshd
 FAST = RetryPolicy(deadline_s=5.0, attempt_timeout_s=2.0, backoff_s=0.02, max_backoff_s=0.1)
@@ -40,7 +40,7 @@ def start_run(led: Ledger, run_id: str, job_id: str) -> None:
 
 
 def test_dead_controller_orphans_destroyed_live_run_untouched(fake_cloud, ledger):
-    vast = VastProvider(host_config(fake_cloud, "vastai"), policy=FAST)
+    vast = VastProvider(fake_host(fake_cloud, "vastai"), policy=FAST)
     start_run(ledger, "dead", "j1")
     start_run(ledger, "alive", "j1")
     lock_path(ledger, "dead").parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def test_dead_controller_orphans_destroyed_live_run_untouched(fake_cloud, ledger
 
 
 def test_unknown_and_closed_rows_are_orphans_foreign_labels_are_not(fake_cloud, ledger):
-    rp = RunPodProvider(host_config(fake_cloud, "runpod"), policy=FAST)
+    rp = RunPodProvider(fake_host(fake_cloud, "runpod"), policy=FAST)
     stray = rp.create(InstanceSpec(label="orch-ghost-j9", gpu="RTX 4090"))      # nothing in the ledger
     mine = rp.create(InstanceSpec(label="my-notebook", gpu="RTX 4090"))         # not ours: never touched
     start_run(ledger, "r", "j1")
@@ -83,7 +83,7 @@ def test_unknown_and_closed_rows_are_orphans_foreign_labels_are_not(fake_cloud, 
 
 
 def test_lost_reply_after_intent_gets_billed_from_intent(fake_cloud, ledger):
-    vast = VastProvider(host_config(fake_cloud, "vastai"), policy=FAST)
+    vast = VastProvider(fake_host(fake_cloud, "vastai"), policy=FAST)
     start_run(ledger, "lr", "j1")
     lock_path(ledger, "lr").parent.mkdir(parents=True, exist_ok=True)
     lock_path(ledger, "lr").touch()
@@ -103,7 +103,7 @@ def test_lost_reply_after_intent_gets_billed_from_intent(fake_cloud, ledger):
 
 
 def test_vanished_instances_close_open_rows(fake_cloud, ledger):
-    vast = VastProvider(host_config(fake_cloud, "vastai"), policy=FAST)
+    vast = VastProvider(fake_host(fake_cloud, "vastai"), policy=FAST)
     start_run(ledger, "v", "j1")
     lock_path(ledger, "v").parent.mkdir(parents=True, exist_ok=True)
     lock_path(ledger, "v").touch()
@@ -120,7 +120,7 @@ def test_vanished_instances_close_open_rows(fake_cloud, ledger):
 def test_failed_intent_row_gets_the_cost_of_the_stray_it_made(fake_cloud, ledger):
     """The runner marked the intent failed (it could not list); the stray is later destroyed and
     billed to that row from the intent's time, not lost from the books."""
-    vast = VastProvider(host_config(fake_cloud, "vastai"), policy=FAST)
+    vast = VastProvider(fake_host(fake_cloud, "vastai"), policy=FAST)
     start_run(ledger, "fi", "j1")
     lock_path(ledger, "fi").parent.mkdir(parents=True, exist_ok=True)
     lock_path(ledger, "fi").touch()

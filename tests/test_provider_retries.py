@@ -6,6 +6,7 @@ import time
 import pytest
 
 from orchestrator.errors import ProviderError
+from orchestrator.testing.hosts import make_host
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
@@ -26,7 +27,7 @@ def api(monkeypatch):
 
 
 def vast(srv, policy=FAST):
-    return VastProvider({"api_base": srv.url, "api_key_env": "K"}, policy=policy)
+    return VastProvider(make_host("vastai", **{"api_base": srv.url, "api_key_env": "K"}), policy=policy)
 
 
 @pytest.mark.parametrize("failure", [(503, {"msg": "busy"}), (500, "oops"), (502, "<html>bad gateway</html>"),
@@ -82,7 +83,7 @@ def test_retries_stop_at_the_deadline(api):
 
 def test_runpod_queries_retry_but_create_does_not(api):
     api.set("POST", "/graphql", [(503, {}), (200, {"data": {"pod": {"id": "p", "desiredStatus": "EXITED"}}})])
-    rp = RunPodProvider({"api_base": api.url, "api_key_env": "K"}, policy=FAST)
+    rp = RunPodProvider(make_host("runpod", **{"api_base": api.url, "api_key_env": "K"}), policy=FAST)
     assert rp.describe("p").state == InstanceState.STOPPED
     assert len(api.requests) == 2
     api.set("POST", "/graphql", [(503, {}), (200, {"data": {"podFindAndDeployOnDemand": {"id": "x"}}})])
@@ -92,7 +93,7 @@ def test_runpod_queries_retry_but_create_does_not(api):
 
 
 def test_lambda_launch_rate_limit_not_retried_terminate_retried(api):
-    lp = LambdaProvider({"api_base": api.url, "api_key_env": "K"}, policy=FAST)
+    lp = LambdaProvider(make_host("lambda", **{"api_base": api.url, "api_key_env": "K"}), policy=FAST)
     api.set("POST", "/api/v1/instance-operations/launch",
             [(429, {"error": {"code": "global/too-many-requests", "message": "rate limited"}}),
              (200, {"data": {"instance_ids": ["x"]}})])

@@ -8,6 +8,8 @@ import subprocess
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
+from orchestrator.testing.hosts import make_host
+from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.testing.canned_http import CannedAPI
@@ -31,7 +33,7 @@ def api(monkeypatch: pytest.MonkeyPatch):
 
 
 def client(srv: CannedAPI, **extra) -> RunPodProvider:
-    return RunPodProvider({"api_base": srv.url, "api_key_env": "TEST_RP_KEY", **extra})
+    return RunPodProvider(make_host("runpod", **{"api_base": srv.url, "api_key_env": "TEST_RP_KEY", **extra}))
 
 
 def by_op(replies: dict[str, object]):
@@ -48,7 +50,7 @@ def by_op(replies: dict[str, object]):
     ({}, InstanceState.RUNNING, Endpoint("194.68.245.3", 22102)),
     ({"runtime": None}, InstanceState.BOOTING, None),                    # desiredStatus is intent
     ({"runtime": {"uptimeInSeconds": 0, "ports": None}}, InstanceState.RUNNING, None),
-    ({"runtime": {"ports": [PORTS[0], PORTS[1]]}}, InstanceState.RUNNING, None),   # no public 22
+    ({"runtime": {"ports": [PORTS[0], PORTS[1]]}}, InstanceState.ERROR, None),   # 22 only private
     ({"desiredStatus": "EXITED", "runtime": None}, InstanceState.STOPPED, None),
     ({"desiredStatus": "TERMINATED", "runtime": None}, InstanceState.TERMINATED, None),
     ({"desiredStatus": "CREATED", "runtime": None}, InstanceState.PENDING, None),
@@ -85,9 +87,12 @@ def test_graphql_errors_with_http_200(api):
         client(api).create(InstanceSpec(label="orch-a-b", gpu="RTX 4090", offer_id="NVIDIA GeForce RTX 4090"))
     assert len(api.requests) == 1   # a create is never retried
     api.set("POST", "/graphql", (200, {"errors": [{"message": "Something else went wrong"}], "data": None}))
+    fast = RetryPolicy(deadline_s=0.5, attempt_timeout_s=0.5, backoff_s=0.01, max_backoff_s=0.02,
+                       release_deadline_s=0.5, release_max_backoff_s=0.05)
     with pytest.raises(ProviderError, match="Something else") as exc:
-        client(api).stop("abc")
+        RunPodProvider(make_host("runpod", **{"api_base": api.url, "api_key_env": "TEST_RP_KEY"}), policy=fast).stop("abc")
     assert not isinstance(exc.value, CapacityError)
+    assert len(api.requests) > 2   # an unexplained error on an idempotent call is retried first
 
 
 def test_offers_use_uninterruptable_price_and_handle_nulls(api):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
+from orchestrator.testing.hosts import make_host
 from orchestrator.providers import make_label
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.vastai import VastProvider
@@ -20,7 +21,7 @@ def api(monkeypatch: pytest.MonkeyPatch):
 
 
 def client(srv: CannedAPI, **extra) -> VastProvider:
-    return VastProvider({"api_base": srv.url, "api_key_env": "TEST_VAST_KEY", "gpu": "RTX 4090", **extra})
+    return VastProvider(make_host("vastai", **{"api_base": srv.url, "api_key_env": "TEST_VAST_KEY", "gpu": "RTX 4090", **extra}))
 
 
 # Shapes as `GET /api/v0/instances/{id}/` returns them (fields trimmed to what matters + noise).
@@ -41,8 +42,9 @@ RUNNING_DIRECT = {"id": 1234567, "label": "orch-r1-j1", "gpu_name": "RTX 4090", 
     ({"ports": None, "ssh_port": -1, "dph_total": -1}, InstanceState.RUNNING, None, None),
     ({"actual_status": "loading", "ports": None}, InstanceState.BOOTING, None, 0.412),
     ({"actual_status": None, "ports": None}, InstanceState.PENDING, None, 0.412),
-    ({"actual_status": "exited", "intended_status": "stopped", "cur_state": "stopped", "ports": None},
-     InstanceState.STOPPED, None, 0.412),
+    # stopped: the disk alone bills (40 GB at 0.10 $/GB-month), not dph_total
+    ({"actual_status": "exited", "intended_status": "stopped", "cur_state": "stopped", "ports": None,
+      "disk_space": 40, "storage_cost": 0.10}, InstanceState.STOPPED, None, 40 * 0.10 / 730),
     ({"actual_status": "running", "intended_status": "stopped"}, InstanceState.STOPPING, None, 0.412),
     ({"actual_status": "exited"}, InstanceState.ERROR, None, 0.412),
     ({"actual_status": "offline"}, InstanceState.ERROR, None, 0.412),
@@ -162,7 +164,7 @@ def test_missing_key_is_config_error(monkeypatch):
     from orchestrator.errors import ConfigError
     monkeypatch.delenv("NOPE_KEY", raising=False)
     with pytest.raises(ConfigError, match="NOPE_KEY"):
-        VastProvider({"api_base": "http://127.0.0.1:9", "api_key_env": "NOPE_KEY"})
+        VastProvider(make_host("vastai", **{"api_base": "http://127.0.0.1:9", "api_key_env": "NOPE_KEY"}))
 
 
 def test_onstart_boot_guard_sent_with_create(api):

@@ -83,3 +83,16 @@ def test_empty_ledger_says_so(tmp_path, monkeypatch, capsys):
     assert "No billed instances" in capsys.readouterr().out
     assert main(["report"]) == 0
     assert "No jobs in the ledger" in capsys.readouterr().out
+
+
+def test_report_without_pandas_says_what_to_install(tmp_path: Path) -> None:
+    """pandas is the report extra: a controller installed without it gets one line, exit 1."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['pandas'] = None\n"
+            "from orchestrator.cli import main; sys.exit(main(['report']))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "ORCHESTRATE_HOME": str(tmp_path / "home")}, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == ["error: `orchestrate report` needs pandas, which this install lacks",
+                                       "hint: pip install 'orchestrate[report]'"]

@@ -4,32 +4,28 @@ guard, the payload push."""
 from __future__ import annotations
 
 import os
+from typing import Any
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from orchestrator.budget import Budget, BudgetGuard, check_estimate, effective_budget
+from orchestrator.testing.hosts import make_host
+from orchestrator.config import HostConfig
+from orchestrator.run.budget import Budget, BudgetGuard, check_estimate, effective_budget
 from orchestrator.errors import BudgetError, CommandError, ProviderError
 from orchestrator.ledger import DESTROYED, FAILED, Ledger
-from orchestrator.payload import RemoteStatus, job_key, push_payload
+from orchestrator.run.payload import RemoteStatus, job_key, push_payload
 from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.local import LocalProvider, marked_pids
-from orchestrator.provisioning import provision, release
+from orchestrator.run.provisioning import provision, release
 from orchestrator.transport import connect
 from orchestrator.transport.local import LocalTransport
 
 
-@dataclass(frozen=True)
-class Host:
-    name: str = "here"
-    provider: str = "local"
-    gpu: str = "cpu"
-    price_per_hour: float | None = 7.2
-    currency: str = "USD"
-    root: str | None = None
-    keep_on_failure: bool = False
+def Host(**fields: Any) -> HostConfig:
+    return make_host("local", **{"name": "here", "price_per_hour": 7.2, **fields})
 
 
 @pytest.fixture()
@@ -216,8 +212,8 @@ def test_remote_status_parsing_and_job_key() -> None:
 
 # -- live view ------------------------------------------------------------------------------------
 def test_live_view_logs_phase_changes_when_not_a_tty(caplog: pytest.LogCaptureFixture) -> None:
-    from orchestrator.live import LiveView
-    caplog.set_level("INFO", logger="orchestrator.live")
+    from orchestrator.run.live import LiveView
+    caplog.set_level("INFO", logger="orchestrator.run.live")
     with LiveView([("j1", "here")], tty=False, log_every_s=3600) as view:
         view.update("j1", phase="train", step=1, total_steps=30, loss=0.5)
         view.update("j1", step=2, loss=0.4)              # same phase, within log_every_s: quiet
@@ -230,7 +226,7 @@ def test_live_view_logs_phase_changes_when_not_a_tty(caplog: pytest.LogCaptureFi
 
 def test_live_view_table_on_a_tty_shows_every_job() -> None:
     from rich.console import Console
-    from orchestrator.live import LiveView
+    from orchestrator.run.live import LiveView
     view = LiveView([("j1", "here"), ("j2", "box")], tty=False)
     view.update("j2", phase="train", step=7, total_steps=30, loss=0.125, psnr=18.0, cost=1.5, currency="CNY")
     console = Console(width=160, record=True, file=open(os.devnull, "w"))
@@ -272,18 +268,18 @@ def test_failed_setup_releases_the_instance_and_exits_1(tmp_path: Path) -> None:
 def test_jobs_on_one_machine_split_its_cpus() -> None:
     from types import SimpleNamespace as NS
 
-    from orchestrator.runner import Runner
+    from orchestrator.run.runner import Runner
 
     jobs = [NS(host_name="here"), NS(host_name="here"), NS(host_name="here"), NS(host_name="vast")]
     runner = Runner(jobs, ledger=None, run_id="r", options=NS(concurrency=2), guard=None, view=None,  # type: ignore[arg-type]
                     stop=None)  # type: ignore[arg-type]
-    local, cloud = NS(shares_machine=True), NS()
+    local, cloud = NS(shares_machine=True), NS(shares_machine=False)   # Provider declares it (default False)
     assert runner._cpu_share(jobs[0], local) == 2        # 3 jobs on "here", at most 2 at once
     assert runner._cpu_share(jobs[3], local) == 1        # alone on its host
     assert runner._cpu_share(jobs[0], cloud) == 1        # every cloud instance is its own machine
     runner.opts = NS(concurrency=8)
     assert runner._cpu_share(jobs[0], local) == 3
-    from orchestrator.payload import run_args
+    from orchestrator.run.payload import run_args
 
     kw = dict(data_dir="d", job_dir="j", steps=5, backend="auto", device="auto", scene="s", max_seconds=None,
               downscale=1, seed=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.ledger import Ledger
-from orchestrator.sshconfig import managed_path, refresh_if_present, update_ssh_config
+from orchestrator.transport.sshconfig import managed_path, refresh_if_present, update_ssh_config
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config import HostConfig
 from orchestrator.errors import ConnectError
-from orchestrator.providers.base import Endpoint
+from orchestrator.transport.endpoint import Endpoint
 from orchestrator.providers.ssh import SSHProvider
 from orchestrator.testing.sshd import SSHServer, find_sshd
 from orchestrator.transport.jump import parse_jump
@@ -73,9 +74,8 @@ def test_alias_proxyjump_comes_from_ssh_g(tmp_path: Path, monkeypatch: pytest.Mo
                    "  ProxyJump ops@bastion.example:2222\n")
     monkeypatch.setenv("ORCHESTRATE_SSH_CONFIG", str(cfg))
 
-    class Host:
-        name, ssh_alias, price_per_hour = "boxed", "rented-box", 1.0
-    ep = SSHProvider(Host(), home=tmp_path).resolve_endpoint()
+    host = HostConfig(name="boxed", provider="ssh", ssh_alias="rented-box", price_per_hour=1.0)
+    ep = SSHProvider(host, home=tmp_path).resolve_endpoint()
     assert ep == Endpoint("10.1.2.3", 2200, "ubuntu", jump="ops@bastion.example:2222")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -12,19 +12,17 @@ from orchestrator.errors import ConfigError, HostKeyMismatch, ProviderError
 from orchestrator.ledger import Ledger
 from orchestrator.providers import make_provider
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState, Provider
-from orchestrator.providers.ssh import SHUTDOWN_COMMAND, SSHProvider, is_this_machine, parse_endpoint
+from orchestrator.config import HostConfig
+from orchestrator.providers.ssh import SHUTDOWN_COMMAND, SSHProvider
+from orchestrator.testing.hosts import make_host
+from orchestrator.transport.endpoint import is_this_machine, parse_endpoint
 from orchestrator.secrets import read_secret
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
 from orchestrator.transport import connect
 
 
-def host(**kw) -> SimpleNamespace:
-    base = dict(name="rented", provider="ssh", gpu="H100", price_per_hour=15.0, currency="CNY",
-                host=None, port=None, user=None, ssh_alias=None, endpoint_command=None,
-                stop_command=None, shutdown_on_host=False, identity_file=None, password_env=None,
-                password_file=None, root=None)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def host(**kw: Any) -> HostConfig:
+    return make_host("ssh", **{"name": "rented", "gpu": "H100", "price_per_hour": 15.0, "currency": "CNY", **kw})
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -143,7 +141,7 @@ def test_shutdown_refused_on_this_machine(tmp_path: Path, address: str) -> None:
     iid = p.create(InstanceSpec(label="orch-s-d", gpu="H100"))
     assert p.self_stop_command(iid) is None
     with pytest.raises(ProviderError, match="refusing `shutdown -h now`.*this machine") as err:
-        p.stop(iid)
+        p.host_shutdown_command(iid)        # what release() asks before it would run it over SSH
     assert err.value.hint
     assert p.describe(iid).state is InstanceState.RUNNING
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import tcnn_cache
-from orchestrator.payload import push_payload
-from orchestrator.providers.base import Endpoint
-from orchestrator.tcnn_cache import PendingBuild, TcnnKey, TcnnStatus
+from orchestrator.run import tcnn_cache
+from orchestrator.run.payload import push_payload
+from orchestrator.transport.endpoint import Endpoint
+from orchestrator.run.tcnn_cache import PendingBuild, TcnnKey, TcnnStatus
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
 from orchestrator.testing.stockhost import BARE_PYTHON
 from orchestrator.transport.ssh import SSHAuth, SSHTransport

@@ -13,13 +13,13 @@ GPU names are normalised (`canonical_gpu("4090") == "RTX 4090"`). Loading is cac
 from __future__ import annotations
 
 import csv
-import difflib
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, nearest
 
 CATALOG_DIR = Path(__file__).resolve().parent
 
@@ -152,11 +152,8 @@ def suggest_gpu(name: str) -> str | None:
     names = list(gpu_names())
     by_key = {_key(n): n for n in names}
     by_key.update({k: v for k, v in _ALIASES.items() if v in names})
-    close = difflib.get_close_matches(_key(name), list(by_key), n=1, cutoff=0.6)
-    if close:
-        return by_key[close[0]]
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    return close[0] if close else None
+    close = nearest(_key(name), list(by_key))
+    return by_key[close] if close else nearest(name, names)
 
 
 def price_rows(provider: str, gpu: str) -> list[PriceRow]:
@@ -194,3 +191,13 @@ def convert(amount: float, from_currency: str, to_currency: str) -> tuple[float,
     why = "; ".join(f"{c}: {rates[c].source}" for c in (a, b) if c != "USD")
     src = f"fx.csv: 1 {a} = {rates[a].usd_per_unit / rates[b].usd_per_unit:.4g} {b} ({why})"
     return value, src
+
+
+def format_money(amount: float | None) -> str:
+    """An amount as every command, table and message shows it: 2 decimals from 1 up, 3
+    significant digits below (hourly GPU prices times seconds are often fractions of a cent)."""
+    if amount is None or amount != amount:
+        return "-"
+    if amount == 0 or abs(amount) >= 1:
+        return f"{amount:,.2f}" if abs(amount) >= 10_000 else f"{amount:.2f}"
+    return f"{amount:.{max(2, 2 - math.floor(math.log10(abs(amount))))}f}"

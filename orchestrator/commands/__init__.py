@@ -50,9 +50,8 @@ def confirm(question: str) -> bool:
 
 
 def money(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4f}"
+    from ..catalog import format_money
+    return format_money(v)
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -95,8 +94,8 @@ def load_and_plan(path: Path) -> LoadedPlan:
     from ..config import check_secrets, load_config
     from ..estimate import estimate_plan
     from ..ledger import Ledger
-    from ..plan import expand
-    from ..runner import JobPlan
+    from ..config.plan import expand
+    from ..run.runner import JobPlan
 
     config = load_config(path)
     jobs = expand(config)
@@ -130,7 +129,7 @@ def load_and_plan(path: Path) -> LoadedPlan:
 PHASES = ("boot", "setup", "staging", "train", "eval", "pull", "teardown")
 
 
-def estimate_table(loaded: LoadedPlan, *, title: str, explain: bool = False) -> None:
+def estimate_table(loaded: LoadedPlan, *, title: str, explain: str | None = None) -> None:
     """The estimate as people read it: per job, time by phase, billed time and cost; the total."""
     rows = []
     for plan, e in zip(loaded.jobs, loaded.estimate.jobs):
@@ -143,7 +142,7 @@ def estimate_table(loaded: LoadedPlan, *, title: str, explain: bool = False) -> 
         rows.append(cells)
     print_table(title, ["job", "host", "gpu", *PHASES, "billed", "cost"], rows)
     if explain:
-        sys.stdout.write(loaded.estimate.explain().rstrip("\n") + "\n")
+        sys.stdout.write(explain.rstrip("\n") + "\n")
     for note in loaded.notes:
         sys.stdout.write(f"converted: {note}\n")
     sys.stdout.write(f"total: {money(loaded.total_cost)} {loaded.currency}, "

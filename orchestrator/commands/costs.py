@@ -5,26 +5,24 @@ import argparse
 import json
 import sys
 
-from ..costs import GROUPINGS, spend, totals
 from ..ledger import Ledger
+from ..report.costs import GROUPINGS, spend, totals
+from . import add_json_flag, money
 
-NAME = "costs"
 HELP = "spend by provider, GPU, run or day (GPU and storage apart; failed launches counted)"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("costs", help=HELP, description=HELP)
     parser.add_argument("--by", choices=GROUPINGS, default=None,
                         help="one grouping (default: all four)")
     parser.add_argument("--run", dest="runs", action="append", default=None, metavar="RUN",
                         help="only these run ids (repeatable)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(parser)
+    parser.set_defaults(func=main)
 
 
-def _money(v: float) -> str:
-    return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4f}"
-
-
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     groupings = [args.by] if args.by else list(GROUPINGS)
     ledger = Ledger.open()
     try:
@@ -50,14 +48,10 @@ def run(args: argparse.Namespace) -> int:
                     "failed launches"):
             t.add_column(col, justify="left" if col in (by, "currency") else "right")
         for r in rows:
-            t.add_row(r.key, r.currency, _money(r.gpu_cost), _money(r.storage_cost),
-                      _money(r.total) + (" (accruing)" if r.accruing else ""),
+            t.add_row(r.key, r.currency, money(r.gpu_cost), money(r.storage_cost),
+                      money(r.total) + (" (accruing)" if r.accruing else ""),
                       f"{r.gpu_hours:.2f}", str(r.instances),
-                      f"{r.failed_launches}" + (f" ({_money(r.failed_cost)})" if r.failed_cost else ""))
+                      f"{r.failed_launches}" + (f" ({money(r.failed_cost)})" if r.failed_cost else ""))
         console.print(t)
-    console.print("total: " + ", ".join(f"{_money(v)} {c}" for c, v in sorted(totals(all_rows).items())))
+    console.print("total: " + ", ".join(f"{money(v)} {c}" for c, v in sorted(totals(all_rows).items())))
     return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    return run(args)

@@ -3,7 +3,7 @@
 INSTANCE is a provider instance id or a ledger row number (see `orchestrate status`). The
 provider client for a row is built from the host entry of the run's experiments file (or
 `--config`); local rows need no file. `--orphans` also asks the cloud providers for instances
-with our label that no live run will release (orchestrator.reconcile).
+with our label that no live run will release (orchestrator.run.reconcile).
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import ExperimentsConfig, HostConfig
 from ..errors import ConfigError, OrchestratorError
 from ..ledger import Ledger, InstanceRow
-from ..provisioning import release
+from ..providers.base import Provider
+from ..run.provisioning import release
 from . import add_json_flag, confirm, is_tty, money
 
 
@@ -35,16 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-@dataclass(frozen=True, slots=True)
-class _BareHost:
-    """A host entry rebuilt from a ledger row when no experiments file is at hand."""
-    name: str
-    provider: str
-    gpu: str = ""
-    root: str | None = None
-    price_per_hour: float | None = None
-
-
 def _config_for(path: Path | None) -> Any | None:
     if path is None or not path.is_file():
         return None
@@ -52,7 +44,10 @@ def _config_for(path: Path | None) -> Any | None:
     return load_config(path)
 
 
-def _provider_for(row: InstanceRow, ledger: Ledger, cli_config: Any | None) -> Any:
+def _provider_for(row: InstanceRow, ledger: Ledger, cli_config: ExperimentsConfig | None
+                  ) -> tuple[Provider, HostConfig]:
+    """The provider of a ledger row, with its host entry (from the experiments file at hand, or
+    rebuilt from the row when no file has it)."""
     from ..providers import make_provider
     config = cli_config
     if config is None:
@@ -61,13 +56,13 @@ def _provider_for(row: InstanceRow, ledger: Ledger, cli_config: Any | None) -> A
             config = _config_for(Path(run.get("config_path") or "")) if run.get("config_path") else None
         except OrchestratorError:
             config = None
-    host = getattr(config, "hosts", {}).get(row.host_name) if config is not None else None
+    host = config.hosts.get(row.host_name) if config is not None else None
     if host is None:
         if row.provider == "ssh":
             raise ConfigError(f"instance {row.instance_id}: the host {row.host_name!r} is not in any "
                               "experiments file at hand", hint="pass --config experiments.yaml")
-        host = _BareHost(row.host_name, row.provider, row.gpu)
-    return make_provider(host)
+        host = HostConfig(name=row.host_name, provider=row.provider, gpu=row.gpu)
+    return make_provider(host), host
 
 
 def main(args: argparse.Namespace) -> int:
@@ -105,8 +100,9 @@ def main(args: argparse.Namespace) -> int:
                 entry["result"] = "closed (no instance was recorded)"
             else:
                 try:
-                    ok = release(_provider_for(r, ledger, cli_config), r.instance_id, r.row_id,
-                                 ledger=ledger, destroy=True, run_id=r.run_id, job_id=r.job_id)
+                    provider, host = _provider_for(r, ledger, cli_config)
+                    ok = release(provider, r.instance_id, r.row_id, ledger=ledger, destroy=True,
+                                 run_id=r.run_id, job_id=r.job_id, host=host)
                 except OrchestratorError as exc:
                     ok, entry["error"] = False, str(exc)
                 entry["result"] = "destroyed" if ok else "FAILED"
@@ -114,9 +110,9 @@ def main(args: argparse.Namespace) -> int:
             entry["cost"] = ledger.instance_cost(r.row_id)
             report.append(entry)
         if args.orphans:
-            if importlib.util.find_spec("orchestrator.reconcile") is None:
+            if importlib.util.find_spec("orchestrator.run.reconcile") is None:
                 raise ConfigError("--orphans is not available in this build")
-            from ..reconcile import down_orphans
+            from ..run.reconcile import down_orphans
             for td in down_orphans(ledger, cli_config, args.yes or is_tty()):
                 report.append({"provider": td.orphan.provider, "instance_id": td.orphan.info.instance_id,
                                "reason": td.orphan.reason,

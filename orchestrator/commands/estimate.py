@@ -5,8 +5,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..catalog import format_money
 from . import add_json_flag, estimate_table, load_and_plan
+
+if TYPE_CHECKING:
+    from ..estimate import PlanEstimate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,5 +30,38 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(loaded.estimate_json(), indent=2, default=str) + "\n")
         return 0
     estimate_table(loaded, title=f"estimate for {loaded.name} ({len(loaded.jobs)} jobs)",
-                   explain=args.explain)
+                   explain=explain(loaded.estimate) if args.explain else None)
     return 0
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def explain(plan: PlanEstimate) -> str:
+    """`--explain`: every figure of the estimate with the row or rule it comes from."""
+    lines: list[str] = []
+    for j in plan.jobs:
+        lines.append(f"{j.job_id}  ({j.host}: {j.provider}, {j.gpu})")
+        lines.append(f"  price     {format_money(j.price_per_hour)} {j.currency}/h  [{j.price_source}] "
+                     f"{j.price_detail}")
+        for p in j.phases:
+            added = "" if p.billed_seconds == p.seconds else f" (adds {fmt_seconds(p.billed_seconds)})"
+            lines.append(f"  {p.phase:<9} {fmt_seconds(p.seconds):>9}{added}  "
+                         f"{format_money(p.cost)} {j.currency}  [{p.source}] {p.detail}")
+        lines.append(f"  total     {fmt_seconds(j.total_seconds):>9}  billed {fmt_seconds(j.billed_seconds)} "
+                     f"(granularity {j.granularity_s:g} s)  {format_money(j.total_cost)} {j.currency}")
+    lines.append("")
+    lines.append(f"{len(plan.jobs)} jobs, {fmt_seconds(plan.total_seconds)} of billed time in all")
+    for cur, value in sorted(plan.totals.items()):
+        lines.append(f"total {cur}: {format_money(value)}")
+    if len(plan.totals) > 1:
+        lines.append("currencies are kept apart; a budget in one currency converts the others "
+                     "with the rates in catalog/fx.csv")
+    lines.append("sources: config = your file; catalog = prices.csv; runtime table = runtimes.csv; "
+                 "assumption = phases.csv defaults; history = median of your finished jobs")
+    return "\n".join(lines)

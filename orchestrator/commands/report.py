@@ -6,16 +6,17 @@ import logging
 import sys
 from pathlib import Path
 
+from ..errors import OrchestratorError
 from ..ledger import Ledger
 from ..report import FORMATS, write_report
 
 log = logging.getLogger(__name__)
 
-NAME = "report"
 HELP = "results across runs: scene × GPU × backend, cost per dB, published figures, plots"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("report", help=HELP, description=HELP)
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run ids or names ('latest' allowed); all runs when none given")
     parser.add_argument("--format", choices=FORMATS, default=None,
@@ -25,9 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="same as --format json")
     parser.add_argument("--runs-root", type=Path, default=Path("runs"),
                         help="where run directories live when the ledger's paths moved (default ./runs)")
+    parser.set_defaults(func=main)
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    try:
+        import pandas  # noqa: F401  (the report's tables are pandas frames)
+    except ImportError:
+        raise OrchestratorError("`orchestrate report` needs pandas, which this install lacks",
+                                hint="pip install 'orchestrate[report]'") from None
     fmt = "json" if args.json else (args.format or "md")
     out: Path | None = args.out
     if fmt == "html" and out is None:
@@ -43,7 +50,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stderr.write(f"report written to {out}\n")
     return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    return run(args)

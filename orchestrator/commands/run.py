@@ -18,11 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..budget import BudgetGuard, check_estimate, effective_budget
+from ..run.budget import BudgetGuard, check_estimate, effective_budget
 from ..errors import BudgetError
 from ..ledger import Ledger
-from ..live import LiveView
-from ..runner import JobOutcome, Runner, RunOptions
+from ..run.live import LiveView
+from ..run.runner import JobOutcome, Runner, RunOptions
 from . import (add_json_flag, confirm, estimate_table, is_tty, load_and_plan, money, print_table,
                positive_float, positive_int)
 
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace, loaded: Any, budget: Any, ledger: Ledger, run_id: str) -> int:
-    from ..reconcile import hold_run_lock
+    from ..run.reconcile import hold_run_lock
 
     runs_dir = (args.runs_dir or args.config.resolve().parent / "runs").resolve()
     stop = threading.Event()
@@ -100,6 +100,7 @@ def _execute(args: argparse.Namespace, loaded: Any, budget: Any, ledger: Ledger,
     ledger.add_event("started", f"{len(loaded.jobs)} job(s), estimate {loaded.total_cost:.4f} "
                      f"{loaded.currency}", run_id)
     log.info("run %s: %d job(s); results in %s", run_id, len(loaded.jobs), runs_dir / run_id)
+    _check_orphans(loaded.config, ledger)
     signals = _install_handlers(stop)
     t0 = time.monotonic()
     try:
@@ -118,6 +119,18 @@ def _execute(args: argparse.Namespace, loaded: Any, budget: Any, ledger: Ledger,
     if stop.is_set():
         return EXIT_INTERRUPTED
     return 0 if status == "succeeded" else EXIT_JOB_FAILED
+
+
+def _check_orphans(config: Any, ledger: Ledger) -> None:
+    """Instances of dead runs still listed by the clouds of this file: named on stderr (with the
+    command that destroys them); Lambda's, which nothing on the host can stop, are terminated."""
+    from ..providers._http import RetryPolicy
+    from ..run.reconcile import TERMINATE_ON_SIGHT, check_orphans, providers_for
+
+    providers = providers_for(config, ledger, policy=RetryPolicy(deadline_s=15.0, attempt_timeout_s=10.0))
+    for line in check_orphans(ledger, providers, terminate=TERMINATE_ON_SIGHT):
+        sys.stderr.write(line + "\n")
+        ledger.add_event("orphan_seen", line)
 
 
 def _install_handlers(stop: threading.Event) -> dict[int, Any]:

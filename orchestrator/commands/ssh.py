@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError, TransportError
 from ..ledger import Ledger, default_home
-from ..sshconfig import managed_path, update_ssh_config
+from ..transport.sshconfig import managed_path, update_ssh_config
 
 
 def register(sub: Any) -> None:

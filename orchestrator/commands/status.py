@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
                       "provider": i.provider, "instance_id": i.instance_id, "gpu": i.gpu,
                       "state": i.state, "price_per_hour": i.price_per_hour, "currency": i.currency,
                       "since": i.created_at, "cost": ledger.instance_cost(i.row_id)} for i in open_rows]
+        orphans = _orphan_lines(ledger)
     finally:
         ledger.close()
     if args.json:
@@ -35,8 +36,10 @@ def main(args: argparse.Namespace) -> int:
             "jobs": [{"run_id": j.run_id, "job_id": j.job_id, "scene": j.scene, "host": j.host_name,
                       "gpu": j.gpu, "status": j.status, "error": j.error, "out_dir": j.out_dir}
                      for j in jobs],
-            "open_instances": inst_rows}, indent=2) + "\n")
+            "open_instances": inst_rows, "orphans": orphans}, indent=2) + "\n")
         return 0
+    for line in orphans:
+        sys.stderr.write(line + "\n")
     if not runs and not inst_rows:
         sys.stdout.write("no runs yet\n")
         return 0
@@ -56,3 +59,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("no open instances\n")
     return 0
+
+
+def _orphan_lines(ledger: Ledger) -> list[str]:
+    """Labelled instances of dead runs at the clouds this ledger's runs used (listed, not touched)."""
+    from ..providers._http import RetryPolicy
+    from ..run.reconcile import check_orphans, providers_for
+
+    providers = providers_for(None, ledger, policy=RetryPolicy(deadline_s=15.0, attempt_timeout_s=10.0))
+    return check_orphans(ledger, providers)

@@ -6,19 +6,30 @@ Money rules for API calls:
   may have succeeded, so it is never sent twice. The caller searches by label instead.
 - 429 and 5xx replies and connection failures are retried with exponential backoff (honouring
   Retry-After when the server sends one), still within the deadline.
+- Calls that stop billing (destroy, stop, terminate: `release=True`) get a much longer window
+  (`release_deadline_s`, minutes: providers document rate windows of that order), honour
+  Retry-After up to `release_max_backoff_s` and add jitter, so a 429 burst is ridden out; only then do they raise,
+  and the caller hands the instance to reconciliation with a loud event.
 - The API key never appears in an error or a log line: messages pass through `redact`.
 """
 from __future__ import annotations
 
 import logging
+import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import ConfigError, ProviderError
 from ..secrets import read_secret, redact
+
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +43,25 @@ class RetryPolicy:
     max_attempts: int = 6
     backoff_s: float = 0.2            # first pause; doubles each attempt
     max_backoff_s: float = 5.0
+    release_deadline_s: float = 600.0   # destroy/stop/terminate: keep trying this long
+    release_max_backoff_s: float = 60.0  # ...with pauses up to this (Retry-After is honoured up to it)
+    jitter_frac: float = 0.25            # release pauses get up to this fraction added at random
 
 
-def host_attr(host: Any, name: str, default: Any = None) -> Any:
-    """A field of the host's config (a HostConfig dataclass, or a dict in tools and tests)."""
-    if isinstance(host, dict):
-        value = host.get(name, default)
-    else:
-        value = getattr(host, name, default)
-    return default if value is None else value
+def release_policy(host: HostConfig, policy: RetryPolicy | None) -> RetryPolicy:
+    """The host's retry policy: `release_retry_s` (a cloud host setting) bounds how long calls
+    that stop billing are retried before they are handed over to reconciliation."""
+    base = policy or RetryPolicy()
+    total = host.release_retry_s
+    if total is None or policy is not None:
+        return base
+    return replace(base, release_deadline_s=float(total))
 
 
-def api_key_for(host: Any, provider: str, default_env: str) -> str:
+def api_key_for(host: HostConfig, provider: str, default_env: str) -> str:
     """Read the provider's API key from the host's `api_key_env` / `api_key_file` (by reference only)."""
-    env = host_attr(host, "api_key_env")
-    file = host_attr(host, "api_key_file")
+    env = host.api_key_env
+    file = host.api_key_file
     if not env and not file:
         env = default_env
     return read_secret(env=env, file=file, what=f"{provider} API key")
@@ -71,16 +86,23 @@ class ApiClient:
 
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
                 idempotent: bool | None = None, instance_id: str | None = None,
-                accept_statuses: tuple[int, ...] = ()) -> httpx.Response:
+                accept_statuses: tuple[int, ...] = (), release: bool = False,
+                retry_reply: Callable[[httpx.Response], bool] | None = None) -> httpx.Response:
         """Send one call; retry it only when `idempotent` (default: GET/DELETE).
 
+        `release` marks a call that stops billing (see the module doc: minutes of retries).
+        `retry_reply(resp)` says a 2xx reply is a transient failure in disguise (GraphQL's
+        errors with HTTP 200): it is retried like a 5xx, and returned as is once retries end.
         Returns the response for 2xx and `accept_statuses`; raises ProviderError otherwise
         (the provider's own message, redacted, with the HTTP status)."""
         if idempotent is None:
             idempotent = method.upper() in ("GET", "DELETE", "HEAD")
+        if release:
+            idempotent = True
         pol = self.policy
-        deadline = time.monotonic() + pol.deadline_s
+        deadline = time.monotonic() + (pol.release_deadline_s if release else pol.deadline_s)
         attempt = 0
+        t0 = time.monotonic()
         while True:
             attempt += 1
             remaining = deadline - time.monotonic()
@@ -94,19 +116,39 @@ class ApiClient:
                         f"{self.provider}: {method} {path} got no reply ({what}); the call may have "
                         f"taken effect", provider=self.provider, instance_id=instance_id,
                         hint="the instance list is searched by label before anything is retried") from None
-                if not self._may_retry(attempt, deadline, None):
-                    raise ProviderError(f"{self.provider}: {method} {path} failed after {attempt} "
-                                        f"attempts ({what}: {redact(str(exc))})",
-                                        provider=self.provider, instance_id=instance_id) from None
-                self._pause(attempt, deadline, None)
+                if not self._may_retry(attempt, deadline, None, release):
+                    raise self._gave_up(method, path, attempt, t0, f"{what}: {redact(str(exc))}",
+                                        instance_id, None, release) from None
+                self._pause(attempt, deadline, None, release)
                 continue
-            if resp.status_code < 300 or resp.status_code in accept_statuses:
+            ok = resp.status_code < 300 or resp.status_code in accept_statuses
+            if ok and not (retry_reply is not None and resp.status_code < 300 and retry_reply(resp)):
                 return resp
-            if resp.status_code in RETRY_STATUSES and idempotent and self._may_retry(attempt, deadline, resp):
+            if ok:   # a transient failure inside a 2xx reply
+                if idempotent and self._may_retry(attempt, deadline, resp, release):
+                    log.info("%s: %s %s -> transient error in the reply, retrying", self.provider, method, path)
+                    self._pause(attempt, deadline, resp, release)
+                    continue
+                return resp
+            if resp.status_code in RETRY_STATUSES and idempotent and self._may_retry(attempt, deadline, resp, release):
                 log.info("%s: %s %s -> HTTP %d, retrying", self.provider, method, path, resp.status_code)
-                self._pause(attempt, deadline, resp)
+                self._pause(attempt, deadline, resp, release)
                 continue
+            if release and resp.status_code in RETRY_STATUSES:
+                raise self._gave_up(method, path, attempt, t0, f"HTTP {resp.status_code}: {error_detail(resp)}",
+                                    instance_id, resp.status_code, release)
             raise self.error_for(resp, method, path, instance_id)
+
+    def _gave_up(self, method: str, path: str, attempt: int, t0: float, last: str,
+                 instance_id: str | None, status: int | None, release: bool) -> ProviderError:
+        msg = (f"{self.provider}: {method} {path} failed after {attempt} attempts over "
+               f"{time.monotonic() - t0:.0f} s ({last})")
+        hint = None
+        if release:
+            hint = ("the instance may still bill: it is left to reconciliation "
+                    "(run `orchestrate down --orphans`)")
+        return ProviderError(redact(msg), provider=self.provider, instance_id=instance_id,
+                             status=status, hint=hint)
 
     def error_for(self, resp: httpx.Response, method: str, path: str,
                   instance_id: str | None) -> ProviderError:
@@ -118,21 +160,42 @@ class ApiClient:
                              provider=self.provider, instance_id=instance_id,
                              status=resp.status_code, hint=hint)
 
-    def _may_retry(self, attempt: int, deadline: float, resp: httpx.Response | None) -> bool:
-        return attempt < self.policy.max_attempts and time.monotonic() + self._delay(attempt, resp) < deadline
+    def _may_retry(self, attempt: int, deadline: float, resp: httpx.Response | None,
+                   release: bool = False) -> bool:
+        if not release and attempt >= self.policy.max_attempts:
+            return False
+        return time.monotonic() + self._delay(attempt, resp, release) < deadline
 
-    def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
+    def _delay(self, attempt: int, resp: httpx.Response | None, release: bool = False) -> float:
         pol = self.policy
-        delay = min(pol.max_backoff_s, pol.backoff_s * (2 ** (attempt - 1)))
-        if resp is not None:
-            try:
-                delay = max(delay, min(pol.max_backoff_s, float(resp.headers.get("retry-after", "0"))))
-            except ValueError:
-                pass
-        return delay
+        after = retry_after_s(resp) if resp is not None else None
+        if after is not None:
+            # The server said when to come back: then, not later (a billing-stopping call should
+            # land as soon as it is allowed), up to the longer cap of those calls.
+            cap = pol.release_max_backoff_s if release else pol.max_backoff_s
+            return min(cap, max(pol.backoff_s, after))
+        return min(pol.max_backoff_s, pol.backoff_s * (2 ** min(attempt - 1, 30)))
 
-    def _pause(self, attempt: int, deadline: float, resp: httpx.Response | None) -> None:
-        time.sleep(max(0.0, min(self._delay(attempt, resp), deadline - time.monotonic())))
+    def _pause(self, attempt: int, deadline: float, resp: httpx.Response | None, release: bool = False) -> None:
+        delay = self._delay(attempt, resp, release)
+        if release:   # many controllers released at once must not come back in lockstep
+            delay += random.uniform(0.0, self.policy.jitter_frac * delay)
+        time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+
+
+def retry_after_s(resp: httpx.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    value = (resp.headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def error_detail(resp: httpx.Response) -> str:
@@ -144,7 +207,9 @@ def error_detail(resp: httpx.Response) -> str:
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):   # Lambda: {"error": {"code", "message", "suggestion"}}
-            return " ".join(str(err.get(k)) for k in ("code", "message") if err.get(k))[:200]
+            text = " ".join(str(err.get(k)) for k in ("code", "message") if err.get(k))[:200]
+            fields = field_errors_text(body.get("field_errors") or err.get("field_errors"))
+            return f"{text} ({fields})" if fields else text
         for key in ("msg", "message", "error", "detail"):
             if body.get(key):
                 return str(body[key])[:200]
@@ -152,6 +217,18 @@ def error_detail(resp: httpx.Response) -> str:
             first = body["errors"][0]
             return str(first.get("message", first) if isinstance(first, dict) else first)[:200]
     return str(body)[:200]
+
+
+def field_errors_text(fields: Any) -> str:
+    """Lambda's invalid-parameter replies name the fields at fault in `field_errors`
+    ({field: {"code", "message"}}); without them the message says only "invalid request"."""
+    if not isinstance(fields, dict) or not fields:
+        return ""
+    parts = []
+    for name, err in fields.items():
+        msg = err.get("message") if isinstance(err, dict) else err
+        parts.append(f"{name}: {msg}" if msg else str(name))
+    return "; ".join(parts)[:300]
 
 
 def json_body(resp: httpx.Response, provider: str) -> Any:

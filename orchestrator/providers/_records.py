@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InstanceNotFound, ProviderError
-from ..ledger import iso
+from ..home import iso
 
 
 class InstanceRecords:

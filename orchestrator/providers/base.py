@@ -1,13 +1,21 @@
 """The provider interface: a small set of calls, plain dataclasses across the boundary.
 
-Providers talk to their API only: they never open SSH and never write the ledger. The SSH
-endpoint is never cached by callers: read it from `describe()` before every connect.
+Providers talk to their API only: they never open SSH and never write the ledger (a boundary
+test enforces both). The SSH endpoint is never cached by callers: read it from `describe()`
+before every connect. Optional capabilities (sharing one machine, a boot guard, a self-stop
+command, a shutdown the controller runs over SSH, where the work root is, which keys to offer,
+whether create needs our public key)
+are declared on `Provider` with defaults, so callers never probe with getattr.
 """
 from __future__ import annotations
 
+import builtins
 import enum
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
+
+from ..transport.endpoint import Endpoint
 
 
 class InstanceState(str, enum.Enum):
@@ -22,17 +30,6 @@ class InstanceState(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    user: str = "root"
-    jump: str | None = None      # ssh: "[user@]host[:port]" of a jump host (ProxyJump)
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
 class Offer:
     provider: str
     gpu: str
@@ -42,6 +39,11 @@ class Offer:
     available: bool = True
     offer_id: str | None = None
     gpu_count: int = 1
+    # What else the offer bills, where the provider prices it per offer (vast.ai): storage
+    # while the instance exists (and alone while stopped), and traffic per GB each way.
+    storage_price_per_hour: float | None = None
+    upload_price_per_gb: float | None = None      # into the instance (our dataset upload)
+    download_price_per_gb: float | None = None    # out of the instance (results we pull)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,21 +88,51 @@ def make_label(run_id: str, job_id: str) -> str:
     return f"{LABEL_PREFIX}-{run_id}-{job_id}"
 
 
-@runtime_checkable
-class Provider(Protocol):
-    name: str
-    transport_kind: str      # "local" or "ssh": which transport reaches its instances
-    billing: BillingRules
+class Provider(ABC):
+    """What every provider implements (the calls) and may declare (the capabilities)."""
 
+    name: ClassVar[str]
+    transport_kind: ClassVar[str]            # "local" or "ssh": which transport reaches its instances
+    billing: BillingRules = BillingRules()     # per instance where the price list says so
+    shares_machine: ClassVar[bool] = False   # every instance is one machine: concurrent jobs split it
+    needs_ssh_public_key: bool = False       # create must carry the run's key, or nothing can connect
+
+    @abstractmethod
     def offers(self, gpu: str) -> list[Offer]: ...
+    @abstractmethod
     def create(self, spec: InstanceSpec) -> str: ...
+    @abstractmethod
     def start(self, instance_id: str) -> None: ...
+    @abstractmethod
     def stop(self, instance_id: str) -> None: ...
+    @abstractmethod
     def destroy(self, instance_id: str) -> None: ...
+    @abstractmethod
     def describe(self, instance_id: str) -> InstanceInfo: ...
-    def list(self, label_prefix: str) -> list[InstanceInfo]: ...
+    @abstractmethod
+    def list(self, label_prefix: str) -> builtins.list[InstanceInfo]: ...
 
+    # -- capabilities, with the default of a provider that has none ------------------------------
     def self_stop_command(self, instance_id: str) -> str | None:
         """A shell command that stops this instance when run ON the instance, without the
         controller (used by the on-host watchdog); None when the provider has none."""
-        ...
+        return None
+
+    def boot_guard(self, *, root: str, idle_timeout_s: float) -> str | None:
+        """A start-up command that stops the instance when no controller shows up (vast.ai
+        `onstart`, RunPod start command); None when the provider cannot run one."""
+        return None
+
+    def host_shutdown_command(self, instance_id: str) -> str | None:
+        """A command the controller runs on the host over SSH to stop the meter before `stop`
+        (a machine rented by hand that stops billing when it powers off); None: `stop` suffices."""
+        return None
+
+    def work_root(self, instance_id: str) -> str | None:
+        """The instance's work root when the provider fixes it (the local provider's directory);
+        None: the transport's default (`host.root` or `~/orchestrate`)."""
+        return None
+
+    def identity_files(self) -> list[str]:
+        """Private keys to offer when the host config names none (an ssh alias's IdentityFile)."""
+        return []

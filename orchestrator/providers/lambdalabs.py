@@ -5,7 +5,12 @@ Facts this client is built on (Lambda Cloud API docs; reference provider-apis.md
   is lost), because a Lambda instance bills until it is terminated; `start()` cannot bring a
   terminated instance back and says so.
 - Instance types are an object keyed by name; `price_cents_per_hour` is an int; an empty
-  `regions_with_capacity_available` means sold out.
+  `regions_with_capacity_available` means sold out. The older form of the reply gives the price
+  as a string of cents and no `specs.gpus`: the GPU count is then read from the type's name
+  (`gpu_8x_a100` has 8), so a multi-GPU type never passes for a 1-GPU request.
+- Invalid-parameter errors name the fields at fault in `field_errors`; their text is kept.
+- Launch sends only fields of the current launch request schema (region_name,
+  instance_type_name, ssh_key_names, name).
 - Errors are `{"error": {"code", "message", "suggestion"}}`; insufficient capacity is HTTP 400
   with a code naming it, so we branch on `code`. Launch is rate-limited (~1 call / 12 s).
 - `ip`/`hostname` are absent or null while booting. SSH listens on 22 as `ubuntu`.
@@ -16,14 +21,19 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
-from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, host_attr, json_body, num
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
+from ._http import (ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num,
+                    release_policy)
+
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +47,23 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def type_matches(itype: dict[str, Any], wanted: str) -> bool:
-    """'H100 PCIe' matches gpu_1x_h100_pcie / '1x H100 (80 GB PCIe)'; single-GPU types only."""
+TYPE_GPUS_RE = re.compile(r"^gpu_(\d+)x_")
+
+
+def type_gpu_count(itype: dict[str, Any], name: str = "") -> int | None:
+    """GPUs of an instance type: `specs.gpus`, else the count in its name (gpu_8x_a100 → 8)."""
     specs = itype.get("specs") if isinstance(itype.get("specs"), dict) else {}
-    if num(specs.get("gpus")) not in (None, 1.0):
+    gpus = num(specs.get("gpus"))
+    if gpus is not None:
+        return int(gpus)
+    m = TYPE_GPUS_RE.match(str(itype.get("name") or name))
+    return int(m.group(1)) if m else None
+
+
+def type_matches(itype: dict[str, Any], wanted: str) -> bool:
+    """'H100 PCIe' matches gpu_1x_h100_pcie / '1x H100 (80 GB PCIe)'; single-GPU types only
+    (a type whose GPU count cannot be told is not taken for a single GPU)."""
+    if type_gpu_count(itype) != 1:
         return False
     have = _words(" ".join(str(itype.get(k) or "") for k in ("name", "description", "gpu_description"))
                   .replace("_", " "))
@@ -66,19 +89,19 @@ def parse_instance(d: dict[str, Any], user: str = "ubuntu") -> InstanceInfo:
                         currency="USD", raw_state=status)
 
 
-class LambdaProvider:
+class LambdaProvider(Provider):
     name = "lambda"
     transport_kind = "ssh"
 
-    def __init__(self, host: Any, *, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, host: HostConfig, *, policy: RetryPolicy | None = None) -> None:
         key = api_key_for(host, "Lambda Cloud", "LAMBDA_API_KEY")
-        self.api_base = str(host_attr(host, "api_base", DEFAULT_API_BASE)).rstrip("/")
+        self.api_base = str(host.api_base or DEFAULT_API_BASE).rstrip("/")
         self.api = ApiClient(self.name, self.api_base, headers={"Authorization": f"Bearer {key}"},
-                             policy=policy)
-        self.region = host_attr(host, "region")
-        self.max_price_per_hour = host_attr(host, "max_price_per_hour")
-        self.ssh_key_name = str(host_attr(host, "ssh_key_name", "orchestrate"))
-        self.user = str(host_attr(host, "user", "ubuntu"))
+                             policy=release_policy(host, policy))
+        self.region = host.region
+        self.max_price_per_hour = host.max_price_per_hour
+        self.ssh_key_name = str(host.ssh_key_name or "orchestrate")
+        self.user = str(host.user or "ubuntu")
         self.billing = BillingRules(granularity_s=60.0, storage_price_per_hour=0.0)
 
     def _raise(self, resp: httpx.Response, what: str, instance_id: str | None = None) -> None:
@@ -101,9 +124,9 @@ class LambdaProvider:
                             instance_id=instance_id, status=resp.status_code, hint=hint)
 
     def _call(self, method: str, path: str, what: str, *, json: Any = None, idempotent: bool | None = None,
-              instance_id: str | None = None) -> Any:
+              instance_id: str | None = None, release: bool = False) -> Any:
         resp = self.api.request(method, path, json=json, idempotent=idempotent, instance_id=instance_id,
-                                accept_statuses=(400, 401, 403, 404, 409))
+                                accept_statuses=(400, 401, 403, 404, 409), release=release)
         if resp.status_code >= 300:
             self._raise(resp, what, instance_id)
         body = json_body(resp, self.name)
@@ -116,7 +139,10 @@ class LambdaProvider:
         out: list[Offer] = []
         for name, entry in (data.items() if isinstance(data, dict) else []):
             itype = entry.get("instance_type") if isinstance(entry, dict) else None
-            if not isinstance(itype, dict) or not type_matches(itype, gpu):
+            if not isinstance(itype, dict):
+                continue
+            itype = {"name": name, **itype}
+            if not type_matches(itype, gpu):
                 continue
             cents = num(itype.get("price_cents_per_hour"))
             if cents is None:
@@ -127,18 +153,21 @@ class LambdaProvider:
             regions = [r.get("name") for r in entry.get("regions_with_capacity_available") or []
                        if isinstance(r, dict) and r.get("name")]
             label = str(itype.get("gpu_description") or itype.get("description") or name)
+            count = type_gpu_count(itype, name) or 1
             if not regions:
-                out.append(Offer("lambda", label, price, "USD", "", False, str(itype.get("name") or name)))
+                out.append(Offer("lambda", label, price, "USD", "", False, str(itype.get("name") or name),
+                                 gpu_count=count))
             for region in regions:
                 out.append(Offer("lambda", label, price, "USD", region, True,
-                                 f"{itype.get('name') or name}@{region}"))
+                                 f"{itype.get('name') or name}@{region}", gpu_count=count))
         return sorted(out, key=lambda o: (not o.available, o.price_per_hour))
 
     def create(self, spec: InstanceSpec) -> str:
         offer_id = spec.offer_id
         if offer_id is None:
             region = spec.region or self.region
-            avail = [o for o in self.offers(spec.gpu) if o.available and (not region or o.region == region)]
+            avail = [o for o in self.offers(spec.gpu)
+                     if o.available and o.gpu_count == 1 and (not region or o.region == region)]
             if spec.max_price_per_hour is not None:
                 avail = [o for o in avail if o.price_per_hour <= spec.max_price_per_hour]
             if not avail:
@@ -148,7 +177,7 @@ class LambdaProvider:
             offer_id = avail[0].offer_id
         type_name, _, region_name = str(offer_id).partition("@")
         body = {"region_name": region_name or spec.region or self.region, "instance_type_name": type_name,
-                "ssh_key_names": [self.ssh_key_name], "name": spec.label, "quantity": 1}
+                "ssh_key_names": [self.ssh_key_name], "name": spec.label}
         # Never retried (and launch is rate-limited): a lost reply is resolved by label search.
         data = self._call("POST", "/api/v1/instance-operations/launch", "launch", json=body,
                           idempotent=False)
@@ -165,15 +194,21 @@ class LambdaProvider:
                             instance_id=instance_id)
 
     def stop(self, instance_id: str) -> None:
-        """Lambda has no stopped state: stopping means terminating (and losing the disk)."""
-        self.destroy(instance_id)
+        """Lambda has no stopped state: stopping means terminating (and losing the disk). An
+        instance that no longer exists raises InstanceNotFound, as describe does."""
+        self._terminate(instance_id)
 
     def destroy(self, instance_id: str) -> None:
+        """Terminate; an instance Lambda no longer knows counts as terminated."""
         try:
-            self._call("POST", "/api/v1/instance-operations/terminate", f"terminate {instance_id}",
-                       json={"instance_ids": [instance_id]}, idempotent=True, instance_id=instance_id)
+            self._terminate(instance_id)
         except InstanceNotFound:
             return
+
+    def _terminate(self, instance_id: str) -> None:
+        self._call("POST", "/api/v1/instance-operations/terminate", f"terminate {instance_id}",
+                   json={"instance_ids": [instance_id]}, idempotent=True, instance_id=instance_id,
+                   release=True)
 
     def describe(self, instance_id: str) -> InstanceInfo:
         data = self._call("GET", f"/api/v1/instances/{instance_id}", f"describe {instance_id}",

@@ -20,32 +20,37 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ProviderError
-from ..ledger import default_home, iso
+from ..home import default_home, iso
 from ._records import InstanceRecords
-from .base import BillingRules, InstanceInfo, InstanceSpec, InstanceState, Offer
+from .base import BillingRules, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
 MARKER = "ORCHESTRATE_INSTANCE"
 
 
-class LocalProvider:
+class LocalProvider(Provider):
     name = "local"
     shares_machine = True          # every instance is this machine: concurrent jobs split its CPUs
     transport_kind = "local"
     billing = BillingRules(granularity_s=1.0)
 
-    def __init__(self, host: Any, *, home: Path | str | None = None) -> None:
+    def __init__(self, host: HostConfig | None, *, home: Path | str | None = None) -> None:
+        """`host` None: a provider that only acts on existing instances by id (the watchdog's
+        `python -m orchestrator.providers.local stop ID`)."""
         self.home = Path(home) if home else default_home()
-        self.host_name = str(getattr(host, "name", "") or "local")
-        root = getattr(host, "root", None)
+        self.host_name = (host.name if host else "") or "local"
+        root = host.root if host else None
         self.root = Path(root).expanduser() if root else self.home / "hosts" / self.host_name
-        self.gpu = str(getattr(host, "gpu", None) or "cpu")
-        self.price_per_hour = float(getattr(host, "price_per_hour", None) or 0.0)
-        self.currency = str(getattr(host, "currency", None) or "USD")
+        self.gpu = (host.gpu if host else "") or "cpu"
+        self.price_per_hour = float((host.price_per_hour if host else None) or 0.0)
+        self.currency = (host.currency if host else "") or "USD"
         self.state_dir = self.home / "local-instances"
         self.records = InstanceRecords(self.state_dir, self.name, "local instance")
 

@@ -8,19 +8,30 @@ Facts this client is built on (runpod-python and the API docs; reference provide
 - SSH: the `runtime.ports[]` entry with privatePort 22, type tcp, isIpPublic → ip:publicPort.
   `runtime` and `runtime.ports` may be null; mappings change on every resume.
 - `podTerminate` returns a scalar (select no fields). Price fields may be null.
+- An error in `errors[]` may be transient (an internal error): idempotent queries and
+  mutations (read, stop, resume, terminate) are retried like a 5xx; a create never is (a pod
+  it made is found by its name instead).
+- A pod whose port 22 is mapped but not public (`isIpPublic: false`) cannot be reached: an
+  error naming the cause, not a pod that looks up with no endpoint.
+- `gpuTypes`: a type with prices but no `lowestPrice.stockStatus` is on sale at its price;
+  the placed pod's price is `adjustedCostPerHr` (after discounts), else `costPerHr`.
 Billing (reference provider-apis.md): per second; volume $0.20/GB-month while stopped.
 """
 from __future__ import annotations
 
 import logging
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._bootguard import boot_guard_script
-from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
+from ._http import ApiClient, RetryPolicy, api_key_for, json_body, num, release_policy
+
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +40,59 @@ DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 VOLUME_STOPPED_USD_PER_GB_MONTH = 0.20
 HOURS_PER_MONTH = 730.0
 
-POD_FIELDS = ("id name desiredStatus costPerHr gpuCount imageName machine { gpuDisplayName } "
+POD_FIELDS = ("id name desiredStatus costPerHr adjustedCostPerHr gpuCount imageName machine { gpuDisplayName } "
               "runtime { uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } }")
 Q_POD = "query Pod($input: PodFilter) { pod(input: $input) { %s } }" % POD_FIELDS
 Q_PODS = "query Pods { myself { pods { %s } } }" % POD_FIELDS
 Q_GPUS = ("query GpuTypes { gpuTypes { id displayName memoryInGb securePrice communityPrice "
           "lowestPrice(input: {gpuCount: 1}) { minimumBidPrice uninterruptablePrice stockStatus } } }")
 M_CREATE = ("mutation Create($input: PodFindAndDeployOnDemandInput) { "
-            "podFindAndDeployOnDemand(input: $input) { id desiredStatus costPerHr } }")
+            "podFindAndDeployOnDemand(input: $input) { id desiredStatus costPerHr adjustedCostPerHr } }")
 M_STOP = "mutation Stop($input: PodStopInput!) { podStop(input: $input) { id desiredStatus } }"
 M_RESUME = "mutation Resume($input: PodResumeInput!) { podResume(input: $input) { id desiredStatus } }"
 M_TERMINATE = "mutation Terminate($input: PodTerminateInput!) { podTerminate(input: $input) }"
 
 CAPACITY_WORDS = ("no longer any instances available", "not enough", "no capacity",
                   "not available", "out of stock")
+# GraphQL error codes (`extensions.code`) that no retry can fix.
+FINAL_CODES = ("GRAPHQL_PARSE_FAILED", "GRAPHQL_VALIDATION_FAILED", "BAD_USER_INPUT",
+               "UNAUTHENTICATED", "FORBIDDEN")
+
+
+def error_message(errors: Any) -> str:
+    first = errors[0] if isinstance(errors, list) and errors else errors
+    return str(first.get("message") if isinstance(first, dict) else first)
+
+
+def transient_errors(errors: Any) -> bool:
+    """Whether a reply's errors[] may go away on a retry (an internal error, a timeout), as
+    opposed to a final answer: not found, no capacity, a bad query, a bad key."""
+    if not errors:
+        return False
+    low = error_message(errors).lower()
+    if "not found" in low or "does not exist" in low or any(w in low for w in CAPACITY_WORDS):
+        return False
+    items = errors if isinstance(errors, list) else [errors]
+    codes = {str((e.get("extensions") or {}).get("code") or "") for e in items
+             if isinstance(e, dict) and isinstance(e.get("extensions"), dict)}
+    return not (codes & set(FINAL_CODES))
+
+
+def _reply_has_transient_errors(resp: Any) -> bool:
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and transient_errors(body.get("errors"))
+
+
+def private_ssh_only(runtime: Any) -> bool:
+    """Port 22 is mapped, but only on a private address: nobody outside can reach it."""
+    if not isinstance(runtime, dict) or not isinstance(runtime.get("ports"), list):
+        return False
+    ssh = [p for p in runtime["ports"] if isinstance(p, dict) and p.get("privatePort") == 22
+           and str(p.get("type", "")).lower() == "tcp"]
+    return bool(ssh) and not any(p.get("isIpPublic") is True for p in ssh)
 
 
 def ssh_endpoint(runtime: Any, user: str = "root") -> Endpoint | None:
@@ -68,6 +118,8 @@ def parse_pod(d: dict[str, Any], user: str = "root") -> InstanceInfo:
         if isinstance(runtime, dict):
             state = InstanceState.RUNNING
             endpoint = ssh_endpoint(runtime, user)
+            if endpoint is None and private_ssh_only(runtime):
+                state = InstanceState.ERROR
         else:
             state = InstanceState.BOOTING
     elif desired == "EXITED":
@@ -82,9 +134,18 @@ def parse_pod(d: dict[str, Any], user: str = "root") -> InstanceInfo:
         state = InstanceState.UNKNOWN
     machine = d.get("machine") if isinstance(d.get("machine"), dict) else {}
     raw = desired + ("" if runtime else " (no runtime)")
+    if state == InstanceState.ERROR and desired == "RUNNING":
+        raw = ("RUNNING but its SSH port 22 is not public (isIpPublic: false): it cannot be reached; "
+               "rent a pod with a public IP")
     return InstanceInfo(instance_id=str(d.get("id")), state=state, label=d.get("name") or "",
                         endpoint=endpoint, gpu=machine.get("gpuDisplayName") or "",
-                        price_per_hour=num(d.get("costPerHr")), currency="USD", raw_state=raw)
+                        price_per_hour=pod_price(d), currency="USD", raw_state=raw)
+
+
+def pod_price(d: dict[str, Any]) -> float | None:
+    """What the pod bills per hour: the adjusted price (after discounts) when given."""
+    adjusted = num(d.get("adjustedCostPerHr"))
+    return adjusted if adjusted else num(d.get("costPerHr"))
 
 
 def gpu_matches(gpu_type: dict[str, Any], wanted: str) -> bool:
@@ -94,44 +155,47 @@ def gpu_matches(gpu_type: dict[str, Any], wanted: str) -> bool:
 
 
 def parse_gpu_offer(g: dict[str, Any]) -> Offer:
-    lowest = g.get("lowestPrice") if isinstance(g.get("lowestPrice"), dict) else {}
+    lowest: dict[str, Any] = g["lowestPrice"] if isinstance(g.get("lowestPrice"), dict) else {}
     price = (num(lowest.get("uninterruptablePrice")) or num(g.get("communityPrice"))
              or num(g.get("securePrice")))
-    stock = lowest.get("stockStatus")
+    # No stockStatus at all (not reported for this type): on sale at its on-demand price.
+    # A stockStatus that is present but null/empty: none in stock.
+    in_stock = bool(lowest.get("stockStatus")) if "stockStatus" in lowest else True
     return Offer(provider="runpod", gpu=str(g.get("displayName") or g.get("id") or ""),
                  price_per_hour=price if price is not None else float("nan"), currency="USD",
-                 available=price is not None and bool(stock), offer_id=str(g.get("id") or ""))
+                 available=price is not None and in_stock, offer_id=str(g.get("id") or ""))
 
 
-class RunPodProvider:
+class RunPodProvider(Provider):
     name = "runpod"
     transport_kind = "ssh"
 
-    def __init__(self, host: Any, *, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, host: HostConfig, *, policy: RetryPolicy | None = None) -> None:
         key = api_key_for(host, "RunPod", "RUNPOD_API_KEY")
-        self.api_base = str(host_attr(host, "api_base", DEFAULT_API_BASE)).rstrip("/")
+        self.api_base = str(host.api_base or DEFAULT_API_BASE).rstrip("/")
         self.api = ApiClient(self.name, self.api_base, headers={"Authorization": f"Bearer {key}"},
-                             policy=policy)
-        self.image = str(host_attr(host, "image", DEFAULT_IMAGE))
-        self.disk_gb = float(host_attr(host, "disk_gb", 20.0))
-        self.max_price_per_hour = host_attr(host, "max_price_per_hour")
-        self.user = str(host_attr(host, "user", "root"))
+                             policy=release_policy(host, policy))
+        self.image = str(host.image or DEFAULT_IMAGE)
+        self.disk_gb = float(host.disk_gb or 20.0)
+        self.max_price_per_hour = host.max_price_per_hour
+        self.user = str(host.user or "root")
         self.billing = BillingRules(
             granularity_s=1.0,
             storage_price_per_hour=self.disk_gb * VOLUME_STOPPED_USD_PER_GB_MONTH / HOURS_PER_MONTH)
 
     def _gql(self, query: str, variables: dict[str, Any] | None, field: str, *,
-             idempotent: bool, instance_id: str | None = None) -> Any:
-        """One GraphQL call; returns data[field]. errors[] with HTTP 200 become ProviderError."""
+             idempotent: bool, instance_id: str | None = None, release: bool = False) -> Any:
+        """One GraphQL call; returns data[field]. errors[] with HTTP 200 become ProviderError,
+        after retries when the call is idempotent and the error may be transient."""
         resp = self.api.request("POST", "/graphql", json={"query": query, "variables": variables or {}},
-                                idempotent=idempotent, instance_id=instance_id)
+                                idempotent=idempotent, instance_id=instance_id, release=release,
+                                retry_reply=_reply_has_transient_errors if idempotent else None)
         body = json_body(resp, self.name)
         if not isinstance(body, dict):
             raise ProviderError(f"runpod: unexpected reply {str(body)[:120]}", provider=self.name)
         errors = body.get("errors")
         if errors:
-            first = errors[0] if isinstance(errors, list) and errors else errors
-            msg = str(first.get("message") if isinstance(first, dict) else first)
+            msg = error_message(errors)
             low = msg.lower()
             if "not found" in low or "does not exist" in low:
                 raise InstanceNotFound(redact(f"runpod: {field}: {msg}"), provider=self.name,
@@ -173,6 +237,16 @@ class RunPodProvider:
             raise CapacityError(f"runpod: no pod was created for {spec.gpu} (empty reply)",
                                 provider=self.name)
         log.info("runpod: created pod %s (%s)", pod["id"], spec.label)
+        cap = spec.max_price_per_hour if spec.max_price_per_hour is not None else self.max_price_per_hour
+        placed = pod_price(pod)
+        if cap is not None and placed is not None and placed > float(cap) + 1e-9:
+            # The pod landed above the ceiling (the offer list is a guide, not a quote): give it
+            # back now; a terminate that fails here leaves the pod to the caller's label cleanup.
+            self.destroy(str(pod["id"]))
+            raise CapacityError(f"runpod: pod {pod['id']} was placed at {placed:g} USD/h, above "
+                                f"max_price_per_hour {float(cap):g}; it was terminated at once",
+                                provider=self.name, instance_id=str(pod["id"]),
+                                hint="raise max_price_per_hour or pick another GPU")
         return str(pod["id"])
 
     def start(self, instance_id: str) -> None:
@@ -180,14 +254,18 @@ class RunPodProvider:
                   idempotent=True, instance_id=instance_id)
 
     def stop(self, instance_id: str) -> None:
-        self._gql(M_STOP, {"input": {"podId": instance_id}}, "podStop", idempotent=True,
-                  instance_id=instance_id)
+        """Stop; a pod RunPod no longer knows raises InstanceNotFound (as describe does)."""
+        pod = self._gql(M_STOP, {"input": {"podId": instance_id}}, "podStop", idempotent=True,
+                        instance_id=instance_id, release=True)
+        if pod is None:
+            raise InstanceNotFound(f"runpod: no pod {instance_id} to stop", provider=self.name,
+                                   instance_id=instance_id)
 
     def destroy(self, instance_id: str) -> None:
         """Terminate; a pod RunPod no longer knows counts as terminated."""
         try:
             self._gql(M_TERMINATE, {"input": {"podId": instance_id}}, "podTerminate",
-                      idempotent=True, instance_id=instance_id)
+                      idempotent=True, instance_id=instance_id, release=True)
         except InstanceNotFound:
             return
 

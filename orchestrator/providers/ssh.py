@@ -14,21 +14,22 @@ resolves to this machine (loopback or one of its own addresses), whatever the co
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
-import shlex
-import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ProviderError
-from ..ledger import default_home, iso
+from ..home import default_home, iso
 from ..secrets import redact
+from ..transport.endpoint import Endpoint, is_this_machine, parse_endpoint, ssh_g
 from ._records import InstanceRecords
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from .base import BillingRules, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,101 +52,7 @@ def _run_local(command: str, what: str, timeout_s: float = COMMAND_TIMEOUT_S) ->
     return proc.stdout
 
 
-_SSH_ARG_OPTS = set("BbcDEeFIiJLlmOopQRSWw")
-
-
-def _parse_ssh_command(tokens: list[str], default_user: str) -> Endpoint:
-    """The destination of an `ssh [options] [user@]host` command line."""
-    port, user, dest = 22, None, None
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.startswith("-") and len(tok) >= 2 and tok[1] in _SSH_ARG_OPTS:
-            value = tok[2:] or (tokens[i + 1] if i + 1 < len(tokens) else "")
-            i += 1 if tok[2:] else 2
-            if tok[1] == "p":
-                port = int(value)
-            elif tok[1] == "l":
-                user = value
-            continue
-        if tok.startswith("-"):
-            i += 1
-            continue
-        if dest is None:
-            dest = tok
-        i += 1
-    if not dest:
-        raise ValueError("no host in the ssh command")
-    if dest.startswith("ssh://"):
-        return parse_endpoint(dest[6:], user or default_user)
-    u, _, h = dest.rpartition("@")
-    if not (0 < port < 65536):
-        raise ValueError(f"bad port {port}")
-    return Endpoint(host=h, port=port, user=u or user or default_user)
-
-
-def parse_endpoint(text: str, default_user: str = "root") -> Endpoint:
-    """`user@host:port`, `host:port`, `user@host`, `[v6]:port` or `ssh -p PORT user@host`."""
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    if not line:
-        raise ValueError("empty output")
-    if line.startswith("ssh "):
-        return _parse_ssh_command(line.split()[1:], default_user)
-    user, _, hostport = line.rpartition("@")
-    if hostport.startswith("["):
-        host, _, rest = hostport[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else 22
-    elif hostport.count(":") == 1:
-        host, _, p = hostport.partition(":")
-        port = int(p)
-    else:
-        host, port = hostport, 22
-    if not host or " " in host or not (0 < port < 65536):
-        raise ValueError(f"not user@host:port: {line!r}")
-    return Endpoint(host=host, port=port, user=user or default_user)
-
-
-def ssh_g(alias: str, timeout_s: float = 10.0) -> dict[str, list[str]]:
-    """The OpenSSH client's view of `alias` (`ssh -G`): option -> values. OpenSSH reads the
-    passwd home's ~/.ssh/config (not $HOME); ORCHESTRATE_SSH_CONFIG names another file."""
-    cfg = os.environ.get("ORCHESTRATE_SSH_CONFIG")
-    argv = ["ssh", *(["-F", cfg] if cfg else []), "-G", alias]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ProviderError(f"cannot run `ssh -G {alias}`: {exc}", provider="ssh",
-                            hint="install the OpenSSH client") from None
-    if proc.returncode != 0:
-        raise ProviderError(f"`ssh -G {alias}` failed: {proc.stderr.strip()[-200:]}", provider="ssh")
-    opts: dict[str, list[str]] = {}
-    for line in proc.stdout.splitlines():
-        key, _, value = line.partition(" ")
-        opts.setdefault(key.lower(), []).append(value.strip())
-    return opts
-
-
-def is_this_machine(host: str) -> bool:
-    """True when `host` resolves to loopback or to an address of this machine."""
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror:
-        return False
-    for family, _type, _proto, _canon, sockaddr in infos:
-        addr = sockaddr[0]
-        ip = ipaddress.ip_address(addr.split("%")[0])
-        if ip.is_loopback or ip.is_unspecified:
-            return True
-        try:   # binding succeeds only on an address this machine owns
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((addr, 0) if family == socket.AF_INET else (addr, 0, 0, 0))
-            return True
-        except OSError:
-            continue
-    return False
-
-
-class SSHProvider:
+class SSHProvider(Provider):
     """Provider for hand-rented SSH hosts (see the module docstring)."""
 
     name = "ssh"
@@ -153,22 +60,21 @@ class SSHProvider:
     transport_kind = "ssh"
     billing = BillingRules(granularity_s=1.0)
 
-    def __init__(self, host: Any, *, home: Path | str | None = None, **_: Any) -> None:
+    def __init__(self, host: HostConfig, *, home: Path | str | None = None) -> None:
         self.home = Path(home) if home else default_home()
-        self.host_name = str(getattr(host, "name", "") or "ssh")
+        self.host_name = host.name or "ssh"
         self.host_cfg = host
-        self.address = getattr(host, "host", None)
-        self.port = int(getattr(host, "port", None) or 22)
-        self.user = getattr(host, "user", None) or "root"
-        self.ssh_alias = getattr(host, "ssh_alias", None)
-        self.endpoint_command = getattr(host, "endpoint_command", None)
-        self.stop_command = getattr(host, "stop_command", None)
-        self.proxy_jump = getattr(host, "proxy_jump", None)
-        self.shutdown_on_host = bool(getattr(host, "shutdown_on_host", False))
-        self.gpu = str(getattr(host, "gpu", None) or "")
-        price = getattr(host, "price_per_hour", None)
-        self.price_per_hour = float(price) if price is not None else None
-        self.currency = str(getattr(host, "currency", None) or "USD")
+        self.address = host.host
+        self.port = int(host.port or 22)
+        self.user = host.user or "root"
+        self.ssh_alias = host.ssh_alias
+        self.endpoint_command = host.endpoint_command
+        self.stop_command = host.stop_command
+        self.proxy_jump = host.proxy_jump
+        self.shutdown_on_host = bool(host.shutdown_on_host)
+        self.gpu = host.gpu or ""
+        self.price_per_hour = float(host.price_per_hour) if host.price_per_hour is not None else None
+        self.currency = host.currency or "USD"
         self.state_dir = self.home / "ssh-instances"
         self.records = InstanceRecords(self.state_dir, self.name, "ssh instance")
         sources = [k for k, v in (("host", self.address), ("ssh_alias", self.ssh_alias),
@@ -244,47 +150,31 @@ class SSHProvider:
         self.records.write(instance_id, {**data, "state": "running"})
 
     def stop(self, instance_id: str) -> None:
-        """Stop paying: `stop_command` locally, or shutdown on the host (never on loopback)."""
+        """Stop paying: `stop_command` locally. With `shutdown_on_host` the controller has already
+        run `host_shutdown_command` on the host over SSH (run.release); this records the stop."""
         data = self.records.read(instance_id)
         if data["state"] in ("stopped", "terminated"):
             return
         if self.stop_command:
             _run_local(self.stop_command, f"stop_command of {self.host_name}", timeout_s=300)
-        elif self.shutdown_on_host:
-            self._shutdown_on_host(instance_id)
-        else:
+        elif not self.shutdown_on_host:
             log.warning("%s: no stop_command and no shutdown_on_host: the host keeps running "
                         "(and billing) until you stop it yourself", self.host_name)
         self.records.write(instance_id, {**data, "state": "stopped"})
 
-    def _shutdown_on_host(self, instance_id: str) -> None:
+    def host_shutdown_command(self, instance_id: str) -> str | None:
+        """`shutdown -h now` for the controller to run on the host, refused on this machine."""
+        if not self.shutdown_on_host or self.stop_command:
+            return None
+        if self.records.read(instance_id)["state"] in ("stopped", "terminated"):
+            return None
         ep = self.resolve_endpoint()
         if is_this_machine(ep.host):
             raise ProviderError(
                 f"refusing `shutdown -h now` on {self.host_name}: {ep.host} is this machine",
                 provider=self.name, instance_id=instance_id,
                 hint="use stop_command for this host, or point it at the real rented machine")
-        from ..transport.ssh import SSHTransport, auth_from_host
-        pinned = self._pinned_key(instance_id)
-        tr = SSHTransport(self.resolve_endpoint, root="/tmp", auth=auth_from_host(self.host_cfg),
-                          pinned_key=pinned, reconnect_deadline_s=60, name=self.host_name)
-        try:
-            tr.run(f"nohup sh -c {shlex.quote('sleep 1; ' + SHUTDOWN_COMMAND)} >/dev/null 2>&1 &",
-                   timeout_s=30)
-        finally:
-            tr.close()
-
-    def _pinned_key(self, instance_id: str) -> str | None:
-        try:
-            from ..ledger import Ledger
-            ledger = Ledger.open(self.home)
-            try:
-                row = ledger.find_instance(self.name, instance_id)
-                return row.host_key if row else None
-            finally:
-                ledger.close()
-        except Exception:   # no ledger yet: first contact pins nothing to compare against
-            return None
+        return SHUTDOWN_COMMAND
 
     def destroy(self, instance_id: str) -> None:
         """Stop the host (as `stop`) and forget the registration."""

@@ -9,43 +9,73 @@ Facts this client is built on (vast-cli and the API docs; see docs reference pro
   string); otherwise the proxy `ssh_host` + `ssh_port`. `ports` is null until running, and
   the mapping changes after every stop/start, so callers re-read it before each connect.
 - `-1` means unknown in several numeric fields.
-Billing: per second while running; storage (disk GB × $/GB-month) while stopped.
+- A container that fails to start stays `created`/`loading` with the daemon's error in
+  `status_msg` (e.g. an OCI runtime failure), and an instance can sit `stopped` while its
+  intended status is `running`: both are failures, never a slow boot.
+- Create answers 404/410 with `no_such_ask` when the offer was rented since the search.
+- Offer search: the official CLI (vast-ai/vast-cli `search offers`) sends verified, rentable,
+  not rented, not external by default, and `allocated_storage` (the disk to price `dph_total`
+  for); create sends `cancel_unavail` so an offer gone meanwhile is refused, not queued.
+- SSH keys: an instance gets the account's keys; a run's own key is attached with
+  `POST /api/v0/instances/{id}/ssh/` `{"ssh_key": ...}`.
+Billing: per second while running; storage (disk GB × the offer's `storage_cost` $/GB-month)
+while stopped; traffic per GB (`inet_down_cost` into, `inet_up_cost` out of the instance).
 """
 from __future__ import annotations
 
 import logging
+import re
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._bootguard import boot_guard_script
-from ._http import ApiClient, RetryPolicy, api_key_for, host_attr, json_body, num
+from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num, release_policy
+
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://console.vast.ai"
 # -devel: nvcc is in the image, so tiny-cuda-nn can be built on the first host of a GPU
-# (orchestrator/tcnn_cache.py); `image:` on the host overrides it
+# (orchestrator/run/tcnn_cache.py); `image:` on the host overrides it
 DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-devel"
-# vast.ai storage is priced per offer (`storage_cost`, $/GB-month); this is the typical figure
-# seen on its offers page, used for the ledger's storage-while-stopped interval.
+# vast.ai storage is priced per offer (`storage_cost`, $/GB-month); this typical figure is used
+# only until an offer's own price is known (the offer choice records the offer's).
 STORAGE_USD_PER_GB_MONTH = 0.15
 HOURS_PER_MONTH = 730.0
 MAX_LIST_PAGES = 100
 
 
-def storage_price_per_hour(disk_gb: float) -> float:
-    return disk_gb * STORAGE_USD_PER_GB_MONTH / HOURS_PER_MONTH
+# Words of a `status_msg` that reports a failure (the Docker daemon's "Error response from
+# daemon: ... OCI runtime create failed ..."). Not "unable": a pull starts with the daemon's
+# "Unable to find image ... locally", which is progress.
+FAILURE_MSG_RE = re.compile(r"\b(error|failed|failure|oci runtime)\b", re.IGNORECASE)
+
+
+def storage_price_per_hour(disk_gb: float, usd_per_gb_month: float | None = None) -> float:
+    rate = STORAGE_USD_PER_GB_MONTH if usd_per_gb_month is None else usd_per_gb_month
+    return disk_gb * rate / HOURS_PER_MONTH
 
 
 def parse_state(d: dict[str, Any]) -> tuple[InstanceState, str]:
-    """Map vast's (actual_status, intended_status, cur_state) to one InstanceState."""
+    """Map vast's (actual_status, intended_status, cur_state, status_msg) to one InstanceState.
+    For a failure, the returned text leads with the provider's own message."""
     actual = (d.get("actual_status") or "").strip().lower() or None
     intended = (d.get("intended_status") or "").strip().lower() or None
     cur = (d.get("cur_state") or "").strip().lower() or None
+    msg = " ".join(str(d.get("status_msg") or "").split())[:300]
     raw = f"actual={actual} intended={intended} cur={cur}"
+    if intended != "stopped" and actual in (None, "created", "loading", "scheduling") \
+            and FAILURE_MSG_RE.search(msg):
+        return InstanceState.ERROR, f"failed to start: {msg} ({raw})"
+    if intended == "running" and actual in ("stopped", "exited", "offline"):
+        return InstanceState.ERROR, (f"{actual} while it should be running"
+                                     + (f": {msg}" if msg else "") + f" ({raw})")
     if intended == "stopped":
         # A stopped vast instance reads actual=exited (or stopped/offline), cur=stopped.
         if actual in ("running", "loading", "frozen", "created", "scheduling"):
@@ -86,37 +116,64 @@ def parse_endpoint(d: dict[str, Any], user: str = "root") -> Endpoint | None:
 def parse_instance(d: dict[str, Any], user: str = "root") -> InstanceInfo:
     state, raw = parse_state(d)
     endpoint = parse_endpoint(d, user) if state == InstanceState.RUNNING else None
+    price = num(d.get("dph_total"))
+    if state == InstanceState.STOPPED:
+        # `dph_total` does not drop when stopped; what bills then is the disk alone.
+        disk, rate = num(d.get("disk_space")), num(d.get("storage_cost"))
+        price = storage_price_per_hour(disk, rate) if disk is not None and rate is not None else None
     return InstanceInfo(instance_id=str(d.get("id")), state=state, label=d.get("label") or "",
                         endpoint=endpoint, gpu=d.get("gpu_name") or "",
-                        price_per_hour=num(d.get("dph_total")), currency="USD", raw_state=raw)
+                        price_per_hour=price, currency="USD", raw_state=raw)
 
 
-def parse_offer(d: dict[str, Any]) -> Offer | None:
+def parse_offer(d: dict[str, Any], disk_gb: float = 20.0) -> Offer | None:
     price = num(d.get("dph_total"))
     if price is None or d.get("id") is None:
         return None
+    storage = num(d.get("storage_cost"))
+    # Not rentable, already rented, or not verified: the search asked for none of these, so
+    # one in the reply is not ours to rent (an older server, a filter ignored).
+    available = (d.get("rentable", True) is not False and d.get("rented") is not True
+                 and d.get("verified", True) is not False and d.get("external") is not True)
     return Offer(provider="vastai", gpu=d.get("gpu_name") or "", price_per_hour=price,
                  currency="USD", region=(d.get("geolocation") or "").strip(),
-                 available=d.get("rentable", True) is not False, offer_id=str(d["id"]),
-                 gpu_count=int(num(d.get("num_gpus")) or 1))
+                 available=available, offer_id=str(d["id"]),
+                 gpu_count=int(num(d.get("num_gpus")) or 1),
+                 storage_price_per_hour=storage_price_per_hour(disk_gb, storage) if storage is not None else None,
+                 upload_price_per_gb=num(d.get("inet_down_cost")),
+                 download_price_per_gb=num(d.get("inet_up_cost")))
 
 
-class VastProvider:
+def is_offer_gone(status: int, reply: Any) -> bool:
+    """The offer was rented (or withdrawn) between search and create."""
+    words = ""
+    if isinstance(reply, dict):
+        words = f"{reply.get('error') or ''} {reply.get('msg') or ''} {reply.get('detail') or ''}".lower()
+    if "no_such_ask" in words:
+        return True
+    if status in (404, 410):
+        return True
+    return any(w in words for w in ("not available", "unavailable", "already rented"))
+
+
+class VastProvider(Provider):
     name = "vastai"
     transport_kind = "ssh"
 
-    def __init__(self, host: Any, *, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, host: HostConfig, *, policy: RetryPolicy | None = None) -> None:
         key = api_key_for(host, "vast.ai", "VAST_API_KEY")
-        self.api_base = str(host_attr(host, "api_base", DEFAULT_API_BASE)).rstrip("/")
+        self.api_base = str(host.api_base or DEFAULT_API_BASE).rstrip("/")
         self.api = ApiClient(self.name, self.api_base, headers={"Authorization": f"Bearer {key}"},
-                             policy=policy)
-        self.gpu = str(host_attr(host, "gpu", ""))
-        self.image = str(host_attr(host, "image", DEFAULT_IMAGE))
-        self.disk_gb = float(host_attr(host, "disk_gb", 20.0))
-        self.max_price_per_hour = host_attr(host, "max_price_per_hour")
-        self.user = str(host_attr(host, "user", "root"))
+                             policy=release_policy(host, policy))
+        self.gpu = str(host.gpu or "")
+        self.image = str(host.image or DEFAULT_IMAGE)
+        self.disk_gb = float(host.disk_gb or 20.0)
+        self.max_price_per_hour = host.max_price_per_hour
+        self.user = str(host.user or "root")
         self.billing = BillingRules(granularity_s=1.0,
                                     storage_price_per_hour=storage_price_per_hour(self.disk_gb))
+        # A run needs its own key on the instance (the account's keys may not include it).
+        self.needs_ssh_public_key = True
 
     # -- helpers --------------------------------------------------------------------------
     def _checked(self, body: Any, what: str, instance_id: str | None = None) -> dict[str, Any]:
@@ -125,18 +182,24 @@ class VastProvider:
                                 provider=self.name, instance_id=instance_id)
         if body.get("success") is False:
             msg = body.get("msg") or body.get("error") or "success: false"
+            if str(body.get("error") or "") in ("no_such_instance", "not_found"):
+                raise InstanceNotFound(redact(f"vastai: {what}: {msg}"), provider=self.name,
+                                       instance_id=instance_id)
             raise ProviderError(redact(f"vastai: {what} refused: {msg}"), provider=self.name,
                                 instance_id=instance_id)
         return body
 
     # -- Provider -------------------------------------------------------------------------
     def offers(self, gpu: str) -> list[Offer]:
-        query = {"gpu_name": {"eq": gpu}, "rentable": {"eq": True}, "num_gpus": {"eq": 1},
+        # The official CLI's default filters, and the disk we rent so dph_total is priced for it.
+        query = {"gpu_name": {"eq": gpu}, "num_gpus": {"eq": 1},
+                 "verified": {"eq": True}, "external": {"eq": False}, "rentable": {"eq": True},
+                 "rented": {"eq": False}, "allocated_storage": self.disk_gb,
                  "type": "on-demand", "order": [["dph_total", "asc"]], "limit": 64}
         resp = self.api.request("POST", "/api/v0/bundles/", json=query, idempotent=True)
         body = self._checked(json_body(resp, self.name), "search offers")
-        found = [o for o in (parse_offer(x) for x in body.get("offers") or [] if isinstance(x, dict))
-                 if o is not None]
+        found = [o for o in (parse_offer(x, self.disk_gb) for x in body.get("offers") or []
+                             if isinstance(x, dict)) if o is not None]
         if self.max_price_per_hour is not None:
             found = [o for o in found if o.price_per_hour <= float(self.max_price_per_hour)]
         return sorted(found, key=lambda o: o.price_per_hour)
@@ -154,28 +217,48 @@ class VastProvider:
                                     provider=self.name, hint="raise max_price_per_hour or pick another GPU")
             offer_id = offers[0].offer_id
         body = {"client_id": "me", "image": spec.image or self.image, "disk": spec.disk_gb,
-                "label": spec.label, "runtype": "ssh_direct", "env": dict(spec.env)}
+                "label": spec.label, "runtype": "ssh_direct", "env": dict(spec.env),
+                # refuse at once when the offer is gone, rather than queue for the machine
+                "cancel_unavail": True}
         if spec.onstart:
             body["onstart"] = spec.onstart
         # Never retried: a create whose reply was lost may still have rented the machine.
-        resp = self.api.request("PUT", f"/api/v0/asks/{offer_id}/", json=body, idempotent=False)
-        reply = json_body(resp, self.name)
-        if isinstance(reply, dict) and reply.get("success") is False:
-            msg = str(reply.get("msg") or reply.get("error") or "")
-            words = f"{reply.get('error') or ''} {msg}".lower()
-            if any(w in words for w in ("no_such_ask", "not available", "unavailable", "rented")):
-                raise CapacityError(f"vastai: offer {offer_id} is gone: {msg}", provider=self.name)
-        reply = self._checked(reply, f"create from offer {offer_id}")
+        resp = self.api.request("PUT", f"/api/v0/asks/{offer_id}/", json=body, idempotent=False,
+                                accept_statuses=(400, 404, 410))
+        reply: Any = None
+        try:
+            reply = resp.json()
+        except ValueError:
+            pass
+        refused = resp.status_code >= 300 or (isinstance(reply, dict) and reply.get("success") is False)
+        if refused and is_offer_gone(resp.status_code, reply):
+            raise CapacityError(redact(f"vastai: offer {offer_id} is gone (rented since the search): "
+                                       f"{error_detail(resp)}"), provider=self.name,
+                                status=resp.status_code, hint="another offer can be tried")
+        if resp.status_code >= 300:
+            raise self.api.error_for(resp, "PUT", f"/api/v0/asks/{offer_id}/", None)
+        reply = self._checked(json_body(resp, self.name), f"create from offer {offer_id}")
         new_id = reply.get("new_contract")
         if new_id in (None, "", -1):
             raise ProviderError(f"vastai: create reply has no new_contract: {str(reply)[:120]}",
                                 provider=self.name)
         log.info("vastai: created instance %s (%s)", new_id, spec.label)
+        if spec.ssh_public_key:
+            # If this raises, the caller's cleanup finds the instance by label and destroys it.
+            self.attach_ssh_key(str(new_id), spec.ssh_public_key)
         return str(new_id)
+
+    def attach_ssh_key(self, instance_id: str, public_key: str) -> None:
+        """Attach the run's public key to the instance (attaching it twice is harmless)."""
+        resp = self.api.request("POST", f"/api/v0/instances/{instance_id}/ssh/",
+                                json={"ssh_key": public_key.strip()}, idempotent=True,
+                                instance_id=instance_id)
+        self._checked(json_body(resp, self.name), f"attach the run's SSH key to {instance_id}", instance_id)
 
     def _set_state(self, instance_id: str, state: str) -> None:
         resp = self.api.request("PUT", f"/api/v0/instances/{instance_id}/", json={"state": state},
-                                idempotent=True, instance_id=instance_id, accept_statuses=(404,))
+                                idempotent=True, instance_id=instance_id, accept_statuses=(404,),
+                                release=state == "stopped")
         if resp.status_code == 404:
             raise InstanceNotFound(f"vastai: no instance {instance_id}", provider=self.name,
                                    instance_id=instance_id, status=404)
@@ -190,10 +273,13 @@ class VastProvider:
     def destroy(self, instance_id: str) -> None:
         """Destroy; an instance the provider no longer knows counts as destroyed."""
         resp = self.api.request("DELETE", f"/api/v0/instances/{instance_id}/",
-                                instance_id=instance_id, accept_statuses=(404,))
+                                instance_id=instance_id, accept_statuses=(404,), release=True)
         if resp.status_code == 404:
             return
-        self._checked(json_body(resp, self.name), f"destroy {instance_id}", instance_id)
+        try:
+            self._checked(json_body(resp, self.name), f"destroy {instance_id}", instance_id)
+        except InstanceNotFound:
+            return
 
     def describe(self, instance_id: str) -> InstanceInfo:
         resp = self.api.request("GET", f"/api/v0/instances/{instance_id}/", instance_id=instance_id,

@@ -7,69 +7,22 @@ fetched by the host from the fastest mirror (issue #7).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import shlex
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
-from ..errors import DatasetInvalid, StagingError
+from .common import StageProgress, check_remote, content_key, payload_cmd
+from .estimate import estimate_staging_seconds
+from .generated import stage_generated
+from .mirrored import StageTuning, stage_mirrored
+from .preflight import mirror_problem, preflight
 
 if TYPE_CHECKING:
     from ..config import DatasetConfig
     from ..transport.base import Transport
 
-StageProgress = Callable[[str, int, "int | None"], None]   # (message, done_bytes, total_bytes)
-
-
-def content_key(obj: Any) -> str:
-    """First 16 hex of the sha256 of the canonical JSON of `obj`."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def payload_cmd(python: str, payload_dir: str, args: str) -> str:
-    return f"PYTHONPATH={shlex.quote(payload_dir)} {shlex.quote(python)} -m {args}"
-
-
-def check_remote(transport: "Transport", scene_dir: str, *, python: str, payload_dir: str) -> None:
-    """Run `remote_payload check-data` on the host; raise DatasetInvalid with its one line."""
-    res = transport.run(payload_cmd(python, payload_dir, f"remote_payload check-data {shlex.quote(scene_dir)}"),
-                        check=False, timeout_s=600)
-    if res.exit_code == 2:
-        line = (res.stderr.strip() or res.stdout.strip() or "invalid dataset").splitlines()[-1]
-        raise DatasetInvalid(f"dataset at {scene_dir} is not usable: {line}",
-                             hint="fix or replace the dataset; nothing was trained")
-    if res.exit_code != 0:
-        raise StagingError(f"check-data failed on the host (exit {res.exit_code}): "
-                           f"{(res.stderr or res.stdout).strip()[-300:]}")
-
-
-def stage_generated(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
-                    payload_dir: str) -> str:
-    gen = dataset.generate
-    assert gen is not None
-    spec = {"scene": scene, "size": gen.size, "seed": gen.seed, "kind": "generate"}
-    base = f"{transport.root}/cache/datasets/{content_key(spec)}"
-    scene_dir = f"{base}/{scene}"
-    done = transport.read_text(f"{base}/.complete")
-    if done is None:
-        tmp = f"{base}/.tmp-{scene}"
-        cmd = (f"rm -rf {shlex.quote(tmp)} && mkdir -p {shlex.quote(base)} && "
-               + payload_cmd(python, payload_dir,
-                             f"ngp_train synth --out {shlex.quote(tmp)} --scene {shlex.quote(scene)} "
-                             f"--size {int(gen.size)} --seed {int(gen.seed)}")
-               + f" && rm -rf {shlex.quote(scene_dir)} && mv {shlex.quote(tmp)} {shlex.quote(scene_dir)}")
-        res = transport.run(cmd, check=False, timeout_s=1800)
-        if res.exit_code != 0:
-            raise StagingError(f"generating scene {scene!r} on the host failed (exit {res.exit_code}): "
-                               f"{(res.stderr or res.stdout).strip()[-300:]}")
-        transport.write_text(f"{base}/.complete", json.dumps(spec))
-    check_remote(transport, scene_dir, python=python, payload_dir=payload_dir)
-    return scene_dir
-
 
 def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
                   payload_dir: str, progress: StageProgress | None = None,
-                  tuning: "StageTuning | None" = None) -> str:
+                  tuning: StageTuning | None = None) -> str:
     """Make `scene` of `dataset` available on the host; return the remote scene directory.
 
     Raises DatasetInvalid (the data is fake or broken: one line from the check) or StagingError
@@ -81,9 +34,5 @@ def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, 
                           progress=progress, content_key=content_key, tuning=tuning)
 
 
-from .estimate import estimate_staging_seconds  # noqa: E402  (re-exported for the estimate)
-from .mirrored import StageTuning, stage_mirrored  # noqa: E402
-from .preflight import mirror_problem, preflight  # noqa: E402  (offline checks before renting)
-
-__all__ = ["StageProgress", "StageTuning", "content_key", "estimate_staging_seconds", "mirror_problem",
-           "preflight", "stage_dataset"]
+__all__ = ["StageProgress", "StageTuning", "check_remote", "content_key", "estimate_staging_seconds",
+           "mirror_problem", "payload_cmd", "preflight", "stage_dataset", "stage_generated"]

@@ -62,12 +62,12 @@ def estimate_staging_seconds(dataset_cfg: "DatasetConfig", rate_bytes_per_s: flo
     source: "generate" (made on the host), "head" (size from the mirror), "local" (size of the
     file:// copy, uploaded at the upload rate) or "assumption" (size assumed).
     """
-    gen = getattr(dataset_cfg, "generate", None)
+    gen = dataset_cfg.generate
     if gen is not None:
         views = 128
         mpix = views * gen.size * gen.size / 1e6
         return max(2.0, mpix * GENERATE_SECONDS_PER_MEGAPIXEL), "generate"
-    scenes = list(getattr(dataset_cfg, "scenes", None) or [])
+    scenes = list(dataset_cfg.scenes or [])
     scene = scenes[0] if scenes else "scene"
     mirrors = [m.replace("{scene}", scene) for m in (dataset_cfg.mirrors or ())]
     for m in mirrors:

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from ..errors import DatasetInvalid, StagingError
 from ..secrets import redact
+from .common import payload_cmd
 
 if TYPE_CHECKING:
     from ..config import DatasetConfig
@@ -61,7 +62,7 @@ def local_path(url: str) -> Path:
 
 def dataset_key(dataset: "DatasetConfig", content_key: Callable[[Any], str]) -> str:
     """Cache key: the declared checksums when there are any (the content), else the mirror set."""
-    sha = dict(getattr(dataset, "sha256", None) or {})
+    sha = dict(dataset.sha256 or {})
     if sha:
         return content_key({"kind": "mirrored", "sha256": sha})
     return content_key({"kind": "mirrored", "mirrors": sorted(dataset.mirrors or ())})
@@ -86,7 +87,6 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
                    mirrors: list[str], sha256: dict[str, str], tuning: StageTuning,
                    progress: StageProgress | None, from_local: str | None = None) -> HostStageResult:
     """Start `remote_payload stage` detached on the host and follow it to its end (bounded)."""
-    from . import payload_cmd   # late: the package imports this module
 
     tag = uuid.uuid4().hex[:8]
     status = f"{dest}/.stage-{scene}-{tag}.json"
@@ -207,7 +207,7 @@ def upload_local(transport: "Transport", dataset: "DatasetConfig", scene: str, d
         stats = transport.put(src, remote, progress=on_bytes)
         log.info("uploaded %s to the host: %d bytes in %.1f s", src, stats.bytes, stats.seconds)
         res = run_host_stage(transport, python=python, payload_dir=payload_dir, dest=dest, scene=scene,
-                             mirrors=[], sha256=dict(getattr(dataset, "sha256", None) or {}),
+                             mirrors=[], sha256=dict(dataset.sha256 or {}),
                              tuning=tuning, progress=progress, from_local=remote)
         if res.exit_code == 0:
             return str(res.last_event.get("scene_dir") or f"{dest}/{scene}"), notes
@@ -236,7 +236,7 @@ def stage_mirrored(transport: "Transport", dataset: "DatasetConfig", scene: str,
                            hint="add mirrors: [https://..., file://...] or a generate: block")
     if network:
         res = run_host_stage(transport, python=python, payload_dir=payload_dir, dest=dest, scene=scene,
-                             mirrors=network, sha256=dict(getattr(dataset, "sha256", None) or {}),
+                             mirrors=network, sha256=dict(dataset.sha256 or {}),
                              tuning=tuning, progress=progress)
         if res.exit_code == 0:
             return str(res.last_event.get("scene_dir") or scene_dir)

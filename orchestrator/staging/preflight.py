@@ -31,7 +31,7 @@ def mirror_problem(url: str) -> str | None:
 
 def preflight(dataset: "DatasetConfig", scenes: list[str] | tuple[str, ...] = ()) -> None:
     """Raise StagingError (one line + hint) when `dataset` cannot possibly be staged."""
-    if getattr(dataset, "generate", None) is not None:
+    if dataset.generate is not None:
         return
     mirrors = list(dataset.mirrors or ())
     if not mirrors:
@@ -41,7 +41,7 @@ def preflight(dataset: "DatasetConfig", scenes: list[str] | tuple[str, ...] = ()
         problem = mirror_problem(url)
         if problem:
             raise StagingError(f"dataset {dataset.name!r}: {problem}")
-    for key, value in dict(getattr(dataset, "sha256", None) or {}).items():
+    for key, value in dict(dataset.sha256 or {}).items():
         if not isinstance(value, str) or not _HEX64.fullmatch(value):
             raise StagingError(f"dataset {dataset.name!r}: sha256[{key!r}] must be 64 hex digits",
                                hint="paste the output of `sha256sum FILE`")

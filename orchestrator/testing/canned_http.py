@@ -6,7 +6,7 @@ connection without answering (a lost reply). Every request is recorded (method, 
 headers, JSON body) so tests can assert what the client sent and how many times.
 
     with CannedAPI({("GET", "/api/v0/instances/7/"): [(503, {}), (200, {"instances": {...}})]}) as srv:
-        client = VastProvider({"api_base": srv.url, ...})
+        client = VastProvider(make_host("vastai", **{"api_base": srv.url, ...}))
 """
 from __future__ import annotations
 

@@ -13,6 +13,12 @@ the SSH key `fc.client_key_path`. Test-only endpoints (no auth):
   GET  /_fake/bill        per-instance GPU/storage seconds and cost by the fake's own clock
   GET  /_fake/instances   raw records            POST /_fake/faults   set fault switches (JSON)
   GET  /_fake/faults                             POST /_fake/clock    {"advance_s": S}
+Fault switches (see `Faults`) also produce the providers' documented failure states: a container
+that fails at boot with a `status_msg` (`boot_fail_next`), an offer rented between search and
+create (`offer_lost_next`), RunPod errors with HTTP 200 (`gql_errors_next`), a private-only SSH
+port (`private_ssh_next`), a 429 burst with Retry-After (`fail_next` + `fail_status: 429` +
+`fail_retry_after_s`), Lambda's older instance-type list (`lambda_old_types`,
+`lambda_no_capacity`), and vast instances that accept only attached keys (`vast_no_account_keys`).
 Self-stop: each instance's sessions see CONTAINER_ID/CONTAINER_API_KEY (vast) and
 RUNPOD_POD_ID/RUNPOD_API_KEY (RunPod); that scoped key may stop that instance and nothing else.
 """
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..config import HostConfig
 from . import fakecloud_api as api
 from .fakecloud_state import FakeCloudError, World
 
@@ -54,11 +61,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return None
 
-    def _send(self, status: int, body: Any) -> None:
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -75,7 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 failure = world.take_failure(method)
                 if failure is not None:
-                    self._send(failure, api.failure_body(path, failure))
+                    after = world.faults.fail_retry_after_s
+                    self._send(failure, api.failure_body(path, failure),
+                               {"Retry-After": f"{after:g}"} if after is not None else None)
                     return
                 status, reply = api.route(world, method, path, query, body, token)
         except api.LostReply as lost:
@@ -234,6 +245,13 @@ def host_config(fc: FakeCloud, provider: str, *, api_key_env: str = "FAKECLOUD_A
     gpu = {"vastai": "RTX 4090", "runpod": "RTX 4090", "lambda": "A10"}[provider]
     return {"provider": provider, "gpu": gpu, "api_base": fc.url, "api_key_env": api_key_env,
             "identity_file": str(fc.client_key_path), "user": _local_user(), **extra}
+
+
+def fake_host(fc: FakeCloud, provider: str, *, name: str = "cloud", **extra: Any) -> HostConfig:
+    """The same settings as a typed host entry, for building a provider client directly."""
+    fields = host_config(fc, provider, **extra)
+    fields.pop("provider")
+    return HostConfig(name=name, provider=provider, **fields)
 
 
 def _local_user() -> str:

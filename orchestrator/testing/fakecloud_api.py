@@ -91,12 +91,16 @@ def _scoped_instance(world: World, token: str) -> Instance | None:
 
 # -- vast.ai ------------------------------------------------------------------------------
 def _vast_instance(i: Instance) -> dict[str, Any]:
+    # A container that failed to start stays `created` with the daemon's error in status_msg.
     actual, intended, cur = {"booting": ("loading", "running", "running"),
                              "running": ("running", "running", "running"),
+                             "failed": ("created", "running", "running"),
                              "stopped": ("exited", "stopped", "stopped")}[i.status]
+    msg = {"booting": "Pulling image", "running": "success, running", "failed": i.boot_fail_msg,
+           "stopped": ""}[i.status]
     d: dict[str, Any] = {"id": int(i.id), "label": i.label, "gpu_name": i.gpu, "num_gpus": 1,
                          "dph_total": i.price_per_hour, "actual_status": actual,
-                         "intended_status": intended, "cur_state": cur, "ports": None,
+                         "intended_status": intended, "cur_state": cur, "status_msg": msg, "ports": None,
                          "public_ipaddr": None, "ssh_host": None, "ssh_port": None,
                          "disk_space": 20, "storage_cost": 0.15, "inet_down": -1,
                          "start_date": i.created_at}
@@ -118,20 +122,28 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
     if path.rstrip("/") == "/api/v0/bundles" and method in ("POST", "GET"):
         wanted = ((body.get("gpu_name") or {}).get("eq") or "").lower()
         offers = [{"id": int(oid), "ask_contract_id": int(oid), "gpu_name": gpu, "num_gpus": 1,
-                   "dph_total": price, "rentable": True, "geolocation": " Fakeland, FK",
-                   "gpu_ram": 24576, "cpu_ram": 65536, "storage_cost": 0.15, "reliability2": 0.99}
+                   "dph_total": price, "rentable": True, "rented": False, "verified": True,
+                   "external": False, "geolocation": " Fakeland, FK",
+                   "gpu_ram": 24576, "cpu_ram": 65536, "storage_cost": 0.15, "reliability2": 0.99,
+                   "inet_up_cost": 0.02, "inet_down_cost": 0.01}
                   for oid, gpu, price in world.offers("vastai") if not wanted or gpu.lower() == wanted]
         return 200, {"offers": offers}
     ask = re.fullmatch(r"/api/v0/asks/(\d+)/?", path)
     if ask and method == "PUT":
-        if world.find_offer("vastai", ask.group(1)) is None:
-            return 200, {"success": False, "error": "no_such_ask", "msg": f"Instance type {ask.group(1)} is no longer available."}
+        if world.find_offer("vastai", ask.group(1)) is None or world.take_offer_lost():
+            # rented by someone else since the search (documented as 404/410 no_such_ask)
+            return 410, {"success": False, "error": "no_such_ask",
+                         "msg": f"Instance type by id {ask.group(1)} is not available."}
         world.pause("create")
         inst = world.create("vastai", ask.group(1), str(body.get("label") or ""),
                             disk_gb=float(body.get("disk") or 20), env=body.get("env") or {},
                             onstart=str(body.get("onstart") or ""))
         _maybe_lose(world)
         return 200, {"success": True, "new_contract": int(inst.id)}
+    key = re.fullmatch(r"/api/v0/instances/(\d+)/ssh/?", path)
+    if key and method == "POST":
+        world.attach_key("vastai", key.group(1), str(body.get("ssh_key") or ""))
+        return 200, {"success": True, "msg": "SSH key attached successfully"}
     if m:
         iid = m.group(1)
         if method == "GET":
@@ -174,17 +186,19 @@ def _maybe_lose(world: World) -> None:
 
 # -- RunPod -------------------------------------------------------------------------------
 def _pod(i: Instance) -> dict[str, Any]:
-    desired = {"booting": "RUNNING", "running": "RUNNING", "stopped": "EXITED"}[i.status]
+    desired = {"booting": "RUNNING", "running": "RUNNING", "failed": "RUNNING", "stopped": "EXITED"}[i.status]
     runtime = None
     if i.status == "running":
         ports = None
-        if i.port:
+        if i.port and i.private_ssh:   # 22 mapped on the pod's private address only
+            ports = [{"ip": "10.2.0.7", "isIpPublic": False, "privatePort": 22, "publicPort": 22, "type": "tcp"}]
+        elif i.port:
             ports = [{"ip": "10.2.0.7", "isIpPublic": False, "privatePort": 22, "publicPort": 22, "type": "tcp"},
                      {"ip": "127.0.0.1", "isIpPublic": True, "privatePort": 8888, "publicPort": 1, "type": "http"},
                      {"ip": " 127.0.0.1 ", "isIpPublic": True, "privatePort": 22, "publicPort": i.port, "type": "tcp"}]
         runtime = {"uptimeInSeconds": 1, "ports": ports}
     return {"id": i.id, "name": i.label, "desiredStatus": desired, "costPerHr": i.price_per_hour,
-            "gpuCount": 1, "imageName": "fake", "machine": {"gpuDisplayName": i.gpu}, "runtime": runtime}
+            "adjustedCostPerHr": i.price_per_hour, "gpuCount": 1, "imageName": "fake", "machine": {"gpuDisplayName": i.gpu}, "runtime": runtime}
 
 
 def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
@@ -198,6 +212,10 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
     scoped = _scoped_instance(world, token)
     if token != world.api_key and not (scoped and field == "podStop" and pod_id == scoped.id):
         raise FakeCloudError("unauthorized", 401, "unauthorized")
+    if world.take_gql_error():   # a transient internal error, reported the GraphQL way
+        return 200, {"errors": [{"message": "Something went wrong. Please try again later or contact support.",
+                                 "path": [field], "extensions": {"code": "INTERNAL_SERVER_ERROR"}}],
+                     "data": {field: None}}
     if field == "gpuTypes":
         return 200, {"data": {"gpuTypes": [
             {"id": gid, "displayName": name, "memoryInGb": 80, "securePrice": None,
@@ -205,7 +223,7 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
              "lowestPrice": {"minimumBidPrice": None, "uninterruptablePrice": price, "stockStatus": "High"}}
             for gid, name, price in world.offers("runpod")]}}
     if field == "podFindAndDeployOnDemand":
-        if world.find_offer("runpod", str(inp.get("gpuTypeId"))) is None:
+        if world.find_offer("runpod", str(inp.get("gpuTypeId"))) is None or world.take_offer_lost():
             return 200, {"errors": [{"message": "There are no longer any instances available with the "
                                                 "requested specifications. Please refresh and try again."}],
                          "data": {"podFindAndDeployOnDemand": None}}
@@ -216,7 +234,8 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
                             disk_gb=float(inp.get("volumeInGb") or 0), env=env, extra_keys=keys,
                             onstart=str(inp.get("dockerArgs") or ""))
         _maybe_lose(world)
-        return 200, {"data": {field: {"id": inst.id, "desiredStatus": "RUNNING", "costPerHr": inst.price_per_hour}}}
+        return 200, {"data": {field: {"id": inst.id, "desiredStatus": "RUNNING", "costPerHr": inst.price_per_hour,
+                                      "adjustedCostPerHr": inst.price_per_hour}}}
     if field == "myself":
         with world.lock:
             pods = [_pod(i) for i in world.instances.values() if i.provider == "runpod" and i.status != "terminated"]
@@ -244,8 +263,17 @@ def _lambda_type(name: str, gpu: str, price: float) -> dict[str, Any]:
             "specs": {"vcpus": 26, "memory_gib": 200, "storage_gib": 1024, "gpus": 1}}
 
 
+def _lambda_type_old(name: str, gpu: str, price: float) -> dict[str, Any]:
+    """The older form of an instance type: the price a string of cents, no specs.gpus."""
+    count = int(name.split("_")[1].rstrip("x")) if name.startswith("gpu_") else 1
+    return {"name": name, "description": f"{count}x {gpu}", "gpu_description": gpu,
+            "price_cents_per_hour": str(round(price * 100)),
+            "specs": {"vcpus": 26 * count, "memory_gib": 200 * count, "storage_gib": 1024 * count}}
+
+
 def _lambda_instance(i: Instance) -> dict[str, Any]:
-    status = {"booting": "booting", "running": "active", "stopped": "terminating"}[i.status]
+    status = {"booting": "booting", "running": "active", "failed": "unhealthy",
+              "stopped": "terminating"}[i.status]
     d: dict[str, Any] = {"id": i.id, "name": i.label, "status": status, "ssh_key_names": ["orchestrate"],
                          "region": {"name": "us-fake-1", "description": "Fake 1"},
                          "instance_type": _lambda_type(i.offer_id, i.gpu, i.price_per_hour),
@@ -257,9 +285,16 @@ def _lambda_instance(i: Instance) -> dict[str, Any]:
 
 def _lambda(world: World, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
     if path == "/api/v1/instance-types" and method == "GET":
-        return 200, {"data": {name: {"instance_type": _lambda_type(name, gpu, price),
-                                     "regions_with_capacity_available": [{"name": "us-fake-1", "description": "Fake 1"}]}
-                              for name, gpu, price in world.offers("lambda")}}
+        f = world.faults
+        types = list(world.offers("lambda"))
+        if f.lambda_old_types:   # the 8-GPU sibling of every type, as the older list carried them
+            types += [(name.replace("gpu_1x_", "gpu_8x_"), gpu, price * 8) for name, gpu, price in types
+                      if name.startswith("gpu_1x_")]
+        render = _lambda_type_old if f.lambda_old_types else _lambda_type
+        region = [{"name": "us-fake-1", "description": "Fake 1"}]
+        return 200, {"data": {name: {"instance_type": render(name, gpu, price),
+                                     "regions_with_capacity_available": [] if name in f.lambda_no_capacity else region}
+                              for name, gpu, price in types}}
     if path == "/api/v1/instances" and method == "GET":
         with world.lock:
             return 200, {"data": [_lambda_instance(i) for i in world.instances.values()
@@ -270,6 +305,8 @@ def _lambda(world: World, method: str, path: str, body: dict[str, Any]) -> tuple
     if path == "/api/v1/instance-operations/launch" and method == "POST":
         if not body.get("ssh_key_names"):
             raise FakeCloudError("ssh_key_names: exactly one key name is required", 400, "invalid-parameters")
+        if world.take_offer_lost() or str(body.get("instance_type_name")) in world.faults.lambda_no_capacity:
+            raise FakeCloudError("Not enough capacity to fulfill launch request.", 400, "insufficient-capacity")
         world.pause("create")
         inst = world.create("lambda", str(body.get("instance_type_name")), str(body.get("name") or ""), disk_gb=0)
         _maybe_lose(world)

@@ -81,6 +81,19 @@ class Faults:
     sold_out: bool = False            # no capacity anywhere
     create_delay_s: float = 0.0       # a create request is held this long before it takes effect
     destroy_delay_s: float = 0.0      # likewise for destroy (a controller can die meanwhile)
+    fail_retry_after_s: float | None = None   # Retry-After header on injected failures (a 429 burst)
+    # The states the providers document (issue 16):
+    boot_fail_next: int = 0           # next N created instances fail at container start...
+    boot_fail_msg: str = ("Error response from daemon: failed to create task for container: "
+                          "OCI runtime create failed: runc create failed: unable to start container "
+                          "process: error during container init: nvidia-container-cli: "
+                          "initialization error: driver rpc error: timed out: unknown")  # ...saying this
+    offer_lost_next: int = 0          # next N creates find their offer rented since the search
+    gql_errors_next: int = 0          # next N RunPod calls: HTTP 200 + errors[] (internal), no effect
+    private_ssh_next: int = 0         # next N RunPod pods map port 22 on a private IP only
+    lambda_old_types: bool = False    # instance-types in the older form (price a string, no specs.gpus)
+    lambda_no_capacity: list[str] = field(default_factory=list)   # types listed with no region
+    vast_no_account_keys: bool = False   # vast instances accept only keys attached to them
 
 
 @dataclass
@@ -92,11 +105,14 @@ class Instance:
     offer_id: str
     price_per_hour: float
     storage_price_per_hour: float
-    status: str                       # booting | running | stopped | terminated
+    status: str                       # booting | running | failed | stopped | terminated
     created_at: float
     ready_at: float | None
     scoped_key: str
     never_ssh: bool = False
+    boot_fail_msg: str = ""           # set: the container never starts; this is why
+    private_ssh: bool = False         # RunPod: port 22 mapped on a private IP only
+    no_account_keys: bool = False     # only keys attached to the instance are accepted
     port: int | None = None
     used_ports: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -199,7 +215,12 @@ class World:
         return [] if self.faults.sold_out else list(self.catalog.get(provider, []))
 
     def find_offer(self, provider: str, offer_id: str) -> tuple[str, str, float] | None:
-        return next((o for o in self.offers(provider) if o[0] == offer_id), None)
+        found = next((o for o in self.offers(provider) if o[0] == offer_id), None)
+        if found is None and provider == "lambda" and self.faults.lambda_old_types \
+                and offer_id.startswith("gpu_8x_"):   # the 8-GPU siblings the older list shows
+            one = self.find_offer(provider, offer_id.replace("gpu_8x_", "gpu_1x_", 1))
+            found = (offer_id, one[1], one[2] * 8) if one else None
+        return found
 
     # -- lifecycle ------------------------------------------------------------------------
     def new_id(self, provider: str) -> str:
@@ -222,17 +243,56 @@ class World:
             never = self.faults.never_ssh > 0
             if never:
                 self.faults.never_ssh -= 1
+            fail_msg = ""
+            if self.faults.boot_fail_next > 0:
+                self.faults.boot_fail_next -= 1
+                fail_msg = self.faults.boot_fail_msg
+            private = provider == "runpod" and self.faults.private_ssh_next > 0
+            if private:
+                self.faults.private_ssh_next -= 1
             inst = Instance(id=self.new_id(provider), provider=provider, label=label, gpu=offer[1],
                             offer_id=offer_id, price_per_hour=offer[2],
                             storage_price_per_hour=disk_gb * STORAGE_USD_PER_GB_MONTH.get(provider, 0.0)
                             / HOURS_PER_MONTH,
                             status="booting", created_at=t, ready_at=t + self.faults.boot_s,
                             scoped_key="ck-" + secrets.token_hex(12), never_ssh=never,
-                            env=dict(env or {}), extra_keys=list(extra_keys or []), onstart=onstart)
+                            env=dict(env or {}), extra_keys=list(extra_keys or []), onstart=onstart,
+                            boot_fail_msg=fail_msg, private_ssh=private,
+                            no_account_keys=provider == "vastai" and self.faults.vast_no_account_keys)
             inst.open_interval("gpu", t)
             self.instances[inst.id] = inst
             self.save()
             log.info("fakecloud: created %s %s (%s)", provider, inst.id, label)
+            return inst
+
+    def take_offer_lost(self) -> bool:
+        """Consume one 'offer rented by someone else between search and create'."""
+        with self.lock:
+            if self.faults.offer_lost_next > 0:
+                self.faults.offer_lost_next -= 1
+                self.save()
+                return True
+            return False
+
+    def take_gql_error(self) -> bool:
+        with self.lock:
+            if self.faults.gql_errors_next > 0:
+                self.faults.gql_errors_next -= 1
+                self.save()
+                return True
+            return False
+
+    def attach_key(self, provider: str, instance_id: str, public_key: str) -> Instance:
+        """vast.ai's attach-ssh: the key is accepted from now on (and after restarts)."""
+        with self.lock:
+            inst = self.get(provider, instance_id)
+            key = public_key.strip()
+            if key and key not in inst.extra_keys:
+                inst.extra_keys.append(key)
+                srv = self.servers.get(inst.id)
+                if srv is not None:
+                    srv.authorize_key(key)
+                self.save()
             return inst
 
     def get(self, provider: str, instance_id: str, *, include_terminated: bool = False) -> Instance:
@@ -244,7 +304,7 @@ class World:
     def stop(self, provider: str, instance_id: str) -> Instance:
         with self.lock:
             inst = self.get(provider, instance_id)
-            if inst.status in ("booting", "running"):
+            if inst.status in ("booting", "running", "failed"):
                 self._kill_sshd(inst)
                 t = self.now()
                 inst.status, inst.ready_at = "stopped", None
@@ -284,6 +344,10 @@ class World:
             for inst in self.instances.values():
                 if inst.status == "booting" and inst.ready_at is not None and now >= inst.ready_at:
                     inst.ready_at = None
+                    if inst.boot_fail_msg:   # the container never starts; the machine still bills
+                        inst.status = "failed"
+                        changed = True
+                        continue
                     inst.status = "running"
                     try:
                         if not inst.never_ssh:
@@ -307,7 +371,8 @@ class World:
             if srv.host_key_path.exists():              # keep the host key across fake-cloud restarts
                 srv._keys_made = True
             srv._ensure_keys()
-            for key in [self.account_public_key, *inst.extra_keys]:
+            account = [] if inst.no_account_keys else [self.account_public_key]
+            for key in [*account, *inst.extra_keys]:
                 if key.strip() and key.strip() not in srv.authorized_keys_path.read_text():
                     srv.authorize_key(key)
             self.servers[inst.id] = srv
@@ -372,7 +437,7 @@ class World:
             now = self.now()
             per = {i.id: i.bill(now) for i in self.instances.values()}
             return {"instances": per, "total": sum(b["total"] for b in per.values()),
-                    "running": sum(1 for i in self.instances.values() if i.status in ("booting", "running")),
+                    "running": sum(1 for i in self.instances.values() if i.status in ("booting", "running", "failed")),
                     "live": sum(1 for i in self.instances.values() if i.status != "terminated"),
                     "created": len(per), "at": now, "inflight": dict(self.inflight)}
 

@@ -5,23 +5,28 @@ is imported lazily so the local path needs no paramiko at import time.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .base import CommandResult, ProgressFn, TransferStats, Transport
 
+if TYPE_CHECKING:   # types only: providers depend on transport.endpoint, not the other way
+    from ..config import HostConfig
+    from ..ledger import Ledger
+    from ..providers.base import Provider
 
-def connect(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any = None,
-            instance_row: Any = None) -> Transport:
+
+def connect(provider: Provider, instance_id: str, host_cfg: HostConfig, *, ledger: Ledger | None = None,
+            instance_row: int | None = None) -> Transport:
     """A transport to `instance_id` of `provider` (its `transport_kind` decides which)."""
-    kind = getattr(provider, "transport_kind", "")
+    kind = provider.transport_kind
     if kind == "local":
         from .local import LocalTransport
         return LocalTransport(provider.work_root(instance_id))
     if kind == "ssh":
         from .ssh import connect_ssh
         return connect_ssh(provider, instance_id, host_cfg, ledger=ledger, instance_row=instance_row)
-    raise ConfigError(f"provider {getattr(provider, 'name', provider)!r} has unknown transport kind {kind!r}")
+    raise ConfigError(f"provider {provider.name!r} has unknown transport kind {kind!r}")
 
 
 __all__ = ["CommandResult", "ProgressFn", "TransferStats", "Transport", "connect"]

@@ -16,7 +16,7 @@ from typing import Any
 import paramiko
 
 from ..errors import ConnectError
-from ..providers.base import Endpoint
+from .endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 

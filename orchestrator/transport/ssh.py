@@ -19,15 +19,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import paramiko
 
 from ..errors import CommandError, ConnectError, HostKeyMismatch, OrchestratorError, TransportError
-from ..providers.base import Endpoint
+from .endpoint import Endpoint
 from ..secrets import redact
 from . import tarstream
 from .base import CommandResult, ProgressFn, TransferStats
+
+if TYPE_CHECKING:
+    from ..config import HostConfig
+    from ..ledger import Ledger
+    from ..providers.base import Provider
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +132,10 @@ class SSHTransport:
             return None
         kind = self.pinned_key.split()[0]
         allowed = set(_RSA_ALGS) if kind in _RSA_ALGS else {kind}
-        others = [k for k in paramiko.Transport._preferred_keys if k not in allowed]
+        # every host key type paramiko implements, from its public key classes
+        known = {name for cls in (paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key)
+                 for name in cls.identifiers() if "-cert-" not in name}
+        others = sorted(known - allowed)
         return {"keys": others}
 
     def _connect_once(self, ep: Endpoint) -> paramiko.SSHClient:
@@ -363,15 +371,15 @@ def _short(key: str) -> str:
     return f"{parts[0]} …{parts[1][-12:]}" if len(parts) >= 2 else key
 
 
-def auth_from_host(host_cfg: Any) -> SSHAuth:
+def auth_from_host(host_cfg: HostConfig) -> SSHAuth:
     """SSHAuth from a host's config: identity_file, or a password by reference (env/file)."""
     from ..secrets import read_secret
-    identity = getattr(host_cfg, "identity_file", None)
-    password_env = getattr(host_cfg, "password_env", None)
-    password_file = getattr(host_cfg, "password_file", None)
+    identity = host_cfg.identity_file
+    password_env = host_cfg.password_env
+    password_file = host_cfg.password_file
     password = None
     if password_env or password_file:
-        name = getattr(host_cfg, "name", "") or "host"
+        name = host_cfg.name or "host"
         password = read_secret(env=password_env, file=password_file, what=f"password for {name}")
     if identity and not Path(identity).expanduser().is_file():
         from ..errors import ConfigError
@@ -380,7 +388,7 @@ def auth_from_host(host_cfg: Any) -> SSHAuth:
     return SSHAuth(identity_file=identity, password=password)
 
 
-def connect_ssh(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any,
+def connect_ssh(provider: Provider, instance_id: str, host_cfg: HostConfig, *, ledger: Ledger,
                 instance_row: Any) -> SSHTransport:
     """The transport the runner uses for a provider whose transport_kind is 'ssh'.
 
@@ -388,7 +396,7 @@ def connect_ssh(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any,
     endpoint is written to the ledger (and to the managed ssh config when the user has one).
     The host key is pinned to the ledger's instance row at first contact."""
     row_id = instance_row if isinstance(instance_row, int) else instance_row.row_id
-    name = getattr(host_cfg, "name", "") or instance_id
+    name = host_cfg.name or instance_id
     last: list[str] = []
 
     def resolve() -> Endpoint:
@@ -405,11 +413,11 @@ def connect_ssh(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any,
         return info.endpoint
 
     auth = auth_from_host(host_cfg)
-    if not auth.identity_file and not auth.password and hasattr(provider, "identity_files"):
+    if not auth.identity_file and not auth.password:
         keys = provider.identity_files()          # an ssh_alias's IdentityFile from ~/.ssh/config
         if keys:
             auth = SSHAuth(identity_file=keys[0])
-    return SSHTransport(resolve, root=getattr(host_cfg, "root", None) or "~/orchestrate",
+    return SSHTransport(resolve, root=host_cfg.root or "~/orchestrate",
                         auth=auth, pinned_key=ledger.host_key(row_id),
                         on_first_key=lambda key: ledger.pin_host_key(row_id, key), name=name)
 
@@ -417,7 +425,7 @@ def connect_ssh(provider: Any, instance_id: str, host_cfg: Any, *, ledger: Any,
 def _refresh_ssh_config(ledger: Any) -> None:
     """Rewrite the managed include file when the user has one (never adds the Include line)."""
     try:
-        from ..sshconfig import refresh_if_present
+        from .sshconfig import refresh_if_present
         refresh_if_present(ledger)
     except Exception as exc:  # a stale editor config must never stop a paid job
         log.warning("could not refresh the managed ssh config: %s", redact(str(exc)))

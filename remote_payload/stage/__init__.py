@@ -1,7 +1,7 @@
 """Host-side dataset staging (issue #7): probe mirrors, resumable download with fail-over,
 safe extraction, validation, content-addressed cache. Standard library only (+ ngp_train's check).
 
-Run as `python -m remote_payload stage ...` or `python -m remote_payload.stage ...`; see `cli`.
+Run as `python -m remote_payload stage ...`; see `cli`.
 """
 from __future__ import annotations
 

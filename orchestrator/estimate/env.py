@@ -1,7 +1,7 @@
 """The environment part of the set-up estimate: a fresh environment on a rented host, and
 tiny-cuda-nn built (first host of its GPU) or installed from the cache (later hosts).
 
-Used by `estimate._phase_seconds("setup")` when the ledger has no history for the job's
+Used by `estimate.core._phase_seconds("setup")` when the ledger has no history for the job's
 provider and GPU; history (the recorded setup phase) replaces all of it once a job succeeded.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def setup_seconds(job: Any, default: Callable[[str, str], tuple[float, str]],
     gpu = str(job.host.gpu or "cpu")
     if gpu.lower() != "cpu" and job.device != "cpu" and job.backend != "torch":
         if home is None:
-            from .ledger import default_home
+            from ..home import default_home
             home = default_home()
         phase = "tcnn_cached_install" if tcnn_cached(home, gpu) else "tcnn_build"
         t_s, t_src = default(provider, phase)

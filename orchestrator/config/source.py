@@ -7,14 +7,13 @@ parser or the converter rejects becomes one ConfigError line with file and line.
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, NoReturn
 
 import yaml
 import yaml.reader
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .errors import ConfigError
+from ..errors import ConfigError, nearest
 
 MAX_DEPTH = 50
 _MAP_TAG = "tag:yaml.org,2002:map"
@@ -43,31 +42,6 @@ class YSeq(list):
 def printable(text: str) -> str:
     """`text` with control characters escaped, so a message stays on one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _edit_distance(a: str, b: str) -> int:
-    """Edits (insert, delete, substitute, swap two neighbours) turning `a` into `b`."""
-    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            cost = 0 if a[i - 1] == b[j - 1] else 1
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[len(a)][len(b)]
-
-
-def nearest(word: str, choices: tuple[str, ...] | list[str]) -> str | None:
-    """The closest choice: fewest edits (a swap counts once), then difflib's similarity."""
-    if not choices or len(word) > 200:
-        return None
-    w = word.lower()
-    scored = sorted((_edit_distance(w, c.lower()),
-                     -difflib.SequenceMatcher(None, w, c.lower()).ratio(), c) for c in choices)
-    dist, neg_ratio, best = scored[0]
-    if dist <= max(1, len(w) // 3) or -neg_ratio >= 0.6:
-        return best
-    return None
 
 
 def fail(filename: str, line: int, path: str, message: str, hint: str | None = None) -> NoReturn:

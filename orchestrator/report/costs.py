@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-from .errors import OrchestratorError
-from .ledger import FAILED, INTENT, BillingRow, InstanceRow, Ledger, parse_iso, utcnow
+from ..errors import OrchestratorError
+from ..ledger import FAILED, INTENT, BillingRow, InstanceRow, Ledger, parse_iso, utcnow
 
 GROUPINGS = ("provider", "gpu", "run", "day")
 

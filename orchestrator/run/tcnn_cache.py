@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .payload import payload_command
-from .transport.base import Transport
+from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
 

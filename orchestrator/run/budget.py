@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from .errors import BudgetError
-from .ledger import JOB_DONE_STATES, Ledger
+from ..config import Budget as ConfigBudget
+from ..errors import BudgetError
+from ..ledger import JOB_DONE_STATES, Ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +23,12 @@ class Budget:
     source: str = "budget.max_cost"   # where the cap came from, for messages
 
 
-def effective_budget(config_budget: object | None, max_cost_flag: float | None) -> Budget:
+def effective_budget(config_budget: ConfigBudget | None, max_cost_flag: float | None) -> Budget:
     """The cap in force: `--max-cost` wins over the file's `budget.max_cost`."""
-    currency = str(getattr(config_budget, "currency", None) or "USD")
+    currency = (config_budget.currency if config_budget else None) or "USD"
     if max_cost_flag is not None:
         return Budget(float(max_cost_flag), currency, "--max-cost")
-    cap = getattr(config_budget, "max_cost", None)
+    cap = config_budget.max_cost if config_budget else None
     return Budget(float(cap) if cap is not None else None, currency, "budget.max_cost")
 
 
@@ -71,7 +72,7 @@ class BudgetGuard:
     def _in_budget_currency(self, amount: float, currency: str | None) -> float:
         if not amount or not currency or currency.upper() == self.budget.currency.upper():
             return amount
-        from .catalog import convert   # the rates the pre-run check used
+        from ..catalog import convert   # the rates the pre-run check used
         return convert(amount, currency, self.budget.currency)[0]
 
     def _accrued_by_job(self) -> dict[str, float]:

@@ -8,54 +8,29 @@ never stored as a running total that could drift.
 
 Safe under concurrent jobs (one connection guarded by a lock inside a process, WAL and a busy
 timeout across processes, e.g. `orchestrate status` while a run is going).
+
+The tables and their versions are in `schema.py`; opening a ledger brings an older file up to
+the latest version and refuses a newer one. Every INSERT names its columns and every read
+names the columns it turns into a row, so a column added by a later migration changes nothing
+here until the code asks for it.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import LedgerError
-from .secrets import redact
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-  run_id TEXT PRIMARY KEY, name TEXT, config_path TEXT, created_at TEXT, ended_at TEXT,
-  status TEXT, budget REAL, currency TEXT, note TEXT);
-CREATE TABLE IF NOT EXISTS instances (
-  row_id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, job_id TEXT, host_name TEXT,
-  provider TEXT, label TEXT, instance_id TEXT, gpu TEXT, price_per_hour REAL, currency TEXT,
-  storage_price_per_hour REAL DEFAULT 0, granularity_s REAL DEFAULT 1, state TEXT,
-  host_key TEXT, endpoint TEXT, created_at TEXT, updated_at TEXT, ended_at TEXT, note TEXT);
-CREATE INDEX IF NOT EXISTS instances_by_id ON instances(provider, instance_id);
-CREATE TABLE IF NOT EXISTS billing (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, instance_row INTEGER REFERENCES instances(row_id),
-  kind TEXT, started_at TEXT, ended_at TEXT, price_per_hour REAL, currency TEXT,
-  granularity_s REAL);
-CREATE TABLE IF NOT EXISTS jobs (
-  run_id TEXT, job_id TEXT, experiment TEXT, scene TEXT, host_name TEXT, provider TEXT,
-  gpu TEXT, steps INTEGER, backend TEXT, settings TEXT, dataset TEXT, status TEXT, error TEXT,
-  created_at TEXT, started_at TEXT, ended_at TEXT, estimate TEXT, instance_row INTEGER,
-  out_dir TEXT, PRIMARY KEY (run_id, job_id));
-CREATE TABLE IF NOT EXISTS phases (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, job_id TEXT, phase TEXT,
-  started_at TEXT, ended_at TEXT, seconds REAL);
-CREATE TABLE IF NOT EXISTS results (
-  run_id TEXT, job_id TEXT, scene TEXT, gpu TEXT, backend TEXT, psnr_mean REAL,
-  ssim_mean REAL, train_seconds REAL, steps INTEGER, device TEXT, n_test_images INTEGER,
-  out_dir TEXT, summary TEXT, PRIMARY KEY (run_id, job_id));
-CREATE TABLE IF NOT EXISTS events (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT, run_id TEXT, job_id TEXT, kind TEXT,
-  message TEXT);
-"""
+from ..errors import LedgerError
+from ..home import default_home, iso, utcnow
+from ..secrets import redact
+from . import schema
 
 # Instance states as the ledger knows them (the provider's own word goes to `note`).
 INTENT, CREATING, RUNNING, STOPPED, DESTROYED, FAILED = (
@@ -64,28 +39,8 @@ OPEN_STATES = (INTENT, CREATING, RUNNING, STOPPED)
 JOB_DONE_STATES = ("succeeded", "failed", "interrupted", "cancelled", "budget_stopped")
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(t: datetime | float | None = None) -> str:
-    if t is None:
-        t = utcnow()
-    elif isinstance(t, (int, float)):
-        t = datetime.fromtimestamp(t, timezone.utc)
-    return t.isoformat(timespec="microseconds")
-
-
 def parse_iso(s: str) -> datetime:
     return datetime.fromisoformat(s)
-
-
-def default_home() -> Path:
-    env = os.environ.get("ORCHESTRATE_HOME")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "orchestrate"
 
 
 def interval_cost(started_at: str, ended_at: str | None, price_per_hour: float,
@@ -160,21 +115,53 @@ class BillingRow:
                              self.granularity_s, now)
 
 
+def _names(cls: type) -> str:
+    """The SELECT list for a row dataclass: its fields, by name."""
+    return ", ".join(f.name for f in fields(cls))
+
+
+# The columns each dict-returning read gives back (the keys callers use).
+RUN_COLUMNS = ("run_id", "name", "config_path", "created_at", "ended_at", "status", "budget",
+               "currency", "note")
+EVENT_COLUMNS = ("id", "at", "run_id", "job_id", "kind", "message")
+PHASE_COLUMNS = ("id", "run_id", "job_id", "phase", "started_at", "ended_at", "seconds")
+RESULT_COLUMNS = ("run_id", "job_id", "scene", "gpu", "backend", "psnr_mean", "ssim_mean",
+                  "train_seconds", "steps", "device", "n_test_images", "out_dir", "summary")
+_RUNS, _EVENTS, _PHASES, _RESULTS = (", ".join(c) for c in (RUN_COLUMNS, EVENT_COLUMNS,
+                                                              PHASE_COLUMNS, RESULT_COLUMNS))
+_INSTANCES, _JOBS, _BILLING = _names(InstanceRow), _names(JobRow), _names(BillingRow)
+
+
 class Ledger:
+    """`Ledger(path)` opens (creating or migrating) the file; `with Ledger(path) as led:`
+    closes it on the way out, as does `close()`."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            self._conn.executescript(SCHEMA)
+            conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                   check_same_thread=False)
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerError(f"cannot open the ledger at {self.path}: {exc}",
-                              hint="set ORCHESTRATE_HOME to a writable directory") from None
+            raise self._cannot_open(exc) from None
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=30000")
+            # migrations first: a file they refuse is left as it was (WAL mode rewrites the header)
+            schema.migrate(conn, self.path)
+            conn.execute("PRAGMA journal_mode=WAL")
+            self.schema_version = schema.user_version(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise self._cannot_open(exc) from None
+            raise
+        self._conn = conn
         self._lock = threading.RLock()
+
+    def _cannot_open(self, exc: BaseException) -> LedgerError:
+        return LedgerError(f"cannot open the ledger at {self.path}: {exc}",
+                           hint="set ORCHESTRATE_HOME to a writable directory")
 
     @classmethod
     def open(cls, home: Path | str | None = None) -> "Ledger":
@@ -184,6 +171,12 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- plumbing -------------------------------------------------------------------------
     @contextmanager
@@ -208,7 +201,8 @@ class Ledger:
     def create_run(self, run_id: str, name: str, config_path: str = "", budget: float | None = None,
                    currency: str = "USD", status: str = "running") -> None:
         with self._tx() as c:
-            c.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO runs (run_id, name, config_path, created_at, ended_at, status,"
+                      " budget, currency, note) VALUES (?,?,?,?,?,?,?,?,?)",
                       (run_id, name, config_path, iso(), None, status, budget, currency, None))
 
     def finish_run(self, run_id: str, status: str, note: str | None = None) -> None:
@@ -217,10 +211,10 @@ class Ledger:
                       (status, iso(), note and redact(note), run_id))
 
     def runs(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._query("SELECT * FROM runs ORDER BY created_at")]
+        return [dict(r) for r in self._query(f"SELECT {_RUNS} FROM runs ORDER BY created_at")]
 
     def run(self, run_id: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT * FROM runs WHERE run_id=?", (run_id,))
+        rows = self._query(f"SELECT {_RUNS} FROM runs WHERE run_id=?", (run_id,))
         return dict(rows[0]) if rows else None
 
     # -- events ---------------------------------------------------------------------------
@@ -232,8 +226,9 @@ class Ledger:
 
     def events(self, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:
-            return [dict(r) for r in self._query("SELECT * FROM events ORDER BY id")]
-        return [dict(r) for r in self._query("SELECT * FROM events WHERE run_id=? ORDER BY id", (run_id,))]
+            return [dict(r) for r in self._query(f"SELECT {_EVENTS} FROM events ORDER BY id")]
+        return [dict(r) for r in self._query(f"SELECT {_EVENTS} FROM events WHERE run_id=? ORDER BY id",
+                                             (run_id,))]
 
     # -- jobs -----------------------------------------------------------------------------
     def add_job(self, run_id: str, job_id: str, *, experiment: str, scene: str, host_name: str,
@@ -268,8 +263,8 @@ class Ledger:
                       (*fields.values(), run_id, job_id))
 
     def jobs(self, run_id: str | None = None) -> list[JobRow]:
-        rows = (self._query("SELECT * FROM jobs WHERE run_id=? ORDER BY created_at", (run_id,))
-                if run_id else self._query("SELECT * FROM jobs ORDER BY created_at"))
+        rows = (self._query(f"SELECT {_JOBS} FROM jobs WHERE run_id=? ORDER BY created_at", (run_id,))
+                if run_id else self._query(f"SELECT {_JOBS} FROM jobs ORDER BY created_at"))
         out = []
         for r in rows:
             d = dict(r)
@@ -297,7 +292,7 @@ class Ledger:
             self.record_phase(run_id, job_id, phase, t0, time.time())
 
     def phases(self, run_id: str | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM phases WHERE 1=1", []
+        sql, args = f"SELECT {_PHASES} FROM phases WHERE 1=1", []
         if run_id:
             sql += " AND run_id=?"; args.append(run_id)
         if job_id:
@@ -308,7 +303,8 @@ class Ledger:
     def add_result(self, run_id: str, job_id: str, summary: dict[str, Any], *, gpu: str,
                    out_dir: str) -> None:
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.execute(f"INSERT OR REPLACE INTO results ({_RESULTS})"
+                      " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (run_id, job_id, summary.get("scene"), gpu, summary.get("backend"),
                        summary.get("psnr_mean"), summary.get("ssim_mean"),
                        summary.get("train_seconds"), summary.get("steps"),
@@ -318,9 +314,10 @@ class Ledger:
     def results(self, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
         if run_ids:
             marks = ",".join("?" * len(run_ids))
-            rows = self._query(f"SELECT * FROM results WHERE run_id IN ({marks})", tuple(run_ids))
+            rows = self._query(f"SELECT {_RESULTS} FROM results WHERE run_id IN ({marks})",
+                               tuple(run_ids))
         else:
-            rows = self._query("SELECT * FROM results")
+            rows = self._query(f"SELECT {_RESULTS} FROM results")
         return [dict(r) for r in rows]
 
     # -- instances and billing -------------------------------------------------------------
@@ -341,7 +338,7 @@ class Ledger:
         """The provider returned an id: GPU billing starts now (at the create call)."""
         t = iso(at) if at is not None else iso()
         with self._tx() as c:
-            row = c.execute("SELECT * FROM instances WHERE row_id=?", (row_id,)).fetchone()
+            row = c.execute(f"SELECT {_INSTANCES} FROM instances WHERE row_id=?", (row_id,)).fetchone()
             if row is None:
                 raise LedgerError(f"no instance row {row_id}")
             c.execute("UPDATE instances SET instance_id=?, state=?, updated_at=? WHERE row_id=?",
@@ -354,7 +351,7 @@ class Ledger:
         billing intervals: GPU while running (or creating), storage while stopped."""
         t = iso(at) if at is not None else iso()
         with self._tx() as c:
-            row = c.execute("SELECT * FROM instances WHERE row_id=?", (row_id,)).fetchone()
+            row = c.execute(f"SELECT {_INSTANCES} FROM instances WHERE row_id=?", (row_id,)).fetchone()
             if row is None:
                 raise LedgerError(f"no instance row {row_id}")
             if state in (RUNNING, CREATING):
@@ -372,6 +369,16 @@ class Ledger:
                       " note=COALESCE(?, note) WHERE row_id=?",
                       (state, t, ended, note and redact(note), row_id))
 
+    def set_instance_price(self, row_id: int, price_per_hour: float) -> None:
+        """The price the provider placed the instance at, once known (it can differ from the
+        offer recorded with the intent): the row and its open GPU interval take it, from the
+        interval's start, since the placed price is what billed from the create on."""
+        with self._tx() as c:
+            c.execute("UPDATE instances SET price_per_hour=?, updated_at=? WHERE row_id=?",
+                      (price_per_hour, iso(), row_id))
+            c.execute("UPDATE billing SET price_per_hour=? WHERE instance_row=? AND kind='gpu'"
+                      " AND ended_at IS NULL", (price_per_hour, row_id))
+
     def set_endpoint(self, row_id: int, endpoint: str) -> None:
         with self._tx() as c:
             c.execute("UPDATE instances SET endpoint=?, updated_at=? WHERE row_id=?",
@@ -388,12 +395,12 @@ class Ledger:
         return rows[0]["host_key"] if rows else None
 
     def instance(self, row_id: int) -> InstanceRow | None:
-        rows = self._query("SELECT * FROM instances WHERE row_id=?", (row_id,))
+        rows = self._query(f"SELECT {_INSTANCES} FROM instances WHERE row_id=?", (row_id,))
         return InstanceRow(**dict(rows[0])) if rows else None
 
     def instances(self, *, open_only: bool = False, run_id: str | None = None,
                   provider: str | None = None) -> list[InstanceRow]:
-        sql, args = "SELECT * FROM instances WHERE 1=1", []
+        sql, args = f"SELECT {_INSTANCES} FROM instances WHERE 1=1", []
         if open_only:
             sql += f" AND state IN ({','.join('?' * len(OPEN_STATES))})"; args += OPEN_STATES
         if run_id:
@@ -403,13 +410,13 @@ class Ledger:
         return [InstanceRow(**dict(r)) for r in self._query(sql + " ORDER BY row_id", tuple(args))]
 
     def find_instance(self, provider: str, instance_id: str) -> InstanceRow | None:
-        rows = self._query("SELECT * FROM instances WHERE provider=? AND instance_id=? ORDER BY row_id DESC",
-                           (provider, instance_id))
+        rows = self._query(f"SELECT {_INSTANCES} FROM instances WHERE provider=? AND instance_id=?"
+                           " ORDER BY row_id DESC", (provider, instance_id))
         return InstanceRow(**dict(rows[0])) if rows else None
 
     def billing(self, row_id: int | None = None) -> list[BillingRow]:
-        rows = (self._query("SELECT * FROM billing WHERE instance_row=? ORDER BY id", (row_id,))
-                if row_id is not None else self._query("SELECT * FROM billing ORDER BY id"))
+        rows = (self._query(f"SELECT {_BILLING} FROM billing WHERE instance_row=? ORDER BY id", (row_id,))
+                if row_id is not None else self._query(f"SELECT {_BILLING} FROM billing ORDER BY id"))
         return [BillingRow(**dict(r)) for r in rows]
 
     def instance_cost(self, row_id: int, now: datetime | None = None) -> float:
@@ -420,7 +427,7 @@ class Ledger:
 
     def open_billing(self) -> list[BillingRow]:
         return [BillingRow(**dict(r)) for r in
-                self._query("SELECT * FROM billing WHERE ended_at IS NULL ORDER BY id")]
+                self._query(f"SELECT {_BILLING} FROM billing WHERE ended_at IS NULL ORDER BY id")]
 
     # -- interval helpers (inside a transaction) -------------------------------------------
     @staticmethod

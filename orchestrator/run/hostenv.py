@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import JobError, OrchestratorError
+from ..errors import JobError, OrchestratorError
 from .payload import payload_command
-from .transport.base import Transport
+from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
 
 UV_VERSION = "0.13.9"        # the uv pushed to hosts without an index (the one our tests use)
 EXIT_ENV_FAILED, EXIT_NO_TORCH, EXIT_NEED_WHEELS = 8, 9, 10
-REQUIREMENTS = Path(__file__).resolve().parents[1] / "remote_payload" / "requirements.txt"
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "remote_payload" / "requirements.txt"
 TORCH_MODES = ("require", "install")
 
 # any python >= 3.10 can run `remote_payload env` (standard library only); it then chooses
@@ -260,7 +260,7 @@ def set_up_host(t: Transport, job: Any, provider: Any, prov: Any, *, payload_dir
                 run_id: str, view: Any) -> HostSetup:
     """Environment, preflight, the user's `setup:` lines, tiny-cuda-nn (cached wheel installed,
     or a build started in the background). Raises HostEnvError before anything is staged."""
-    from .ledger import default_home
+    from ..home import default_home
     home = Path(ledger.path).parent if getattr(ledger, "path", None) else default_home()
     view.update(job.job_id, phase="setup", note="environment")
     env = prepare_env(t, host=job.host, payload_dir=payload_dir, home=home)

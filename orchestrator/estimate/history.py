@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
-    from .plan import Job
+    from ..ledger import Ledger
+    from ..config.plan import Job
 
 # Phase names the runner may record -> the estimate's phase. Several recorded phases that map
 # to the same estimate phase are added up (e.g. render + metrics + videos -> eval).

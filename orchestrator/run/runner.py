@@ -24,16 +24,17 @@ from typing import Any, Callable
 from . import hostenv
 from . import payload as pl
 from .budget import BudgetGuard
-from .errors import JobError, OrchestratorError, TransportError
-from .ledger import Ledger
+from ..config import DatasetConfig, HostConfig
+from ..errors import JobError, OrchestratorError, TransportError
+from ..ledger import Ledger
 from .live import LiveView
-from .providers import make_provider
-from .providers.base import Provider, make_label
+from ..providers import make_provider
+from ..providers.base import Provider, make_label
 from .provisioning import Provisioned, provision, release
-from .secrets import redact
-from .staging import stage_dataset
-from .transport import connect
-from .transport.base import Transport
+from ..secrets import redact
+from ..staging import stage_dataset
+from ..transport import connect
+from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ class JobPlan:
     experiment: str
     scene: str
     host_name: str
-    host: Any                 # config.HostConfig
+    host: HostConfig
     dataset_name: str
-    dataset: Any              # config.DatasetConfig
+    dataset: DatasetConfig
     steps: int
     backend: str = "auto"
     device: str = "auto"
@@ -64,10 +65,10 @@ class JobPlan:
 
     @property
     def gpu(self) -> str:
-        return str(getattr(self.host, "gpu", None) or "cpu")
+        return self.host.gpu or "cpu"
 
     def settings(self) -> dict[str, Any]:
-        gen = getattr(self.dataset, "generate", None)
+        gen = self.dataset.generate
         return {"dataset": self.dataset_name, "scene": self.scene, "steps": self.steps,
                 "backend": self.backend, "device": self.device, "max_seconds": self.max_seconds,
                 "downscale": self.downscale, "seed": self.seed,
@@ -130,7 +131,7 @@ class Runner:
     def run_all(self) -> list[JobOutcome]:
         for job in self.jobs:
             self.ledger.add_job(self.run_id, job.job_id, experiment=job.experiment, scene=job.scene,
-                                host_name=job.host_name, provider=str(getattr(job.host, "provider", "")),
+                                host_name=job.host_name, provider=job.host.provider,
                                 gpu=job.gpu, steps=job.steps, backend=job.backend, dataset=job.dataset_name,
                                 settings=job.settings(), estimate=job.estimate or None)
         workers = max(1, min(self.opts.concurrency, len(self.jobs)))
@@ -240,8 +241,8 @@ class Runner:
 
     def _attach_or_start(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                          python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:
-        idle_s = float(getattr(job.host, "idle_timeout_s", None) or 600.0)
-        deadline_s = float(getattr(job.host, "deadline_s", None) or max(3600.0, 3 * job.estimate_seconds))
+        idle_s = float(job.host.idle_timeout_s or 600.0)
+        deadline_s = float(job.host.deadline_s or max(3600.0, 3 * job.estimate_seconds))
         started = pl.attach_or_start(
             t, job_dir=attempt.job_dir, python=python, payload_dir=payload_dir,
             run_args=pl.run_args(data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps,
@@ -260,7 +261,7 @@ class Runner:
     def _cpu_share(self, job: JobPlan, provider: Provider) -> int:
         """How many jobs may run at once on the machine behind `job`'s host: every instance of a
         provider with `shares_machine` (this machine, an SSH host) is the same computer."""
-        if not getattr(provider, "shares_machine", False):
+        if not provider.shares_machine:
             return 1
         same = sum(1 for j in self.jobs if j.host_name == job.host_name)
         return max(1, min(same, self.opts.concurrency))
@@ -401,13 +402,13 @@ class Runner:
                           check=False, timeout_s=20)
                 except OrchestratorError as exc:
                     log.warning("%s: could not end the watchdog: %s", jid, exc)
-            keep = bool(getattr(job.host, "keep_on_failure", False)) and not attempt.succeeded \
+            keep = bool(job.host.keep_on_failure) and not attempt.succeeded \
                 and not attempt.stop_status
             if keep:
                 log.warning("%s: keep_on_failure: stopping (not destroying) %s for inspection", jid,
                             prov.instance_id)
             release(provider, prov.instance_id, prov.row_id, ledger=self.ledger, destroy=not keep,
-                    run_id=self.run_id, job_id=jid)
+                    run_id=self.run_id, job_id=jid, host=job.host)
         finally:
             if t is not None:
                 try:
@@ -443,10 +444,10 @@ class _Attempt:
     final_status: Any = None
 
 
-def host_python(host: Any, provider: Provider) -> str:
+def host_python(host: HostConfig, provider: Provider) -> str:
     """The interpreter on the host. For the local provider an unset (or default `python3`)
     entry means this controller's own interpreter: the venv that has torch."""
-    python = getattr(host, "python", None)
+    python = host.python
     if provider.transport_kind == "local" and python in (None, "", "python3"):
         import sys
         return sys.executable

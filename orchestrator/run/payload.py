@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .transport.base import Transport
+from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("remote_payload", "ngp_train")
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]   # the checkout (or site-packages) root
 _SKIP_DIRS = {"__pycache__", ".pytest_cache"}
 
 
@@ -190,7 +190,7 @@ def restore_snapshot(transport: Transport, job_dir: str, runs_dir: Path, job_id:
 
 def save_snapshot(transport: Transport, job_dir: str, local_dir: Path) -> None:
     """After an interrupt: bring the snapshot home (best effort) for a rerun on another host."""
-    from .errors import OrchestratorError
+    from ..errors import OrchestratorError
     try:
         local_dir.mkdir(parents=True, exist_ok=True)
         transport.get(f"{job_dir}/out/snapshot.pt", local_dir / "snapshot.pt")
@@ -239,7 +239,7 @@ def attach_or_start(transport: Transport, *, job_dir: str, python: str, payload_
 def pull_results(transport: Transport, job_dir: str, local: Path) -> dict[str, Any] | None:
     """Copy JOB_DIR/out (+ log.txt, status.json, secrets scrubbed) to `local`; the summary."""
     import json
-    from .secrets import redact
+    from ..secrets import redact
     transport.get(f"{job_dir}/out", local)
     for extra in ("log.txt", "status.json"):
         text = transport.read_text(f"{job_dir}/{extra}")

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from . import catalog
-from .errors import ConfigError
-from .estimate_history import History
-from .plan import Job
+from .. import catalog
+from ..config.plan import Job
+from ..errors import ConfigError
+from .history import History
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
+    from ..ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,6 @@ class PlanEstimate:
     def to_dict(self) -> dict[str, Any]:
         return {"jobs": [j.to_dict() for j in self.jobs], "totals": dict(self.totals),
                 "total_seconds": self.total_seconds}
-
-    def explain(self) -> str:
-        """Human-readable breakdown for `orchestrate estimate --explain`."""
-        from .estimate_explain import explain
-        return explain(self)
 
 
 def _price(job: Job) -> tuple[float, str, str, str, float, str]:
@@ -207,7 +202,7 @@ def _staging(job: Job, probe_mirrors: bool) -> tuple[float, str, str]:
                 f"{GENERATED_VIEWS} views at {gen.size}x{gen.size} = {mpx:.3g} MP at {per_mpx:g} s/MP ({src})")
     if probe_mirrors:
         try:
-            from .staging.estimate import estimate_staging_seconds
+            from ..staging.estimate import estimate_staging_seconds
             secs, how = estimate_staging_seconds(job.dataset)
             what = {"head": "size from the mirror (HEAD), assumed download rate",
                     "local": "size of the file:// copy, assumed transfer rate",
@@ -238,7 +233,7 @@ def _phase_seconds(job: Job, phase: str, history: History | None,
         return secs, "runtime table", (f"{what} at {row.eval_megapixels_per_second:g} MP/s "
                                        f"({row.eval_source}) + {videos:g} s videos ({vsrc})")
     if phase == "setup":
-        from .estimate_env import setup_seconds
+        from .env import setup_seconds
         return setup_seconds(job, _default)
     secs, src = _default(job.host.provider, phase)
     return secs, "assumption", src

@@ -60,7 +60,7 @@ def _slug(text: str) -> str:
 def host_entries(ledger: Any, home: Path | str) -> list[HostEntry]:
     """One entry per open instance with an endpoint; the newest instance of a host gets the
     host's own name, every instance also answers to its instance id."""
-    from .providers.ssh import parse_endpoint
+    from .endpoint import parse_endpoint
     rows = [r for r in ledger.instances(open_only=True) if r.endpoint and r.instance_id]
     rows.sort(key=lambda r: r.row_id, reverse=True)
     taken: set[str] = set()
@@ -118,7 +118,7 @@ def ensure_include(managed: Path, user_home: Path | str | None = None) -> bool:
 def update_ssh_config(ledger: Any, home: Path | str | None = None, *, user_home: Path | str | None = None,
                       add_include: bool = True) -> list[HostEntry]:
     """Rewrite the managed file (and known-hosts files) from the ledger; add the Include once."""
-    from .ledger import default_home
+    from ..home import default_home
     home = Path(home) if home else default_home()
     entries = host_entries(ledger, home)
     kh_dir = home / "known_hosts.d"

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import OrchestratorError
-from .ledger import DESTROYED, FAILED, INTENT, JOB_DONE_STATES, OPEN_STATES, Ledger, parse_iso
-from .providers.base import LABEL_PREFIX, InstanceInfo, InstanceState, Provider
-from .secrets import redact
+from ..config import ExperimentsConfig, HostConfig
+from ..errors import OrchestratorError
+from ..ledger import DESTROYED, FAILED, INTENT, JOB_DONE_STATES, OPEN_STATES, Ledger, parse_iso
+from ..providers.base import LABEL_PREFIX, InstanceInfo, InstanceState, Provider
+from ..secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -149,37 +150,38 @@ def close_vanished(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, 
 
 
 # -- acting -----------------------------------------------------------------------------------
-def providers_for(config: Any | None, ledger: Ledger) -> dict[str, Provider]:
+def providers_for(config: ExperimentsConfig | None, ledger: Ledger, **provider_kwargs: Any) -> dict[str, Provider]:
     """One provider client per cloud host of the config (or, with no config, per cloud kind in
     the ledger's open rows, using the default API key variables). Unreachable ones are skipped."""
-    from .providers import make_provider
+    from ..providers import make_provider
 
-    hosts: list[Any] = []
+    hosts: list[HostConfig] = []
     if config is not None:
-        hosts = [h for h in getattr(config, "hosts", {}).values() if getattr(h, "provider", None) in CLOUD_KINDS]
+        hosts = [h for h in config.hosts.values() if h.provider in CLOUD_KINDS]
     else:
         hosts = _hosts_from_runs(ledger)
-        kinds = {getattr(h, "provider", None) for h in hosts}
+        kinds = {h.provider for h in hosts}
         open_kinds = {r.provider for r in ledger.instances(open_only=True)} & set(CLOUD_KINDS)
-        hosts += [_DefaultHost(k) for k in sorted(open_kinds - kinds)]
+        # a kind with open rows but no file at hand: its client with the default key variable
+        hosts += [HostConfig(name="", provider=k) for k in sorted(open_kinds - kinds)]
     out: dict[str, Provider] = {}
     for host in hosts:
-        key = f"{host.provider}|{getattr(host, 'api_base', None)}|{getattr(host, 'api_key_env', None)}"
+        key = f"{host.provider}|{host.api_base}|{host.api_key_env}"
         if key in out:
             continue
         try:
-            out[key] = make_provider(host)
+            out[key] = make_provider(host, **provider_kwargs)
         except OrchestratorError as exc:
             log.warning("cannot check %s for orphans: %s", host.provider, exc)
     return out
 
 
-def _hosts_from_runs(ledger: Ledger) -> list[Any]:
+def _hosts_from_runs(ledger: Ledger) -> list[HostConfig]:
     """Cloud hosts of the experiments files the ledger's runs came from (newest first), so
     `orchestrate down --orphans` after a crash needs no --config."""
-    from .config import load_config
+    from ..config import load_config
 
-    hosts: list[Any] = []
+    hosts: list[HostConfig] = []
     seen: set[str] = set()
     for run in reversed(ledger.runs()):
         path = run.get("config_path") or ""
@@ -191,18 +193,8 @@ def _hosts_from_runs(ledger: Ledger) -> list[Any]:
         except OrchestratorError as exc:
             log.warning("orphan check: cannot read %s: %s", path, exc)
             continue
-        hosts += [h for h in getattr(config, "hosts", {}).values()
-                  if getattr(h, "provider", None) in CLOUD_KINDS]
+        hosts += [h for h in config.hosts.values() if h.provider in CLOUD_KINDS]
     return hosts
-
-
-@dataclass(frozen=True, slots=True)
-class _DefaultHost:
-    provider: str
-    name: str = ""
-    api_base: str | None = None
-    api_key_env: str | None = None
-    api_key_file: str | None = None
 
 
 def destroy_orphan(ledger: Ledger, provider: Provider, orphan: Orphan) -> Teardown:
@@ -227,7 +219,38 @@ def destroy_orphan(ledger: Ledger, provider: Provider, orphan: Orphan) -> Teardo
     return Teardown(orphan, True)
 
 
-def down_orphans(ledger: Ledger, config_or_none: Any | None, yes: bool, *,
+# Providers whose instances cannot stop themselves (no scoped key on the host: Lambda): an
+# orphan of theirs bills at the full price until someone terminates it, so `run` does.
+TERMINATE_ON_SIGHT = ("lambda",)
+
+
+def check_orphans(ledger: Ledger, providers: Iterable[Provider] | Mapping[str, Provider], *,
+                  terminate: Iterable[str] = ()) -> list[str]:
+    """What `run` and `status` say about orphans (labelled instances no live job will release):
+    one line each naming the command that destroys them; those of the providers in `terminate`
+    are destroyed here. A provider that cannot be asked is one line too, never an error."""
+    kill = set(terminate)
+    lines: list[str] = []
+    for p in _providers(providers):
+        try:
+            found = find_orphans(ledger, [p])
+        except OrchestratorError as exc:
+            lines.append(f"could not check {p.name} for orphans: {redact(str(exc))}")
+            continue
+        for orphan in found:
+            what = f"{p.name} {orphan.info.instance_id} ({orphan.info.label}, {orphan.info.state.value})"
+            if p.name in kill:
+                td = destroy_orphan(ledger, p, orphan)
+                lines.append(f"orphan {what}: {orphan.reason}; terminated" if td.destroyed else
+                             f"orphan {what}: {orphan.reason}; terminating it failed ({td.error}): "
+                             "run `orchestrate down --orphans`")
+            else:
+                lines.append(f"orphan {what}: {orphan.reason}; it may still bill: "
+                             "run `orchestrate down --orphans` to destroy it")
+    return lines
+
+
+def down_orphans(ledger: Ledger, config_or_none: ExperimentsConfig | None, yes: bool, *,
                  providers: Iterable[Provider] | Mapping[str, Provider] | None = None) -> list[Teardown]:
     """Find orphans and, when `yes`, destroy them and close their ledger rows. Without `yes`
     nothing is touched: the list (destroyed=False, error="not confirmed") is for showing."""

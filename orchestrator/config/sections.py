@@ -1,6 +1,6 @@
 """The sections of experiments.yaml: hosts, datasets, experiments and their settings.
 
-Split from `config` to keep modules small; `config.parse_config` is the entry point.
+`config.parse_config` is the entry point; the shared checks are `config.reader`'s.
 """
 from __future__ import annotations
 
@@ -8,24 +8,17 @@ import os
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from . import catalog
-from .config_source import YMap, YSeq, fail
-from .errors import ConfigError
-from .secrets import read_secret
-
-if TYPE_CHECKING:
-    from .config import DatasetConfig, Defaults, ExperimentConfig, HostConfig, _Reader
-
-
-def _cfg() -> Any:
-    from . import config
-    return config
-
+from .. import catalog
+from ..errors import ConfigError, did_you_mean
+from ..secrets import read_secret
+from . import model as c
+from .model import DatasetConfig, Defaults, ExperimentConfig, HostConfig
+from .reader import Reader, check_currency, check_name
+from .source import YMap, YSeq, fail
 
 def _provider_of(key: str) -> str | None:
-    c = _cfg()
     if key in c.HOST_SSH and key not in c.HOST_CLOUD:
         return "ssh"
     if key in c.HOST_CLOUD and key not in c.HOST_SSH:
@@ -33,13 +26,12 @@ def _provider_of(key: str) -> str | None:
     return None
 
 
-def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
-    c = _cfg()
+def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
     path = f"hosts.{name}"
     provider = r.get(m, "provider", path, "str", required=True)
     if provider not in c.PROVIDERS:
         r.fail(m, "provider", f"{path}.provider",
-               f"unknown provider {provider!r}; {c._did_you_mean(provider, c.PROVIDERS)}")
+               f"unknown provider {provider!r}; {did_you_mean(provider, c.PROVIDERS)}")
     allowed = c.HOST_KEYS[provider]
 
     def elsewhere(key: str) -> str | None:
@@ -72,7 +64,7 @@ def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
         price = 0.0
     fields: dict[str, Any] = dict(
         name=name, provider=provider, gpu=gpu, price_per_hour=price,
-        currency=_currency(r, m, path), gpu_in_catalog=in_catalog, line=parent.key_lines.get(name, m.line),
+        currency=check_currency(r, m, path), gpu_in_catalog=in_catalog, line=parent.key_lines.get(name, m.line),
         python=r.get(m, "python", path, "str", default=sys.executable if local else None),
         torch=r.get(m, "torch", path, "str", default="require", choices=("require", "install")),
         setup=_setup_lines(r, m, path),
@@ -98,6 +90,7 @@ def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
         if base and not base.startswith(("http://", "https://")):
             r.fail(m, "api_base", f"{path}.api_base", f"{base!r} is not an http(s) URL")
         fields["api_base"] = base
+        fields["release_retry_s"] = r.get(m, "release_retry_s", path, "num", lo=0, lo_open=True)
     if provider == "ssh":
         ways = [k for k in ("host", "ssh_alias", "endpoint_command") if fields.get(k)]
         if len(ways) != 1:
@@ -123,7 +116,7 @@ def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
         if env and file:
             r.fail(m, f"{kind}_file", f"{path}.{kind}_file", f"give either {kind}_env or {kind}_file, not both")
         # Never echo the value: a user who pasted the secret itself here must not see it in logs.
-        if env and (not c._ENV_RE.match(env) or (len(env) >= 24 and any(ch.islower() for ch in env)
+        if env and (not c.ENV_RE.match(env) or (len(env) >= 24 and any(ch.islower() for ch in env)
                                                  and any(ch.isdigit() for ch in env))):
             r.fail(m, f"{kind}_env", f"{path}.{kind}_env",
                    "expected the name of an environment variable (e.g. VAST_API_KEY); this looks like "
@@ -138,7 +131,7 @@ def parse_host(r: "_Reader", parent: YMap, name: str, m: YMap) -> "HostConfig":
     return c.HostConfig(**fields)
 
 
-def _setup_lines(r: "_Reader", m: YMap, path: str) -> tuple[str, ...]:
+def _setup_lines(r: Reader, m: YMap, path: str) -> tuple[str, ...]:
     """`setup:` is one shell line or a list of them."""
     v = m.get("setup")
     if v is None:
@@ -149,12 +142,7 @@ def _setup_lines(r: "_Reader", m: YMap, path: str) -> tuple[str, ...]:
     return tuple(str(x) for x in items or ())
 
 
-def _currency(r: "_Reader", m: YMap, path: str) -> str:
-    return _cfg()._currency(r, m, path)
-
-
-def parse_dataset(r: "_Reader", parent: YMap, name: str, m: YMap) -> "DatasetConfig":
-    c = _cfg()
+def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
     path = f"datasets.{name}"
     r.keys(m, c.DATASET_KEYS, path)
     layout = r.get(m, "layout", path, "str", default="blender", choices=c.LAYOUTS)
@@ -168,7 +156,7 @@ def parse_dataset(r: "_Reader", parent: YMap, name: str, m: YMap) -> "DatasetCon
         scene = r.get(g, "scene", f"{path}.generate", "str")
         if scene is not None and scene not in c.GENERATOR_SCENES:
             r.fail(g, "scene", f"{path}.generate.scene",
-                   f"unknown generated scene {scene!r}; {c._did_you_mean(scene, c.GENERATOR_SCENES)}")
+                   f"unknown generated scene {scene!r}; {did_you_mean(scene, c.GENERATOR_SCENES)}")
         gen = c.GenerateSpec(scene, r.get(g, "size", f"{path}.generate", "int", default=64, lo=8, hi=4096),
                              r.get(g, "seed", f"{path}.generate", "int", default=0, lo=0, hi=2**32 - 1))
     mirrors = r.str_list(m, "mirrors", path)
@@ -189,12 +177,12 @@ def parse_dataset(r: "_Reader", parent: YMap, name: str, m: YMap) -> "DatasetCon
         s = r.mapping(m, "sha256", m["sha256"], f"{path}.sha256")
         for k in s:
             v = s[k]
-            if not isinstance(v, str) or not c._HEX64_RE.match(v.strip().lower()):
+            if not isinstance(v, str) or not c.HEX64_RE.match(v.strip().lower()):
                 r.fail(s, k, f"{path}.sha256.{k}", "expected 64 hex digits (a sha256 checksum)")
             sums[k] = v.strip().lower()
 
     def check_scene(s: str, line: int) -> None:
-        if not c._NAME_RE.match(s):
+        if not c.NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 
     scenes = r.str_list(m, "scenes", path, check=check_scene)
@@ -202,9 +190,8 @@ def parse_dataset(r: "_Reader", parent: YMap, name: str, m: YMap) -> "DatasetCon
                            parent.key_lines.get(name, m.line))
 
 
-def _one(r: "_Reader", key: str, full_path: str, value: Any, line: int) -> Any:
+def _one(r: Reader, key: str, full_path: str, value: Any, line: int) -> Any:
     """Validate one setting value; errors name `full_path` (e.g. experiments[0].steps[1])."""
-    c = _cfg()
     if value is None and key != "max_seconds":
         fail(r.filename, line, full_path, f"empty value; give a {key} value")
     holder = YMap(line)
@@ -222,10 +209,10 @@ def _one(r: "_Reader", key: str, full_path: str, value: Any, line: int) -> Any:
     return r.get(holder, full_path, "", kind, **kw)
 
 
-def parse_settings(r: "_Reader", m: YMap, path: str) -> dict[str, Any]:
+def parse_settings(r: Reader, m: YMap, path: str) -> dict[str, Any]:
     """The settings present in `m`: a scalar, or a tuple (a matrix axis) for a list."""
     out: dict[str, Any] = {}
-    for key in _cfg().SETTINGS:
+    for key in c.SETTINGS:
         if key not in m:
             continue
         v = m[key]
@@ -243,29 +230,28 @@ def parse_settings(r: "_Reader", m: YMap, path: str) -> dict[str, Any]:
     return out
 
 
-def _pick(r: "_Reader", em: YMap, key: str, path: str, names: Mapping[str, Any], what: str) -> str:
+def _pick(r: Reader, em: YMap, key: str, path: str, names: Mapping[str, Any], what: str) -> str:
     v = r.get(em, key, path, "str")
     if v is None:
         if len(names) == 1:
             return next(iter(names))
         r.fail(em, None, f"{path}.{key}", f"missing; name one of the {what}s: {', '.join(names)}")
     if v not in names:
-        r.fail(em, key, f"{path}.{key}", f"unknown {what} {v!r}; {_cfg()._did_you_mean(v, list(names))}")
+        r.fail(em, key, f"{path}.{key}", f"unknown {what} {v!r}; {did_you_mean(v, list(names))}")
     return v
 
 
-def parse_experiment(r: "_Reader", em: YMap, path: str, defaults: "Defaults",
-                     hosts: Mapping[str, "HostConfig"], datasets: Mapping[str, "DatasetConfig"]
-                     ) -> "ExperimentConfig":
-    c = _cfg()
+def parse_experiment(r: Reader, em: YMap, path: str, defaults: Defaults,
+                     hosts: Mapping[str, HostConfig], datasets: Mapping[str, DatasetConfig]
+                     ) -> ExperimentConfig:
     r.keys(em, c.EXPERIMENT_KEYS, path)
     name = r.get(em, "name", path, "str", required=True)
-    c._check_name(r, em, name, f"{path}.name", "experiment", at_key=False)
+    check_name(r, em, name, f"{path}.name", "experiment", at_key=False)
     ds = datasets[_pick(r, em, "dataset", path, datasets, "dataset")]
 
     def check_host(h: str, line: int) -> None:
         if h not in hosts:
-            fail(r.filename, line, f"{path}.hosts", f"unknown host {h!r}; {c._did_you_mean(h, list(hosts))}")
+            fail(r.filename, line, f"{path}.hosts", f"unknown host {h!r}; {did_you_mean(h, list(hosts))}")
 
     host_names = r.str_list(em, "hosts", path, check=check_host)
     if not host_names:
@@ -274,11 +260,11 @@ def parse_experiment(r: "_Reader", em: YMap, path: str, defaults: "Defaults",
     def check_scene(s: str, line: int) -> None:
         if ds.generate is not None and s not in c.GENERATOR_SCENES:
             fail(r.filename, line, f"{path}.scenes", f"unknown generated scene {s!r} for dataset "
-                 f"{ds.name!r}; {c._did_you_mean(s, c.GENERATOR_SCENES)}")
+                 f"{ds.name!r}; {did_you_mean(s, c.GENERATOR_SCENES)}")
         if ds.generate is None and ds.scenes and s not in ds.scenes:
             fail(r.filename, line, f"{path}.scenes", f"dataset {ds.name!r} has no scene {s!r}; "
-                 f"{c._did_you_mean(s, ds.scenes)}")
-        if not c._NAME_RE.match(s):
+                 f"{did_you_mean(s, ds.scenes)}")
+        if not c.NAME_RE.match(s):
             fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
 
     scenes = r.str_list(em, "scenes", path, check=check_scene)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .config import SETTINGS, DatasetConfig, ExperimentsConfig, HostConfig
-from .errors import ConfigError
+from .model import SETTINGS, DatasetConfig, ExperimentsConfig, HostConfig
+from ..errors import ConfigError
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 

@@ -1,0 +1,153 @@
+"""The typed form of experiments.yaml: frozen dataclasses and the constants the reader checks.
+
+Values only; reading and validating the YAML is `config.reader` / `config.sections`, and
+`config.load_config` is the entry point. The schema is docs/contracts.md §5.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+# Keep in sync with ngp_train.synth.SCENES (a test checks); the controller must not import ngp_train.
+GENERATOR_SCENES: tuple[str, ...] = ("default", "spheres", "rods", "blocks")
+PROVIDERS: tuple[str, ...] = ("local", "ssh", "vastai", "runpod", "lambda")
+CLOUD_PROVIDERS: tuple[str, ...] = ("vastai", "runpod", "lambda")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "tcnn")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+LAYOUTS: tuple[str, ...] = ("blender",)
+MIRROR_SCHEMES: tuple[str, ...] = ("https", "http", "s3", "hf", "file")
+SETTINGS: tuple[str, ...] = ("steps", "backend", "device", "max_seconds", "downscale", "seed")
+
+TOP_KEYS = ("name", "budget", "defaults", "hosts", "datasets", "experiments")
+HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root", "idle_timeout_s",
+               "deadline_s", "keep_on_failure", "torch", "setup", "tcnn_build_timeout_s")
+HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
+            "password_file", "stop_command", "shutdown_on_host", "proxy_jump")
+HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
+              "region", "user", "identity_file", "ssh_key_name", "release_retry_s")
+HOST_KEYS: dict[str, tuple[str, ...]] = {
+    "local": HOST_COMMON, "ssh": HOST_COMMON + HOST_SSH,
+    **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS}}
+DATASET_KEYS = ("generate", "layout", "mirrors", "sha256", "scenes")
+GENERATE_KEYS = ("scene", "size", "seed")
+EXPERIMENT_KEYS = ("name", "dataset", "scenes", "hosts") + SETTINGS
+SECRET_WORDS = ("password", "passwd", "passphrase", "api_key", "apikey", "token", "secret",
+                "secret_key", "access_key", "private_key")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_HOST_NAME = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    max_cost: float
+    currency: str = "USD"
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """Per-experiment fallbacks; a tuple value is a matrix axis."""
+    steps: int | tuple[int, ...] | None = None
+    backend: str | tuple[str, ...] | None = None
+    device: str | tuple[str, ...] | None = None
+    max_seconds: float | None | tuple[float | None, ...] = None
+    downscale: int | tuple[int, ...] | None = None
+    seed: int | tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    name: str
+    provider: str
+    gpu: str = "cpu"
+    price_per_hour: float | None = None      # None: from the catalog or the marketplace offer
+    currency: str = "USD"
+    python: str | None = None                # None: found on the host (remote_payload/env.py)
+    root: str | None = None                  # None: the provider's default work root
+    idle_timeout_s: float = 600.0
+    deadline_s: float | None = None          # None: the runner uses 3 x estimate, min 3600 s
+    keep_on_failure: bool = False
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    ssh_alias: str | None = None
+    endpoint_command: str | None = None
+    identity_file: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    stop_command: str | None = None
+    shutdown_on_host: bool = False
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_base: str | None = None
+    max_price_per_hour: float | None = None
+    image: str | None = None
+    disk_gb: float | None = None
+    region: str | None = None
+    ssh_key_name: str | None = None
+    release_retry_s: float | None = None     # None: destroy/stop retried for 600 s, then reconcile
+    torch: str = "require"                   # require | install (when the interpreter has none)
+    setup: tuple[str, ...] = ()              # shell lines run once per instance after the environment
+    tcnn_build_timeout_s: float = 1800.0
+    proxy_jump: str | None = None            # ssh: [user@]host[:port] of a jump host
+    gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
+    line: int = 0                            # where the host is defined, for later messages
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateSpec:
+    scene: str | None = None
+    size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetConfig:
+    name: str
+    layout: str = "blender"
+    generate: GenerateSpec | None = None
+    mirrors: tuple[str, ...] = ()
+    sha256: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    scenes: tuple[str, ...] = ()
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentConfig:
+    """One experiment; a tuple-valued setting is a matrix axis."""
+    name: str
+    dataset: str
+    scenes: tuple[str, ...]
+    hosts: tuple[str, ...]
+    steps: int | tuple[int, ...]
+    backend: str | tuple[str, ...] = "auto"
+    device: str | tuple[str, ...] = "auto"
+    max_seconds: float | None | tuple[float | None, ...] = None
+    downscale: int | tuple[int, ...] = 1
+    seed: int | tuple[int, ...] = 0
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentsConfig:
+    name: str
+    budget: Budget | None
+    defaults: Defaults
+    hosts: Mapping[str, HostConfig]
+    datasets: Mapping[str, DatasetConfig]
+    experiments: tuple[ExperimentConfig, ...]
+    path: Path | None = None
+    source_name: str = "experiments.yaml"      # the file as the user named it, for messages
+
+
+def is_secret_key(key: str) -> bool:
+    k = key.lower()
+    if k.endswith(("_env", "_file")):
+        return False
+    return k in SECRET_WORDS or k.endswith(tuple("_" + w for w in SECRET_WORDS))
+
+
