@@ -175,6 +175,18 @@ def test_bare_python_stops_before_staging_naming_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_no_usable_interpreter_stops_before_staging(tmp_path: Path) -> None:
+    with host(tmp_path) as srv:
+        (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, "/opt/no-such/python3"))
+        res = run(tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    err = last_job(tmp_path)["error"]
+    assert err == "host rented: python '/opt/no-such/python3' is not found on the host", err
+    assert not (tmp_path / "hostroot" / "cache").exists()
+    assert_released(tmp_path)
+
+
+@pytest.mark.timeout(300)
 def test_cuda_wanted_on_a_cpu_torch_host_stops_before_staging(tmp_path: Path, torch_only: Path) -> None:
     with host(tmp_path) as srv:
         text = config(tmp_path, srv, str(torch_only)).replace("gpu: cpu", "gpu: RTX 4090")

@@ -60,7 +60,19 @@ def _last_error(text: str) -> str:
 
 
 def runner_python(t: Transport, configured: str | None, host_name: str) -> str:
+    """The interpreter that runs `remote_payload env`: the configured one (checked: it exists
+    and is >= 3.10), else the first python >= 3.10 on the host."""
     if configured:
+        q = shlex.quote(configured)
+        res = t.run(f"command -v {q} >/dev/null 2>&1 || exit 3; "
+                    f"{q} -c 'import sys; sys.exit(4 if sys.version_info < (3, 10) else 0)'",
+                    check=False, timeout_s=60)
+        if res.exit_code != 0:
+            why = "not found" if res.exit_code == 3 else "older than 3.10" if res.exit_code == 4 \
+                else f"does not run (exit {res.exit_code})"
+            raise HostEnvError(f"host {host_name}: python {configured!r} is {why} on the host",
+                               phase="setup", hint="set `python:` to an interpreter >= 3.10 on the host, "
+                                                   "or remove it to let the host be searched")
         return configured
     res = t.run(FIND_RUNNER, check=False, timeout_s=60)
     if res.exit_code != 0 or not res.stdout.strip():
