@@ -22,9 +22,9 @@ SETTINGS: tuple[str, ...] = ("steps", "backend", "device", "max_seconds", "downs
 
 TOP_KEYS = ("name", "budget", "defaults", "hosts", "datasets", "experiments")
 HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root", "idle_timeout_s",
-               "deadline_s", "keep_on_failure")
+               "deadline_s", "keep_on_failure", "torch", "setup", "tcnn_build_timeout_s")
 HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
-            "password_file", "stop_command", "shutdown_on_host")
+            "password_file", "stop_command", "shutdown_on_host", "proxy_jump")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
               "region", "user", "identity_file", "ssh_key_name", "release_retry_s")
 HOST_KEYS: dict[str, tuple[str, ...]] = {
@@ -65,7 +65,7 @@ class HostConfig:
     gpu: str = "cpu"
     price_per_hour: float | None = None      # None: from the catalog or the marketplace offer
     currency: str = "USD"
-    python: str = "python3"
+    python: str | None = None                # None: found on the host (remote_payload/env.py)
     root: str | None = None                  # None: the provider's default work root
     idle_timeout_s: float = 600.0
     deadline_s: float | None = None          # None: the runner uses 3 x estimate, min 3600 s
@@ -89,6 +89,10 @@ class HostConfig:
     region: str | None = None
     ssh_key_name: str | None = None
     release_retry_s: float | None = None     # None: destroy/stop retried for 600 s, then reconcile
+    torch: str = "require"                   # require | install (when the interpreter has none)
+    setup: tuple[str, ...] = ()              # shell lines run once per instance after the environment
+    tcnn_build_timeout_s: float = 1800.0
+    proxy_jump: str | None = None            # ssh: [user@]host[:port] of a jump host
     gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
     line: int = 0                            # where the host is defined, for later messages
 

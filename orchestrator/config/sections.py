@@ -68,7 +68,10 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
     fields: dict[str, Any] = dict(
         name=name, provider=provider, gpu=gpu, price_per_hour=price,
         currency=check_currency(r, m, path), gpu_in_catalog=in_catalog, line=parent.key_lines.get(name, m.line),
-        python=r.get(m, "python", path, "str", default=sys.executable if local else "python3"),
+        python=r.get(m, "python", path, "str", default=sys.executable if local else None),
+        torch=r.get(m, "torch", path, "str", default="require", choices=("require", "install")),
+        setup=_setup_lines(r, m, path),
+        tcnn_build_timeout_s=r.get(m, "tcnn_build_timeout_s", path, "num", default=1800.0, lo=0, lo_open=True),
         root=r.get(m, "root", path, "str"),
         idle_timeout_s=r.get(m, "idle_timeout_s", path, "num", default=600.0, lo=0, lo_open=True),
         deadline_s=r.get(m, "deadline_s", path, "num", lo=0, lo_open=True),
@@ -76,7 +79,7 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
     if local and fields["root"]:
         fields["root"] = str(Path(fields["root"]).expanduser())
     for key in ("host", "user", "ssh_alias", "endpoint_command", "stop_command", "image", "region",
-                "ssh_key_name"):
+                "ssh_key_name", "proxy_jump"):
         if key in allowed:
             fields[key] = r.get(m, key, path, "str")
             problem = fields[key] and ssh_field_problem(key, fields[key])
@@ -133,6 +136,17 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
                 r.fail(m, f"{kind}_file", f"{path}.{kind}_file", f"{reason}; the file must hold the {kind}")
         fields[f"{kind}_env"], fields[f"{kind}_file"] = env, file
     return c.HostConfig(**fields)
+
+
+def _setup_lines(r: Reader, m: YMap, path: str) -> tuple[str, ...]:
+    """`setup:` is one shell line or a list of them."""
+    v = m.get("setup")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else list(v) if isinstance(v, YSeq) else None
+    if items is None or not all(isinstance(x, str) and x.strip() for x in items):
+        r.fail(m, "setup", f"{path}.setup", "expected a shell line or a list of shell lines")
+    return tuple(str(x) for x in items or ())
 
 
 def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
