@@ -33,7 +33,9 @@ def _dist_version(name: str) -> str | None:
 
 
 def cache_key() -> str:
-    return f"{os.path.realpath(sys.executable)}|torch={_dist_version('torch')}"
+    # tinycudann too: a wheel installed into the environment later must be probed again
+    return (f"{os.path.realpath(sys.executable)}|torch={_dist_version('torch')}"
+            f"|tinycudann={_dist_version('tinycudann')}")
 
 
 def tcnn_build_hint(compute_capability: tuple[int, int]) -> str:

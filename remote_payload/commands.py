@@ -94,6 +94,25 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from .env import provision
+
+    root = Path(args.root).expanduser().resolve()
+    env = provision(root, configured=args.python, torch_mode=args.torch,
+                    wheels=Path(args.wheels).expanduser() if args.wheels else None,
+                    out=Path(args.out).expanduser(), plan_only=args.plan)
+    sys.stdout.write(json.dumps(env) + "\n")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from .stages import complete
+
+    summary = complete(Path(args.out).expanduser(), scene=args.scene, fps=args.fps)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
 def cmd_watchdog(args: argparse.Namespace) -> int:
     from .watchdog import watch
 
@@ -142,6 +161,39 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="env.json", help="where to write the record (default ./env.json)")
     p.add_argument("--force", action="store_true", help="probe again even when env.json is current")
     p.set_defaults(func=cmd_bootstrap, log_level=logging.WARNING)
+
+    p = sub.add_parser("env", help="find the interpreter, build <root>/env/<key>/, write env.json")
+    p.add_argument("--root", required=True, help="the work root (<root>/env/ holds the environments)")
+    p.add_argument("--python", default=None, help="the interpreter to use (default: search)")
+    p.add_argument("--torch", choices=("require", "install"), default="require")
+    p.add_argument("--wheels", default=None, help="a directory of wheels the controller pushed")
+    p.add_argument("--out", default="env.json", help="where to write the record")
+    p.add_argument("--plan", action="store_true",
+                   help="only find the interpreter and check torch; print the plan")
+    p.set_defaults(func=cmd_env, log_level=logging.WARNING)
+
+    p = sub.add_parser("complete", help="metrics, summary and videos of an out/ dir from its renders and gt")
+    p.add_argument("--out", required=True, help="the job's out/ directory (renders/, gt/, train_result.json)")
+    p.add_argument("--scene", required=True, help="scene name for summary.json")
+    p.add_argument("--fps", type=_positive_float, default=24.0)
+    p.set_defaults(func=cmd_complete, log_level=logging.WARNING)
+
+    from . import tcnn
+    p = sub.add_parser("tcnn-build", help="build a tiny-cuda-nn wheel for one compute capability")
+    p.add_argument("--out", required=True, help="directory for the wheel, build.log and result.json")
+    p.add_argument("--compute-capability", required=True, help="e.g. 9.0 (H100)")
+    p.add_argument("--timeout-s", type=_positive_float, default=1800.0)
+    p.add_argument("--python", default=None, help="the environment's python (default: this one)")
+    p.add_argument("--max-jobs", type=_positive_int, default=None, help="parallel compile jobs")
+    p.add_argument("--source", default=tcnn.TCNN_SOURCE, help="what pip builds (tests: a local package)")
+    p.add_argument("--dry-run", action="store_true", help="print the exact build command, run nothing")
+    p.set_defaults(func=tcnn.main_build, log_level=logging.WARNING)
+
+    p = sub.add_parser("tcnn-install", help="install a tiny-cuda-nn wheel and check that it imports")
+    p.add_argument("--wheel", required=True)
+    p.add_argument("--python", default=None)
+    p.add_argument("--import-name", default=tcnn.TCNN_IMPORT)
+    p.set_defaults(func=tcnn.main_install, log_level=logging.WARNING)
 
     p = sub.add_parser("watchdog", help="stop the host when the controller is gone and nothing runs")
     p.add_argument("--job-dir", required=True)

@@ -192,6 +192,7 @@ class Pipeline:
     def _timed(self, name: str, fn: Callable[[], bool]) -> None:
         self.writer.set_phase(name)
         t0 = time.monotonic()
+        stages.inject(name)
         ran = fn()
         self.timings[name] = {"seconds": round(time.monotonic() - t0, 3), "skipped": not ran}
         log.info("stage %s %s in %.2f s", name, "done" if ran else "skipped (output exists)",
@@ -225,8 +226,8 @@ class Pipeline:
             self._timed("metrics", lambda: stages.metrics_stage(self.out, o.data_dir))
             self._timed("summary", lambda: stages.summary_stage(
                 self.out, scene=o.scene or Path(o.data_dir).name, train=train_info,
-                n_test=report.n_test, data_dir=o.data_dir))
-            self._timed("videos", lambda: stages.video_stage(self.out, stems, o.fps))
+                n_test=report.n_test, data_dir=o.data_dir, train_options=dict(o.train_options)))
+            self._videos(stems)
         except PayloadError:
             raise
         except Exception as exc:
@@ -235,6 +236,22 @@ class Pipeline:
             if _is_oom(exc):
                 raise OutOfMemory(f"{phase} ran out of memory: {_one_line(exc)}", phase=phase) from None
             raise StageFailed(f"{phase} failed: {_one_line(exc)}", phase=phase) from None
+
+    def _videos(self, stems: list[str]) -> None:
+        """Videos are a convenience: a failure here is a warning, the job keeps its metrics and
+        summary.json says which videos are missing and why."""
+        t0 = time.monotonic()
+        try:
+            self._timed("videos", lambda: stages.video_stage(self.out, stems, self.opts.fps))
+        except Interrupted:
+            raise
+        except Exception as exc:
+            reason = _one_line(exc)
+            log.warning("videos failed, the job keeps its metrics: %s", reason)
+            self.timings["videos"] = {"seconds": round(time.monotonic() - t0, 3), "skipped": False,
+                                      "failed": reason}
+            write_json_atomic(self.out / "stages.json", self.timings)
+            stages.record_missing_videos(self.out, reason)
 
     def _tick(self, *args: Any, **kwargs: Any) -> None:
         self.writer.update()

@@ -171,7 +171,7 @@ def versions() -> dict[str, str | None]:
 
 
 def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
-                  data_dir: Path) -> bool:
+                  data_dir: Path, train_options: dict[str, str] | None = None) -> bool:
     path = out / "summary.json"
     if path.is_file():
         return False
@@ -199,6 +199,7 @@ def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
         "background": "white",
         "backgrounds": backgrounds,
         "data_dir": str(data_dir),
+        "train_options": dict(train_options or {}),   # the --train-option values, as given
         "versions": versions(),
     }
     write_json_atomic(path, summary)
@@ -216,6 +217,9 @@ def video_stage(out: Path, stems: list[str], fps: float) -> bool:
     summary = read_json(out / "summary.json")
     if summary is not None:   # record the ffmpeg that made the videos (may differ from before)
         summary.setdefault("versions", {})["ffmpeg"] = _ffmpeg_version()
+        summary.pop("videos_missing", None)      # an earlier run's failure is mended
+        if "warnings" in summary:
+            summary["warnings"] = [w for w in summary["warnings"] if not w.startswith("videos failed")]
         write_json_atomic(out / "summary.json", summary)
     return True
 
@@ -226,3 +230,48 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+VIDEO_NAMES = ("render", "gt", "compare")
+INJECT_ENV = "ORCHESTRATE_PAYLOAD_INJECT"
+
+
+def inject(stage: str) -> None:
+    """Test hook: `ORCHESTRATE_PAYLOAD_INJECT=videos,metrics` (host environment) makes those
+    stages fail, so tests can show what a failure there costs. Never set it otherwise."""
+    wanted = {w.strip() for w in os.environ.get(INJECT_ENV, "").split(",") if w.strip()}
+    if stage in wanted:
+        raise RuntimeError(f"injected failure in {stage} ({INJECT_ENV})")
+
+
+def record_missing_videos(out: Path, reason: str) -> None:
+    """summary.json names the videos that are missing and why (the job still succeeds)."""
+    summary = read_json(out / "summary.json")
+    if summary is None:
+        return
+    vdir = out / "videos"
+    summary["videos_missing"] = {f"{n}.mp4": reason for n in VIDEO_NAMES
+                                 if not (vdir / f"{n}.mp4").is_file()}
+    summary.setdefault("warnings", []).append(f"videos failed: {reason}")
+    write_json_atomic(out / "summary.json", summary)
+
+
+def complete(out: Path, *, scene: str, fps: float = 24.0) -> dict[str, Any]:
+    """metrics.csv, summary.json and the videos in `out` from its renders/ and gt/: a job whose
+    metrics failed on its host, finished on the controller's machine (`orchestrate eval`)."""
+    from .errors import StageFailed
+    from .frames import numeric_key
+
+    stems = sorted((p.stem for p in (out / "gt").glob("*.png")), key=numeric_key)
+    if not stems:
+        raise StageFailed(f"no ground-truth frames in {out / 'gt'}", phase="metrics")
+    train = read_json(out / "train_result.json")
+    if train is None:
+        raise StageFailed(f"{out / 'train_result.json'} is missing: training did not finish", phase="metrics")
+    metrics_stage(out)
+    summary_stage(out, scene=scene, train=train, n_test=len(stems), data_dir=out / "gt")
+    try:
+        video_stage(out, stems, fps)
+    except Exception as exc:  # noqa: BLE001 - videos are a convenience: metrics stand without them
+        record_missing_videos(out, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    return read_json(out / "summary.json") or {}

@@ -151,7 +151,7 @@ def test_valid_example_values() -> None:
     here, box, vast = cfg.hosts["here"], cfg.hosts["box"], cfg.hosts["vast"]
     assert (here.gpu, here.price_per_hour, here.python, here.root) == ("cpu", 0.0, sys.executable, None)
     assert (box.gpu, box.price_per_hour, box.currency, box.host, box.port) == ("H100 SXM", 15.0, "CNY", "127.0.0.1", 2222)
-    assert box.line == 6 and box.python == "python3" and box.idle_timeout_s == 600.0
+    assert box.line == 6 and box.python is None and box.idle_timeout_s == 600.0
     assert (vast.gpu, vast.max_price_per_hour, vast.price_per_hour, vast.api_key_env) == ("RTX 4090", 0.5, None, "VAST_API_KEY")
     demo, synth = cfg.datasets["demo"], cfg.datasets["synth"]
     assert demo.generate is not None and (demo.generate.scene, demo.generate.size, demo.generate.seed) == ("default", 32, 0)

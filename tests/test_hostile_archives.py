@@ -59,7 +59,7 @@ LOOP = [("lego/a.txt", None)] + [(f"l{i}", f"l{i + 1}") for i in range(60)] + [(
 
 def stage_cli(dest: Path, url: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "remote_payload.stage", "--dest", str(dest), "--scene", "lego",
+    return subprocess.run([sys.executable, "-m", "remote_payload", "stage", "--dest", str(dest), "--scene", "lego",
                            "--mirror", url], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
 
 

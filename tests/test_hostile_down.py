@@ -24,7 +24,7 @@ from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, make_label
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.run.reconcile import lock_path
-from orchestrator.testing.fakecloud import fake_cloud, host_config  # noqa: F401 (fixture)
+from orchestrator.testing.fakecloud import fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
 from orchestrator.testing.faultmatrix import Harness
 
 pytestmark = pytest.mark.sshd
@@ -34,7 +34,7 @@ FOREIGN_RUN = "20991231-235959-beef"      # a run of another machine's ledger
 
 def setup(tmp: Path, fc) -> tuple[Harness, str, str]:
     h = Harness(tmp, fc, "vastai")
-    vast = VastProvider(host_config(fc, "vastai"), policy=FAST)
+    vast = VastProvider(fake_host(fc, "vastai"), policy=FAST)
     led = Ledger.open(h.home)
     led.create_run("dead", "t")
     led.add_job("dead", "j1", experiment="e", scene="s", host_name="cloud", provider="vastai", gpu="g",
@@ -107,7 +107,7 @@ def test_down_orphans_yes_on_a_terminal_spares_another_controllers_instance(tmp_
     code, text = on_a_terminal(h, ["down", "--orphans", "--config", str(h.config)], b"y")
     assert code == 0, text
     assert f"vastai {dead_id}: destroyed" in text
-    vast = VastProvider(host_config(fake_cloud, "vastai"), policy=FAST)
+    vast = VastProvider(fake_host(fake_cloud, "vastai"), policy=FAST)
     assert [i.instance_id for i in vast.list("orch-") if i.state.value != "terminated"] == [foreign_id]
     # asked for explicitly, the other controller's instance goes too
     res = h.cli("down", "--orphans", "--any-controller", "--yes", "--config", str(h.config))

@@ -62,3 +62,20 @@ def test_payload_exit_codes_and_phases_come_from_the_contract() -> None:
     assert status.PHASES is c.PHASES
     assert tuple(status.Status.__dataclass_fields__) == c.STATUS_KEYS
     assert set(c.END_PHASES) <= set(c.PHASES)
+
+
+def test_train_options_are_the_trainconfig_fields_with_their_kinds() -> None:
+    """Every TrainConfig field without a key of its own is settable under `train:`, with the kind
+    its annotation says; the payload's --train-option accepts exactly these."""
+    import dataclasses
+
+    from ngp_train.contract import TRAIN_OPTIONS
+    from ngp_train.train import TrainConfig
+    from remote_payload.pipeline import _NOT_OPTIONS
+
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_OPTIONS}
+    assert set(TRAIN_OPTIONS) == set(fields)
+    want = {"int": "int", "float": "num", "str": "str", "bool": "bool"}
+    for name, annotation in fields.items():
+        base = str(annotation).split("|")[0].strip()
+        assert TRAIN_OPTIONS[name][0] == want[base], name

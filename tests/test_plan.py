@@ -95,4 +95,45 @@ def test_slug_and_as_dict() -> None:
                            "scene": "default", "host": "here", "provider": "local", "gpu": "cpu",
                            "dataset": "demo", "steps": 10, "backend": "auto", "device": "auto",
                            "max_seconds": None, "downscale": 1, "seed": 0,
-                           "settings": {"steps": 10, "backend": "auto"}}
+                           "settings": {"steps": 10, "backend": "auto"}, "train": {}}
+
+
+def test_train_options_are_matrix_axes_and_reach_the_payload() -> None:
+    """`train:` sets TrainConfig fields; a list is another axis (in the job id, in the job's
+    settings) and every job carries its own values to `remote_payload run --train-option`."""
+    from orchestrator.run.payload import run_args
+
+    cfg = parse_config(textwrap.dedent("""\
+        name: t
+        datasets: {demo: {generate: {size: 16}}}
+        experiments:
+          - name: ngp
+            steps: 20
+            backend: [torch, auto]
+            train: {lr: [0.01, 0.005], log2_hashmap_size: 14, use_occupancy: false}
+        """))
+    jobs = expand(cfg)
+    assert [j.job_id for j in jobs] == [
+        "ngp-default-local-backendtorch-lr0.01", "ngp-default-local-backendtorch-lr0.005",
+        "ngp-default-local-backendauto-lr0.01", "ngp-default-local-backendauto-lr0.005"]
+    assert dict(jobs[1].train) == {"lr": 0.005, "log2_hashmap_size": 14, "use_occupancy": False}
+    assert dict(jobs[1].settings) == {"backend": "torch", "lr": 0.005}
+    args = run_args(data_dir="d", job_dir="j", steps=20, backend="torch", device="auto", scene="default",
+                    max_seconds=None, downscale=1, seed=0, train=jobs[1].train)
+    assert args.endswith("--train-option log2_hashmap_size=14 --train-option lr=0.005 "
+                         "--train-option use_occupancy=false")
+
+
+@pytest.mark.parametrize("train,message", [
+    ("{lrr: 0.1}", "experiments[0].train.lrr: unknown key; did you mean 'lr'?"),
+    ("{steps: 3}", "experiments[0].train.steps: steps is a setting of its own"),
+    ("{log2_hashmap_size: 40}", "experiments[0].train.log2_hashmap_size: must be <= 26, got 40"),
+    ("{precision: fp8}", "experiments[0].train.precision: 'fp8' is not allowed"),
+    ("{lr: []}", "experiments[0].train.lr: an empty list gives no jobs"),
+    ("{use_occupancy: 3}", "experiments[0].train.use_occupancy: expected true or false"),
+])
+def test_bad_train_options_name_the_key(train: str, message: str) -> None:
+    text = f"name: t\ndatasets: {{demo: {{generate: {{size: 16}}}}}}\nexperiments:\n  - {{name: ngp, steps: 5, train: {train}}}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert message in str(err.value)

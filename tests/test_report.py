@@ -286,3 +286,21 @@ def test_each_published_row_is_compared_under_its_own_background(world):
     assert paper.endswith(f"at {cost:.4g} USD")
     md = write_report(led, ["r1"], "md", runs_root=runs_root)
     assert f"- {paper}" in md
+
+
+def test_train_options_are_a_column_of_the_results(tmp_path):
+    """Jobs that differ only in their `train:` options are told apart in every format."""
+    led = Ledger.open(tmp_path / "home")
+    led.create_run("r", "r")
+    add_finished_job(led, "r", FakeJob("a", "lego", video=False, train={"lr": 0.01, "log2_hashmap_size": 14}),
+                     runs_root=tmp_path / "runs", start_epoch=T0)
+    add_finished_job(led, "r", FakeJob("b", "lego", video=False, train={"lr": 0.005, "log2_hashmap_size": 14}),
+                     runs_root=tmp_path / "runs", start_epoch=T0)
+    add_finished_job(led, "r", FakeJob("c", "lego", video=False), runs_root=tmp_path / "runs", start_epoch=T0)
+    data = json.loads(write_report(led, None, "json"))
+    assert {j["job"]: j["train"] for j in data["jobs"]} == {
+        "a": "log2_hashmap_size=14 lr=0.01", "b": "log2_hashmap_size=14 lr=0.005", "c": ""}
+    md = write_report(led, None, "md").splitlines()
+    header = next(line for line in md if line.startswith("| run | job |"))
+    assert "| steps | train | status |" in header
+    assert any("| b | lego |" in line and "| log2_hashmap_size=14 lr=0.005 |" in line for line in md)

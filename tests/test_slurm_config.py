@@ -58,6 +58,9 @@ def test_a_slurm_host_entry_reads_every_setting() -> None:
         (8, "64G", 26 * 3600.0, "python", "/scratch/me/orchestrate")
     assert h.sbatch_lines == ("#SBATCH --constraint=a100", "#SBATCH --exclusive")
     assert h.price_per_gpu_hour == 1.5 and h.price_per_hour == 3.0      # two GPUs per task
+    assert h.setup == ("module load cuda/12.1; source ~/venv/bin/activate",)
+    jumped = parse_config(config("provider: slurm\nhost: login\ngpu: H100\nproxy_jump: me@bastion:2222\n"))
+    assert jumped.hosts["hpc"].proxy_jump == "me@bastion:2222"
 
 
 def test_a_cpu_partition_is_charged_per_cpu_and_defaults_to_gpu_cpu() -> None:
@@ -85,6 +88,8 @@ def test_a_cpu_partition_is_charged_per_cpu_and_defaults_to_gpu_cpu() -> None:
      "experiments.yaml:7: hosts.hpc.partition: may use only letters, digits"),
     ("provider: slurm\nhost: a\ngpu: H100\nmem: 16 G\n",
      "experiments.yaml:7: hosts.hpc.mem: may use only letters, digits"),
+    ("provider: slurm\nhost: a\ngpu: H100\ntorch: install\n",
+     "experiments.yaml:7: hosts.hpc.torch: unknown key"),
     ("provider: slurm\ngpu: H100\n",
      "hosts.hpc: say how to reach the host with exactly one of host:, ssh_alias: or endpoint_command:"),
 ])

@@ -68,7 +68,7 @@ def events() -> tuple[list[dict], object]:
 
 def run_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "remote_payload.stage", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "remote_payload", "stage", *args], capture_output=True,
                           text=True, timeout=timeout_s, env=env, cwd=REPO)
 
 

@@ -131,7 +131,7 @@ def load_and_plan(path: Path) -> LoadedPlan:
                              dataset=job.dataset, steps=job.steps, backend=job.backend,
                              device=job.device, max_seconds=job.max_seconds, downscale=job.downscale,
                              seed=job.seed, estimate_cost=cost, estimate_seconds=e.total_seconds,
-                             currency=e.currency, estimate=e.to_dict()))
+                             currency=e.currency, estimate=e.to_dict(), train=job.train))
     return LoadedPlan(path=path, name=config.name, config=config, budget=config.budget, jobs=plans,
                       estimate=est, total_cost=total, currency=currency,
                       total_seconds=est.total_seconds, notes=notes)

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 from ngp_train.contract import BACKENDS, DEVICES, SCENES
 
@@ -22,23 +22,26 @@ SETTINGS: tuple[str, ...] = ("steps", "backend", "device", "max_seconds", "downs
 
 TOP_KEYS = ("name", "budget", "defaults", "hosts", "datasets", "experiments")
 HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root", "idle_timeout_s",
-               "deadline_s", "keep_on_failure")
+               "deadline_s", "keep_on_failure", "torch", "setup", "tcnn_build_timeout_s")
 HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
-            "password_file", "stop_command", "shutdown_on_host")
+            "password_file", "stop_command", "shutdown_on_host", "proxy_jump")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
               "region", "user", "identity_file", "ssh_key_name", "release_retry_s")
 # A Slurm host is its login node (the ssh fields that reach it) plus what sbatch is told; its
 # price is per allocated GPU (or CPU on a CPU partition), so price_per_hour is not among its keys.
+# Its `setup` (a common key) runs before every login-node command and at the top of every task.
 HOST_SLURM = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
               "password_file", "partition", "account", "qos", "gres", "cpus_per_task", "mem", "time_limit",
-              "sbatch_lines", "setup", "price_per_gpu_hour")
+              "sbatch_lines", "price_per_gpu_hour", "proxy_jump")
 HOST_KEYS: dict[str, tuple[str, ...]] = {
     "local": HOST_COMMON, "ssh": HOST_COMMON + HOST_SSH,
     **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS},
-    "slurm": tuple(k for k in HOST_COMMON if k != "price_per_hour") + HOST_SLURM}
+    # no bootstrap on a cluster's nodes (the site's modules are the environment): no torch/tcnn keys
+    "slurm": tuple(k for k in HOST_COMMON if k not in ("price_per_hour", "torch", "tcnn_build_timeout_s"))
+    + HOST_SLURM}
 DATASET_KEYS = ("generate", "layout", "mirrors", "sha256", "scenes")
 GENERATE_KEYS = ("scene", "size", "seed")
-EXPERIMENT_KEYS = ("name", "dataset", "scenes", "hosts") + SETTINGS
+EXPERIMENT_KEYS = ("name", "dataset", "scenes", "hosts", "train") + SETTINGS
 SECRET_WORDS = ("password", "passwd", "passphrase", "api_key", "apikey", "token", "secret",
                 "secret_key", "access_key", "private_key")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -71,7 +74,7 @@ class HostConfig:
     gpu: str = "cpu"
     price_per_hour: float | None = None      # None: from the catalog or the marketplace offer
     currency: str = "USD"
-    python: str = "python3"
+    python: str | None = None                # None: found on the host (remote_payload/env.py)
     root: str | None = None                  # None: the provider's default work root
     idle_timeout_s: float = 600.0
     deadline_s: float | None = None          # None: the runner uses 3 x estimate, min 3600 s
@@ -95,6 +98,10 @@ class HostConfig:
     region: str | None = None
     ssh_key_name: str | None = None
     release_retry_s: float | None = None     # None: destroy/stop retried for 600 s, then reconcile
+    torch: str = "require"                   # require | install (when the interpreter has none)
+    setup: tuple[str, ...] = ()              # shell lines run once per instance after the environment
+    tcnn_build_timeout_s: float = 1800.0
+    proxy_jump: str | None = None            # ssh: [user@]host[:port] of a jump host
     partition: str | None = None             # slurm: what sbatch is told (None: the cluster's default)
     account: str | None = None
     qos: str | None = None
@@ -103,7 +110,6 @@ class HostConfig:
     mem: str | None = None                   # slurm: sbatch --mem, e.g. "16G"
     time_limit_s: float | None = None        # slurm: None: from the estimate with a margin
     sbatch_lines: tuple[str, ...] = ()       # slurm: extra "#SBATCH ..." lines, verbatim
-    setup: str = ""                          # slurm: shell lines before every Slurm command and task
     price_per_gpu_hour: float = 0.0          # slurm: internal chargeback per allocated GPU (or CPU)
     gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
     line: int = 0                            # where the host is defined, for later messages
@@ -140,6 +146,8 @@ class ExperimentConfig:
     max_seconds: float | None | tuple[float | None, ...] = None
     downscale: int | tuple[int, ...] = 1
     seed: int | tuple[int, ...] = 0
+    # `train:` TrainConfig fields (ngp_train.contract.TRAIN_OPTIONS); a tuple value is an axis
+    train: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     line: int = 0
 
 

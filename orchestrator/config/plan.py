@@ -1,8 +1,9 @@
 """The matrix: each experiment expands to scenes × hosts × the product of its list-valued settings.
 
 Job ids are stable and readable: `<experiment>-<scene>-<host>` plus `-<key><value>` for each
-list-valued axis, in the order `steps, backend, device, max_seconds, downscale, seed`
-(e.g. `ngp-lego-vast-4090-steps30000-backendtorch`). Two jobs with the same id are an error.
+list-valued axis, in the order `steps, backend, device, max_seconds, downscale, seed`, then
+the list-valued `train:` options in file order (e.g. `ngp-lego-vast-4090-steps30000-lr0.005`).
+Two jobs with the same id are an error.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Job:
     downscale: int = 1
     seed: int = 0
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    train: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))   # TrainConfig fields
 
     @property
     def gpu(self) -> str:
@@ -43,7 +45,7 @@ class Job:
                 "host": self.host.name, "provider": self.host.provider, "gpu": self.host.gpu,
                 "dataset": self.dataset.name, "steps": self.steps, "backend": self.backend,
                 "device": self.device, "max_seconds": self.max_seconds, "downscale": self.downscale,
-                "seed": self.seed, "settings": dict(self.settings)}
+                "seed": self.seed, "settings": dict(self.settings), "train": dict(self.train)}
 
 
 def slug(value: Any) -> str:
@@ -63,12 +65,14 @@ def expand(config: ExperimentsConfig) -> list[Job]:
     seen: dict[str, str] = {}
     for index, exp in enumerate(config.experiments):
         axes = [k for k in SETTINGS if isinstance(getattr(exp, k), tuple)]
-        axis_values = [getattr(exp, k) for k in axes]
+        axes += [k for k, v in exp.train.items() if isinstance(v, tuple)]
+        axis_values = [getattr(exp, k) if k in SETTINGS else exp.train[k] for k in axes]
         for scene in exp.scenes:
             for host_name in exp.hosts:
                 for combo in itertools.product(*axis_values):
                     chosen = dict(zip(axes, combo))
                     values = {k: chosen.get(k, getattr(exp, k)) for k in SETTINGS}
+                    train = {k: chosen.get(k, v) for k, v in exp.train.items()}
                     job_id = "-".join([slug(exp.name), slug(scene), slug(host_name)]
                                       + [f"{k}{slug(chosen[k])}" for k in axes])
                     if job_id in seen:
@@ -79,5 +83,6 @@ def expand(config: ExperimentsConfig) -> list[Job]:
                     seen[job_id] = exp.name
                     jobs.append(Job(job_id=job_id, experiment=exp.name, scene=scene,
                                     host=config.hosts[host_name], dataset=config.datasets[exp.dataset],
-                                    settings=MappingProxyType(chosen), **values))
+                                    settings=MappingProxyType(chosen), train=MappingProxyType(train),
+                                    **values))
     return jobs

@@ -15,6 +15,8 @@ from .. import catalog
 from ..errors import ConfigError, did_you_mean
 from ..secrets import read_secret
 from . import model as c
+from ngp_train.contract import TRAIN_OPTIONS
+
 from .limits import MAX_PRICE_PER_HOUR, name_problem, ssh_field_problem
 from .model import DatasetConfig, Defaults, ExperimentConfig, HostConfig
 from .reader import Reader, check_currency, check_name
@@ -73,7 +75,10 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
     fields: dict[str, Any] = dict(
         name=name, provider=provider, gpu=gpu, price_per_hour=price,
         currency=check_currency(r, m, path), gpu_in_catalog=in_catalog, line=parent.key_lines.get(name, m.line),
-        python=r.get(m, "python", path, "str", default=sys.executable if local else "python3"),
+        python=r.get(m, "python", path, "str", default=sys.executable if local else None),
+        torch=r.get(m, "torch", path, "str", default="require", choices=("require", "install")),
+        setup=_setup_lines(r, m, path),
+        tcnn_build_timeout_s=r.get(m, "tcnn_build_timeout_s", path, "num", default=1800.0, lo=0, lo_open=True),
         root=r.get(m, "root", path, "str"),
         idle_timeout_s=r.get(m, "idle_timeout_s", path, "num", default=600.0, lo=0, lo_open=True),
         deadline_s=r.get(m, "deadline_s", path, "num", lo=0, lo_open=True),
@@ -81,7 +86,7 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
     if local and fields["root"]:
         fields["root"] = str(Path(fields["root"]).expanduser())
     for key in ("host", "user", "ssh_alias", "endpoint_command", "stop_command", "image", "region",
-                "ssh_key_name"):
+                "ssh_key_name", "proxy_jump"):
         if key in allowed:
             fields[key] = r.get(m, key, path, "str")
             problem = fields[key] and ssh_field_problem(key, fields[key])
@@ -196,10 +201,20 @@ def parse_slurm(r: Reader, m: YMap, path: str) -> dict[str, Any]:
             fail(r.filename, m.value_lines["sbatch_lines"], f"{path}.sbatch_lines[{i}]",
                  f"{line!r} does not start with \"#SBATCH \"")
     out["sbatch_lines"] = lines
-    out["setup"] = r.get(m, "setup", path, "str", default="")
     out["price_per_gpu_hour"] = r.get(m, "price_per_gpu_hour", path, "num", default=0.0, lo=0,
                                       hi=MAX_PRICE_PER_HOUR)
     return out
+
+
+def _setup_lines(r: Reader, m: YMap, path: str) -> tuple[str, ...]:
+    """`setup:` is one shell line or a list of them."""
+    v = m.get("setup")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else list(v) if isinstance(v, YSeq) else None
+    if items is None or not all(isinstance(x, str) and x.strip() for x in items):
+        r.fail(m, "setup", f"{path}.setup", "expected a shell line or a list of shell lines")
+    return tuple(str(x) for x in items or ())
 
 
 def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
@@ -253,14 +268,19 @@ def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
                            parent.key_lines.get(name, m.line))
 
 
-def _one(r: Reader, key: str, full_path: str, value: Any, line: int) -> Any:
-    """Validate one setting value; errors name `full_path` (e.g. experiments[0].steps[1])."""
-    if value is None and key != "max_seconds":
-        fail(r.filename, line, full_path, f"empty value; give a {key} value")
+def _typed(r: Reader, full_path: str, value: Any, line: int, kind: str, **kw: Any) -> Any:
+    """One value checked by the reader, its errors naming `full_path` at `line`."""
     holder = YMap(line)
     holder[full_path] = value
     holder.value_lines[full_path] = line
     holder.key_lines[full_path] = line
+    return r.get(holder, full_path, "", kind, **kw)
+
+
+def _one(r: Reader, key: str, full_path: str, value: Any, line: int) -> Any:
+    """Validate one setting value; errors name `full_path` (e.g. experiments[0].steps[1])."""
+    if value is None and key != "max_seconds":
+        fail(r.filename, line, full_path, f"empty value; give a {key} value")
     kind, kw = {
         "steps": ("int", dict(lo=1, hi=100_000_000)),
         "backend": ("str", dict(choices=c.BACKENDS)),
@@ -269,7 +289,41 @@ def _one(r: Reader, key: str, full_path: str, value: Any, line: int) -> Any:
         "downscale": ("int", dict(lo=1, hi=64)),
         "seed": ("int", dict(lo=0, hi=2**32 - 1)),
     }[key]
-    return r.get(holder, full_path, "", kind, **kw)
+    return _typed(r, full_path, value, line, kind, **kw)
+
+
+def parse_train(r: Reader, em: YMap, path: str) -> Mapping[str, Any]:
+    """`train:` — TrainConfig fields the payload accepts (the contract's TRAIN_OPTIONS), each a
+    value or a list of values (another axis of the matrix)."""
+    if em.get("train") is None:
+        return MappingProxyType({})
+    tm = r.mapping(em, "train", em["train"], f"{path}.train")
+
+    def elsewhere(key: str) -> str | None:
+        if key in c.SETTINGS:
+            return f"{key} is a setting of its own: write it beside train:, not under it"
+        return None
+
+    r.keys(tm, tuple(TRAIN_OPTIONS), f"{path}.train", elsewhere)
+    out: dict[str, Any] = {}
+    for key, v in tm.items():
+        kind, choices, lo, hi = TRAIN_OPTIONS[key]
+        kw: dict[str, Any] = {"choices": choices} if choices else {"lo": lo, "hi": hi}
+        if kind == "bool":
+            kw = {}
+        sub = f"{path}.train.{key}"
+        if isinstance(v, YSeq):
+            if not v:
+                r.fail(tm, key, sub, "an empty list gives no jobs; give at least one value")
+            vals = tuple(_typed(r, f"{sub}[{i}]", x, v.item_lines[i], kind, **kw) for i, x in enumerate(v))
+            if len(set(vals)) != len(vals):
+                r.fail(tm, key, sub, "a value is listed twice")
+            out[key] = vals
+        elif v is None:
+            r.fail(tm, key, sub, f"empty value; give a {key} value")
+        else:
+            out[key] = _typed(r, sub, v, tm.value_lines[key], kind, **kw)
+    return MappingProxyType(out)
 
 
 def parse_settings(r: Reader, m: YMap, path: str) -> dict[str, Any]:
@@ -356,4 +410,4 @@ def parse_experiment(r: Reader, em: YMap, path: str, defaults: Defaults,
                 r.fail(em, key if key in em else None, f"{path}.{key}",
                        f"{key} {bad} needs a GPU but host {hn!r} has none (gpu: cpu); use auto")
     return c.ExperimentConfig(name=name, dataset=ds.name, scenes=scenes, hosts=host_names,
-                              line=em.line, **settings)
+                              train=parse_train(r, em, path), line=em.line, **settings)

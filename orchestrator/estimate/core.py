@@ -232,6 +232,9 @@ def _phase_seconds(job: Job, phase: str, history: History | None,
         secs = mpx / row.eval_megapixels_per_second + videos
         return secs, "runtime table", (f"{what} at {row.eval_megapixels_per_second:g} MP/s "
                                        f"({row.eval_source}) + {videos:g} s videos ({vsrc})")
+    if phase == "setup":
+        from .env import setup_seconds
+        return setup_seconds(job, _default)
     secs, src = _default(job.host.provider, phase)
     return secs, "assumption", src
 

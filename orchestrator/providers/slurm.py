@@ -90,7 +90,7 @@ def batch_script(*, host: HostConfig, run_id: str, job_ids: list[str], task_comm
         if value:
             lines.append(f"#SBATCH --{flag}={value}")
     lines += list(host.sbatch_lines)
-    lines += ["set -u", host.setup or ":", 'case "$SLURM_ARRAY_TASK_ID" in']
+    lines += ["set -u", *(host.setup or (":",)), 'case "$SLURM_ARRAY_TASK_ID" in']
     for i, command in enumerate(task_commands):
         lines.append(f"  {i}) {command} ;;")
     lines += ['  *) echo "no task $SLURM_ARRAY_TASK_ID in this array" >&2; exit 2 ;;', "esac", ""]
@@ -111,7 +111,7 @@ def time_limit_s(host: HostConfig, longest_estimate_s: float) -> float:
 
 def with_setup(host: HostConfig, command: str) -> str:
     """A login-node command after the host's `setup` (module loads, SLURM_CONF, a conda env)."""
-    setup = (host.setup or "").strip()
+    setup = "\n".join(host.setup).strip()
     return f"{{ {setup}\n}} >/dev/null 2>&1; {command}" if setup else command
 
 

@@ -70,6 +70,7 @@ class SSHProvider(Provider):
         self.ssh_alias = host.ssh_alias
         self.endpoint_command = host.endpoint_command
         self.stop_command = host.stop_command
+        self.proxy_jump = host.proxy_jump
         self.shutdown_on_host = bool(host.shutdown_on_host)
         self.gpu = host.gpu or ""
         self.price_per_hour = float(host.price_per_hour) if host.price_per_hour is not None else None
@@ -89,7 +90,17 @@ class SSHProvider(Provider):
 
     # -- endpoint ---------------------------------------------------------------------------------
     def resolve_endpoint(self) -> Endpoint:
-        """The endpoint right now (never cached)."""
+        """The endpoint right now (never cached), with its jump host: `proxy_jump`, else the
+        ProxyJump that `ssh -G` reports for an alias."""
+        import dataclasses
+        ep = self._resolve_direct()
+        jump = self.proxy_jump
+        if not jump and self.ssh_alias:
+            value = ssh_g(self.ssh_alias).get("proxyjump", ["none"])[0]
+            jump = None if value.lower() == "none" else value
+        return dataclasses.replace(ep, jump=jump) if jump else ep
+
+    def _resolve_direct(self) -> Endpoint:
         if self.endpoint_command:
             out = _run_local(self.endpoint_command, f"endpoint_command of {self.host_name}")
             try:

@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://console.vast.ai"
-DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+# -devel: nvcc is in the image, so tiny-cuda-nn can be built on the first host of a GPU
+# (orchestrator/run/tcnn_cache.py); `image:` on the host overrides it
+DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-devel"
 # vast.ai storage is priced per offer (`storage_cost`, $/GB-month); this typical figure is used
 # only until an offer's own price is known (the offer choice records the offer's).
 STORAGE_USD_PER_GB_MONTH = 0.15

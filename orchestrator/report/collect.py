@@ -86,6 +86,7 @@ class JobReport:
     estimate: EstimateVsActual
     psnr_black: float | None = None      # the same renders scored on black (metrics_black.csv)
     ssim_black: float | None = None
+    train: str = ""                      # the experiment's `train:` options, "lr=0.005 ..."
 
     @property
     def cost_per_db(self) -> float | None:
@@ -306,11 +307,22 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
     estimate = EstimateVsActual(est_s, actual_s, est_cost, cost if billed_s is not None else None,
                                 est_phases, actual_phases, source)
     backend = str(summary.get("backend") or (result or {}).get("backend") or job.backend)
+    tcnn = summary.get("tcnn") if isinstance(summary.get("tcnn"), dict) else {}
+    if tcnn.get("state") in ("built", "cached", "failed"):   # tiny-cuda-nn's fate on that host
+        backend += f" (tcnn {tcnn['state']})"
     return JobReport(job.run_id, job.job_id, job.experiment, job.scene, job.gpu, backend,
                      job.host_name, job.provider, int(summary.get("steps") or job.steps or 0),
                      job.status, psnr, ssim, n_frames, train_s, cost,
                      currency or str((job.estimate or {}).get("currency") or ""), out_dir, estimate,
-                     psnr_black=psnr_black, ssim_black=ssim_black)
+                     psnr_black=psnr_black, ssim_black=ssim_black,
+                     train=_train_text((job.settings or {}).get("train") or summary.get("train_options")))
+
+
+def _train_text(options: Any) -> str:
+    """`train:` options as a table cell: `key=value` pairs in key order."""
+    if not isinstance(options, dict):
+        return ""
+    return " ".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
 def resolve_runs(ledger: Ledger, wanted: list[str] | None) -> tuple[str, ...]:

@@ -39,6 +39,7 @@ class FakeJob:
     status: str = "succeeded"
     video: bool = True
     video_seconds: float = 1.0
+    train: dict[str, Any] | None = None     # the experiment's `train:` options, if any
 
 
 def make_video(path: Path, *, width: int = 64, height: int = 32, seconds: float = 1.0,
@@ -92,7 +93,8 @@ def add_finished_job(ledger: Ledger, run_id: str, job: FakeJob, *, runs_root: Pa
     out_dir = write_job_dir(runs_root / run_id / job.job_id, job)
     ledger.add_job(run_id, job.job_id, experiment="ngp", scene=job.scene,
                    host_name=job.host_name, provider=job.provider, gpu=job.gpu,
-                   steps=job.steps, backend=job.backend, dataset="demo", estimate=job.estimate)
+                   steps=job.steps, backend=job.backend, dataset="demo", estimate=job.estimate,
+                   settings={"train": job.train} if job.train else None)
     row = ledger.record_intent(run_id=run_id, job_id=job.job_id, host_name=job.host_name,
                                provider=job.provider, label=f"orch-{run_id}-{job.job_id}",
                                gpu=job.gpu, price_per_hour=job.price_per_hour,

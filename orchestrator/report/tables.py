@@ -13,7 +13,7 @@ from .collect import BACKGROUND_NOTE, COST_PER_DB_DEFINITION, ReportData
 if TYPE_CHECKING:
     import pandas as pd
 
-RESULT_COLUMNS = ("run", "job", "scene", "gpu", "backend", "steps", "status", "psnr", "ssim",
+RESULT_COLUMNS = ("run", "job", "scene", "gpu", "backend", "steps", "train", "status", "psnr", "ssim",
                   "train_s", "cost", "currency", "cost_per_db")
 NUMERIC = ("psnr", "ssim", "train_s", "cost", "cost_per_db")
 DECIMALS = {"psnr": 2, "ssim": 4, "train_s": 1, "estimate_s": 1, "actual_s": 1,
@@ -26,7 +26,7 @@ def results_frame(data: ReportData, *, with_mean: bool = True) -> "pd.DataFrame"
     import pandas as pd
 
     rows = [{"run": j.run_id, "job": j.job_id, "scene": j.scene, "gpu": j.gpu,
-             "backend": j.backend, "steps": j.steps, "status": j.status, "psnr": j.psnr,
+             "backend": j.backend, "steps": j.steps, "train": j.train, "status": j.status, "psnr": j.psnr,
              "ssim": j.ssim, "train_s": j.train_seconds, "cost": j.cost,
              "currency": j.currency, "cost_per_db": j.cost_per_db} for j in data.jobs]
     df = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))

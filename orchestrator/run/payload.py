@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from remote_payload.contract import EXIT_OK
 from ..transport.base import Transport
@@ -169,7 +169,8 @@ def claim_job_dir(transport: Transport, key_dir: str, run_id: str,
 
 
 def run_args(*, data_dir: str, job_dir: str, steps: int, backend: str, device: str, scene: str,
-             max_seconds: float | None, downscale: int, seed: int, cpu_share: int = 1) -> str:
+             max_seconds: float | None, downscale: int, seed: int, cpu_share: int = 1,
+             train: Mapping[str, Any] | None = None) -> str:
     args = (f"remote_payload run --data {shlex.quote(data_dir)} --job-dir {shlex.quote(job_dir)}"
             f" --steps {int(steps)} --backend {shlex.quote(backend)} --device {shlex.quote(device)}"
             f" --scene {shlex.quote(scene)} --downscale {int(downscale)} --seed {int(seed)}")
@@ -177,6 +178,9 @@ def run_args(*, data_dir: str, job_dir: str, steps: int, backend: str, device: s
         args += f" --max-seconds {float(max_seconds):g}"
     if cpu_share > 1:
         args += f" --cpu-share {int(cpu_share)}"
+    for key, value in sorted((train or {}).items()):
+        text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+        args += f" --train-option {shlex.quote(f'{key}={text}')}"
     return args
 
 

@@ -19,8 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+from . import hostenv
 from . import payload as pl
 from .budget import BudgetGuard
 from ..config import DatasetConfig, HostConfig
@@ -60,6 +61,7 @@ class JobPlan:
     estimate_seconds: float = 0.0
     currency: str = "USD"
     estimate: dict[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)   # TrainConfig fields (`train:`)
 
     @property
     def gpu(self) -> str:
@@ -67,10 +69,13 @@ class JobPlan:
 
     def settings(self) -> dict[str, Any]:
         gen = self.dataset.generate
-        return {"dataset": self.dataset_name, "scene": self.scene, "steps": self.steps,
-                "backend": self.backend, "device": self.device, "max_seconds": self.max_seconds,
-                "downscale": self.downscale, "seed": self.seed,
-                "generate": repr(gen) if gen is not None else None}
+        out = {"dataset": self.dataset_name, "scene": self.scene, "steps": self.steps,
+               "backend": self.backend, "device": self.device, "max_seconds": self.max_seconds,
+               "downscale": self.downscale, "seed": self.seed,
+               "generate": repr(gen) if gen is not None else None}
+        if self.train:   # only when set: the job key (and so a resumable job dir) stays as it was
+            out["train"] = dict(sorted(self.train.items()))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +189,12 @@ class Runner:
         except OrchestratorError as exc:
             if self.stop.is_set():   # e.g. a boot wait or a command cut short by Ctrl-C
                 return self._finish(job, "interrupted", prov, f"interrupted: {exc}")
-            log.error("%s: %s", jid, redact(str(exc)))
-            return self._finish(job, "failed", prov, str(exc))
+            message = str(exc)
+            if transport is not None and attempt.started:   # training began: its results come home
+                local = Path(attempt.out_dir) if attempt.out_dir else self._pull_partial(job, transport, attempt)
+                message += hostenv.came_home(local, self.run_id, jid)
+            log.error("%s: %s", jid, redact(message))
+            return self._finish(job, "failed", prov, message, out_dir=attempt.out_dir)
         except Exception as exc:   # a bug must still end in teardown and a clean outcome
             log.exception("%s: unexpected error", jid)
             return self._finish(job, "failed", prov, f"internal error: {type(exc).__name__}: {exc}")
@@ -197,8 +206,15 @@ class Runner:
         jid = job.job_id
         python = host_python(job.host, provider)
         self.view.update(jid, phase="setup")
+        setup_t0 = time.time()
         pushed = pl.push_payload(t)
         self._check_stop()
+        setup = None
+        if provider.transport_kind != "local":   # a rented host: its own environment, checked first
+            setup = hostenv.set_up_host(t, job, provider, prov, payload_dir=pushed.remote_dir,
+                                        ledger=self.ledger, run_id=self.run_id, view=self.view)
+            python = setup.python
+            self._check_stop()
         with self._plock:   # two jobs staging the same scene on one host: one does it
             lock = self._stage_locks.setdefault((job.host_name, job.dataset_name, job.scene), threading.Lock())
 
@@ -209,12 +225,14 @@ class Runner:
                                      payload_dir=pushed.remote_dir, progress=None, stop=self.stop)
 
         ready = pl.bootstrap_and_stage(t, python=python, payload_dir=pushed.remote_dir, stage=stage)
-        self.ledger.record_phase(self.run_id, jid, "setup", ready.setup_started, ready.setup_ended)
+        self.ledger.record_phase(self.run_id, jid, "setup", setup_t0, ready.setup_ended)
         self.ledger.record_phase(self.run_id, jid, "staging", ready.staging_started, ready.staging_ended)
         attempt.env_data_s = ready.env_data_s
         if ready.error is not None:
             raise ready.error
         data_dir = ready.data_dir
+        if setup is not None:
+            setup.finish(self.view, jid)   # a tiny-cuda-nn build started before staging
         self._check_stop()
 
         job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
@@ -222,7 +240,8 @@ class Runner:
         attempt.job_dir = job_dir
         status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
         self._watch(job, prov, t, attempt, status)
-        return self._pull(job, t, attempt)
+        summary = self._pull(job, t, attempt)
+        return setup.annotate(summary, attempt.out_dir) if setup is not None else summary
 
     def _attach_or_start(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                          python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:
@@ -234,7 +253,7 @@ class Runner:
             run_args=pl.run_args(data_dir=data_dir, job_dir=attempt.job_dir, steps=job.steps,
                                  backend=job.backend, device=job.device, scene=job.scene,
                                  max_seconds=job.max_seconds, downscale=job.downscale, seed=job.seed,
-                                 cpu_share=self._cpu_share(job, provider)),
+                                 cpu_share=self._cpu_share(job, provider), train=job.train),
             instance_id=prov.instance_id, self_stop_command=provider.self_stop_command(prov.instance_id),
             idle_timeout_s=idle_s, deadline_s=deadline_s, runs_dir=self.opts.runs_dir, job_id=job.job_id)
         attempt.started = time.time()
@@ -349,15 +368,18 @@ class Runner:
         if summary is None:
             raise JobError("results pulled but summary.json is missing or unreadable",
                            job_id=job.job_id, phase="pull")
+        hostenv.note_summary(summary, self.ledger, self.run_id, job.job_id)
         return summary
 
-    def _pull_partial(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> None:
-        """A job stopped at the budget keeps what it made (snapshot, train_log, log): pull it
-        before the instance is released. Best effort: a failure is logged, teardown goes on."""
+    def _pull_partial(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> Path | None:
+        """A job stopped at the budget or failed after training started keeps what it made
+        (snapshot, train_log, renders, log): pull it before the instance is released. Best
+        effort: a failure is logged, teardown goes on. Returns the local directory."""
         try:
             self._pull(job, t, attempt)
         except OrchestratorError as exc:
-            log.warning("%s: partial results not pulled: %s", job.job_id, redact(str(exc)))
+            log.warning("%s: partial results: %s", job.job_id, redact(str(exc)))
+        return Path(attempt.out_dir) if attempt.out_dir else None
 
     def _result(self, job: JobPlan, prov: Provisioned, summary: dict[str, Any],
                 attempt: "_Attempt") -> JobOutcome:

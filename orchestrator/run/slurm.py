@@ -102,6 +102,8 @@ class SlurmArray:
     def __init__(self, runner: Runner, jobs: list[JobPlan]) -> None:
         self.r = runner
         self.host = jobs[0].host
+        # no environment discovery on a cluster: `python` after `setup` (python3 when unset)
+        self.python = self.host.python or "python3"
         self.tasks = [_Task(j) for j in jobs]
         self.array_id: str | None = None
         self.stop_status: str | None = None
@@ -168,7 +170,7 @@ class SlurmArray:
                 r.view.update(t.job.job_id, phase="staging")
                 t0 = time.time()
                 try:
-                    staged[key] = stage_dataset(tr, t.job.dataset, t.job.scene, python=self.host.python,
+                    staged[key] = stage_dataset(tr, t.job.dataset, t.job.scene, python=self.python,
                                                 payload_dir=pushed.remote_dir, progress=None)
                 except OrchestratorError as exc:
                     staged[key] = exc
@@ -200,7 +202,7 @@ class SlurmArray:
                            device=j.device, scene=j.scene, max_seconds=j.max_seconds, downscale=j.downscale,
                            seed=j.seed, cpu_share=1)
         return (f"cd {shlex.quote(t.job_dir)} && exec env PYTHONUNBUFFERED=1 ORCHESTRATE_INSTANCE=$SLURM_JOB_ID "
-                f"{pl.payload_command(self.host.python, self.payload_dir, args)} >>log.txt 2>&1")
+                f"{pl.payload_command(self.python, self.payload_dir, args)} >>log.txt 2>&1")
 
     def _submit(self, provider: SlurmProvider, tr: Transport, ready: list[_Task]) -> None:
         r = self.r

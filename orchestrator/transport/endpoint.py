@@ -20,6 +20,7 @@ class Endpoint:
     host: str
     port: int
     user: str = "root"
+    jump: str | None = None      # ssh: "[user@]host[:port]" of a jump host (ProxyJump)
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"

@@ -101,6 +101,7 @@ class SSHTransport:
         self.endpoint: Endpoint | None = None       # of the live connection, for messages only
         self.connects = 0
         self._client: paramiko.SSHClient | None = None
+        self._jump_client: paramiko.SSHClient | None = None
         self._lock = threading.RLock()
 
     # -- connection -------------------------------------------------------------------------------
@@ -153,10 +154,14 @@ class SSHTransport:
             kwargs["key_filename"] = str(Path(self.auth.identity_file).expanduser())
         if self.auth.password:
             kwargs["password"] = self.auth.password
+        if ep.jump:
+            from .jump import open_jump_channel
+            self._jump_client, kwargs["sock"] = open_jump_channel(ep, kwargs, self.connect_timeout_s)
         try:
             client.connect(**kwargs)
         except BaseException:
             client.close()
+            self._close_jump()
             raise
         t = client.get_transport()
         assert t is not None
@@ -230,6 +235,15 @@ class SSHTransport:
             except Exception:  # closing a dead connection must not mask the real error
                 pass
         self._client = None
+        self._close_jump()
+
+    def _close_jump(self) -> None:
+        if self._jump_client is not None:
+            try:
+                self._jump_client.close()
+            except Exception:  # as above
+                pass
+        self._jump_client = None
 
     def connect(self) -> "SSHTransport":
         self._paramiko()
@@ -308,9 +322,11 @@ class SSHTransport:
         inner = shlex.quote("".join(f"export {k}={shlex.quote(v)}; " for k, v in (env or {}).items())
                             + command)
         # In a non-interactive shell the background job is not a group leader, so setsid does
-        # not fork again and $! is the pid of the new session's leader.
-        script = (f"mkdir -p \"$(dirname {logf})\" && "
-                  f"nohup setsid bash -c {inner} >>{logf} 2>&1 </dev/null & echo $!")
+        # not fork again and $! is the pid of the new session's leader. Two statements (as in
+        # transport/local.py): `mkdir && nohup … &` backgrounds the whole list in a subshell,
+        # $! is then that subshell, and a kill of it leaves the real process running.
+        script = (f"mkdir -p \"$(dirname {logf})\" || exit 1\n"
+                  f"nohup setsid bash -c {inner} >>{logf} 2>&1 </dev/null &\necho $!")
         res = self.run(script, timeout_s=60)
         try:
             return int(res.stdout.strip().splitlines()[-1])
