@@ -2,7 +2,9 @@
 
 A fresh host = empty work root and empty installer caches (UV_CACHE_DIR / PIP_NO_CACHE_DIR
 point at new directories), the interpreter a venv holding only torch (a stock image's python).
-Packages come from this machine's configured index. Run:
+Packages come from a package index on loopback over the CI wheelhouse
+(orchestrator/testing/pypi.py; `.ci/run` fills it, or set ORCHESTRATE_TEST_WHEELHOUSE), never
+from this machine's configured indexes: the figure is the installers' own work, not the network's. Run:
 
     PYTHONPATH=$PWD python bench/bench_env.py [--repeat N]
 """
@@ -20,9 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one(installer: str, python: str) -> float:
+def one(installer: str, python: str, index_url: str) -> float:
+    from orchestrator.testing.stockhost import index_env
     with tempfile.TemporaryDirectory(prefix="bench-env-") as tmp:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "ORCHESTRATE_PAYLOAD_INSTALLER": installer,
+        env = {**os.environ, **index_env(index_url), "PYTHONPATH": str(ROOT),
+               "ORCHESTRATE_PAYLOAD_INSTALLER": installer,
                "UV_CACHE_DIR": f"{tmp}/uv-cache", "PIP_NO_CACHE_DIR": "1"}
         t0 = time.monotonic()
         res = subprocess.run([python, "-m", "remote_payload", "env", "--root", f"{tmp}/root", "--python",
@@ -41,11 +45,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--python", default=None, help="the host interpreter (default: the torch-only venv)")
     args = ap.parse_args()
+    from orchestrator.testing.pypi import WHEELHOUSE_ENV, LocalIndex, wheelhouse_from_env
     from orchestrator.testing.stockhost import torch_only_python
-    python = args.python or str(torch_only_python())
-    for installer in ("uv", "pip"):
-        times = [one(installer, python) for _ in range(args.repeat)]
-        print(f"{installer}: median {statistics.median(times):.1f} s, runs {', '.join(f'{t:.1f}' for t in times)}")
+    wheelhouse = wheelhouse_from_env()
+    if wheelhouse is None:
+        raise SystemExit(f"no wheelhouse: set {WHEELHOUSE_ENV} to a directory of wheels "
+                         "(`bash .ci/run` fills .ci-wheelhouse/)")
+    with LocalIndex(wheelhouse) as index:
+        python = args.python or str(torch_only_python(index.url))
+        for installer in ("uv", "pip"):
+            times = [one(installer, python, index.url) for _ in range(args.repeat)]
+            print(f"{installer}: median {statistics.median(times):.1f} s, "
+                  f"runs {', '.join(f'{t:.1f}' for t in times)}")
 
 
 if __name__ == "__main__":

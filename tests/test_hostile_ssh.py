@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.testing import pypi
+from orchestrator.testing.pypi import LocalIndex
 from orchestrator.testing.sshd import SSHServer
+from orchestrator.testing.stockhost import index_env, set_env
+
+loopback_index = pypi.loopback_index     # the fixture: pip and uv on the host ask loopback only
 
 pytestmark = pytest.mark.sshd
 
@@ -65,11 +70,13 @@ def ours(marker: str) -> list[tuple[int, str]]:
 
 
 @pytest.mark.timeout(600)
-def test_successful_run_leaves_no_process_and_no_watchdog_fires_later(tmp_path: Path) -> None:
+def test_successful_run_leaves_no_process_and_no_watchdog_fires_later(tmp_path: Path,
+                                                                       loopback_index: LocalIndex) -> None:
     home, runs = tmp_path / "home", tmp_path / "runs"
-    with SSHServer(base_dir=tmp_path / "sshd") as srv:
+    offline = index_env(loopback_index.url)
+    with SSHServer(base_dir=tmp_path / "sshd", extra_config=set_env(**offline)) as srv:
         (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv))
-        env = {**os.environ, "ORCHESTRATE_HOME": str(home)}
+        env = {**os.environ, **offline, "ORCHESTRATE_HOME": str(home)}
         env.pop("ORCHESTRATE_DEBUG", None)
         res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "experiments.yaml", "--yes",
                               "--runs-dir", str(runs)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,

@@ -18,13 +18,17 @@ import pytest
 
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError
+from orchestrator.testing import pypi
+from orchestrator.testing.pypi import LocalIndex
 from orchestrator.testing.stockhost import BARE_PYTHON, DEAD_INDEX, torch_only_python
 from remote_payload import env
 
+local_index = pypi.local_index     # the fixture: the loopback index over the CI wheelhouse
+
 
 @pytest.fixture(scope="module")
-def torch_only() -> Path:
-    return torch_only_python()
+def torch_only(local_index: LocalIndex) -> Path:
+    return torch_only_python(local_index.url)
 
 
 def test_configured_interpreter_is_used_even_without_torch() -> None:

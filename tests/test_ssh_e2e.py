@@ -4,7 +4,9 @@ The host's endpoint comes from `endpoint_command` (reads a file this test rewrit
 pipeline trains, the test restarts sshd on another port and kills every live session: the
 controller must reconnect on the new port (same host key), re-attach to the detached pipeline
 without starting a second one, and bring every result home. Then every file the run wrote
-(runs dir, ORCHESTRATE_HOME with the SQLite ledger) is searched for the password.
+(runs dir, ORCHESTRATE_HOME with the SQLite ledger) is searched for the password. The host's
+pip and uv see only a loopback index (orchestrator/testing/pypi.py; its python, the controller's,
+already has every requirement, so nothing is fetched).
 """
 from __future__ import annotations
 
@@ -19,7 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.testing import pypi
+from orchestrator.testing.pypi import LocalIndex
 from orchestrator.testing.sshd import SSHServer
+from orchestrator.testing.stockhost import index_env, set_env
+
+loopback_index = pypi.loopback_index     # the fixture
 
 pytestmark = pytest.mark.sshd
 
@@ -67,12 +74,13 @@ def status_files(root: Path) -> list[Path]:
 
 
 @pytest.mark.timeout(900)
-def test_run_survives_port_change_and_dropped_sessions(tmp_path: Path) -> None:
+def test_run_survives_port_change_and_dropped_sessions(tmp_path: Path, loopback_index: LocalIndex) -> None:
     home, runs = tmp_path / "home", tmp_path / "runs"
-    with SSHServer(password=PASSWORD, base_dir=tmp_path / "sshd") as srv:
+    offline = index_env(loopback_index.url)
+    with SSHServer(password=PASSWORD, base_dir=tmp_path / "sshd", extra_config=set_env(**offline)) as srv:
         (tmp_path / "endpoint").write_text(f"{srv.user}@127.0.0.1:{srv.port}\n")
         (tmp_path / "experiments.yaml").write_text(config(tmp_path, steps=STEPS))
-        env = {**os.environ, "ORCHESTRATE_HOME": str(home), "ORCH_E2E_SSH_PASSWORD": PASSWORD}
+        env = {**os.environ, **offline, "ORCHESTRATE_HOME": str(home), "ORCH_E2E_SSH_PASSWORD": PASSWORD}
         env.pop("ORCHESTRATE_DEBUG", None)
         ctl = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "-v", "run", "experiments.yaml",
                                 "--yes", "--json", "--runs-dir", str(runs)],
@@ -129,6 +137,8 @@ def test_run_survives_port_change_and_dropped_sessions(tmp_path: Path) -> None:
     assert (final["exit_code"], final["phase"], final["pid"]) == (0, "done", pipeline_pid)
     assert summary["steps"] == STEPS and summary["psnr_mean"] > 5
     assert not summary.get("resumed_from_step")                           # trained in one go
+    host_env = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]
+    assert (host_env["index"], host_env["index_url"]) == (True, loopback_index.url)   # asked only loopback
 
     # the password appears in no file the run wrote, nor in its output
     leaks = []

@@ -19,16 +19,21 @@ from orchestrator.config import HostConfig
 from orchestrator.errors import ConnectError
 from orchestrator.transport.endpoint import Endpoint
 from orchestrator.providers.ssh import SSHProvider
+from orchestrator.testing import pypi
+from orchestrator.testing.pypi import LocalIndex
 from orchestrator.testing.sshd import SSHServer, find_sshd
+from orchestrator.testing.stockhost import index_env, set_env
 from orchestrator.transport.jump import parse_jump
 from orchestrator.transport.ssh import SSHAuth, SSHTransport
 
 pytestmark = [pytest.mark.sshd, pytest.mark.skipif(find_sshd() is None, reason="sshd not installed")]
 
+loopback_index = pypi.loopback_index     # the fixture: pip and uv on the host ask loopback only
+
 
 @pytest.fixture
-def pair(tmp_path: Path):
-    target = SSHServer(base_dir=tmp_path / "target")
+def pair(tmp_path: Path, loopback_index: LocalIndex):
+    target = SSHServer(base_dir=tmp_path / "target", extra_config=set_env(**index_env(loopback_index.url)))
     jump = SSHServer(base_dir=tmp_path / "jump", extra_config={"LogLevel": "DEBUG1"})
     with target, jump:
         jump.authorize_key(target.client_public_key)     # one key for both, as with rented hosts
@@ -80,7 +85,7 @@ def test_alias_proxyjump_comes_from_ssh_g(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.timeout(900)
-def test_orchestrate_run_through_a_jump_host(pair, tmp_path: Path) -> None:
+def test_orchestrate_run_through_a_jump_host(pair, tmp_path: Path, loopback_index: LocalIndex) -> None:
     target, jump = pair
     (tmp_path / "experiments.yaml").write_text(f"""\
 name: jump
@@ -103,7 +108,7 @@ experiments:
   - name: ngp
     steps: 4
 """)
-    env = {**os.environ, "ORCHESTRATE_HOME": str(tmp_path / "home")}
+    env = {**os.environ, **index_env(loopback_index.url), "ORCHESTRATE_HOME": str(tmp_path / "home")}
     res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "experiments.yaml", "--yes",
                           "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=800)

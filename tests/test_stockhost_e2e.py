@@ -3,8 +3,11 @@
 Each host is a real sshd on loopback whose `python:` is a stand-in for an image's interpreter
 (orchestrator/testing/stockhost.py): a venv with only torch (a stock GPU image without the GPU)
 or the distribution's bare /usr/bin/python3. The host's sessions get their environment from
-sshd's SetEnv: a dead package index, failures injected into the payload's stages
-(`ORCHESTRATE_PAYLOAD_INJECT`, a documented test hook), where torch wheels come from.
+sshd's SetEnv: the package index (the loopback index over the CI wheelhouse,
+orchestrator/testing/pypi.py, or a dead one), failures injected into the payload's stages
+(`ORCHESTRATE_PAYLOAD_INJECT`, a documented test hook). The controller under test gets the same
+index (it downloads wheels for a host without one); pip and uv read no configuration files and
+any request that is not to loopback meets a dead proxy.
 """
 from __future__ import annotations
 
@@ -18,8 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.testing import pypi
+from orchestrator.testing.pypi import LocalIndex
 from orchestrator.testing.sshd import SSHServer, find_sshd
-from orchestrator.testing.stockhost import BARE_PYTHON, no_index_env, set_env, torch_only_python
+from orchestrator.testing.stockhost import BARE_PYTHON, index_env, no_index_env, offline_env, set_env, torch_only_python
+
+local_index = pypi.local_index     # the fixture: the loopback index over the CI wheelhouse
 
 pytestmark = [pytest.mark.sshd,
               pytest.mark.skipif(find_sshd() is None, reason="sshd not installed")]
@@ -29,8 +36,8 @@ VIDEOS = ("render.mp4", "gt.mp4", "compare.mp4")
 
 
 @pytest.fixture(scope="session")
-def torch_only() -> Path:
-    return torch_only_python()
+def torch_only(local_index: LocalIndex) -> Path:
+    return torch_only_python(local_index.url)
 
 
 def config(tmp: Path, srv: SSHServer, python: str, *, extra: str = "", steps: int = STEPS) -> str:
@@ -60,16 +67,18 @@ experiments:
 """
 
 
-def orchestrate(tmp: Path, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ORCHESTRATE_HOME": str(tmp / "home")}
+def orchestrate(tmp: Path, *args: str, index_url: str | None = None,
+                timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(index_env(index_url) if index_url else offline_env()),
+           "ORCHESTRATE_HOME": str(tmp / "home")}
     env.pop("ORCHESTRATE_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
-def run(tmp: Path, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+def run(tmp: Path, index_url: str | None = None, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
     return orchestrate(tmp, "run", "experiments.yaml", "--yes", "--runs-dir", str(tmp / "runs"),
-                       timeout_s=timeout_s)
+                       index_url=index_url, timeout_s=timeout_s)
 
 
 def rows(tmp: Path, sql: str, *args: object) -> list[dict]:
@@ -104,15 +113,18 @@ def host_processes(tmp: Path) -> list[str]:
     return found
 
 
-def host(tmp: Path, **env: str) -> SSHServer:
-    return SSHServer(base_dir=tmp / "sshd", extra_config=set_env(**env))
+def host(tmp: Path, index_url: str | None = None, **env: str) -> SSHServer:
+    """A host whose pip and uv see `index_url` alone (None: no index at all)."""
+    base = index_env(index_url) if index_url else no_index_env()
+    return SSHServer(base_dir=tmp / "sshd", extra_config=set_env(**{**base, **env}))
 
 
 @pytest.mark.timeout(900)
-def test_torch_only_host_succeeds_and_second_run_rebuilds_nothing(tmp_path: Path, torch_only: Path) -> None:
-    with host(tmp_path) as srv:
+def test_torch_only_host_succeeds_and_second_run_rebuilds_nothing(tmp_path: Path, torch_only: Path,
+                                                                  local_index: LocalIndex) -> None:
+    with host(tmp_path, local_index.url) as srv:
         (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, str(torch_only)))
-        first = run(tmp_path)
+        first = run(tmp_path, local_index.url)
         assert first.returncode == 0, first.stderr[-3000:]
         job = last_job(tmp_path)
         out = Path(job["out_dir"])
@@ -134,7 +146,7 @@ def test_torch_only_host_succeeds_and_second_run_rebuilds_nothing(tmp_path: Path
         assert summary["tcnn"]["state"] == "not_applicable" and summary["backend"] == "torch"
         assert summary["environment"]["installer"] == "uv" and summary["environment"]["reused"] is False
 
-        second = run(tmp_path)
+        second = run(tmp_path, local_index.url)
         assert second.returncode == 0, second.stderr[-3000:]
     env2 = json.loads((tmp_path / "hostroot" / "env.json").read_text())
     assert env2["tcnn_status"] == {"state": "not_applicable", "detail": "torch sees no CUDA device",
@@ -187,11 +199,12 @@ def test_no_usable_interpreter_stops_before_staging(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_cuda_wanted_on_a_cpu_torch_host_stops_before_staging(tmp_path: Path, torch_only: Path) -> None:
-    with host(tmp_path) as srv:
+def test_cuda_wanted_on_a_cpu_torch_host_stops_before_staging(tmp_path: Path, torch_only: Path,
+                                                              local_index: LocalIndex) -> None:
+    with host(tmp_path, local_index.url) as srv:
         text = config(tmp_path, srv, str(torch_only)).replace("gpu: cpu", "gpu: RTX 4090")
         (tmp_path / "experiments.yaml").write_text(text)
-        res = run(tmp_path)
+        res = run(tmp_path, local_index.url)
     assert res.returncode != 0
     err = last_job(tmp_path)["error"]
     assert err.startswith("host rented: torch 2.13.0+cpu sees no CUDA device (no nvidia-smi on the host)"), err
@@ -200,11 +213,11 @@ def test_cuda_wanted_on_a_cpu_torch_host_stops_before_staging(tmp_path: Path, to
 
 
 @pytest.mark.timeout(300)
-def test_failing_setup_line_stops_before_staging(tmp_path: Path, torch_only: Path) -> None:
-    with host(tmp_path) as srv:
+def test_failing_setup_line_stops_before_staging(tmp_path: Path, torch_only: Path, local_index: LocalIndex) -> None:
+    with host(tmp_path, local_index.url) as srv:
         (tmp_path / "experiments.yaml").write_text(config(
             tmp_path, srv, str(torch_only), extra="    setup: \"echo preparing; exit 3\"\n"))
-        res = run(tmp_path)
+        res = run(tmp_path, local_index.url)
     assert res.returncode != 0
     err = last_job(tmp_path)["error"]
     assert err == "host rented: a setup: line failed (exit 3): preparing", err
@@ -213,27 +226,31 @@ def test_failing_setup_line_stops_before_staging(tmp_path: Path, torch_only: Pat
 
 
 @pytest.mark.timeout(900)
-def test_torch_install_on_a_bare_host(tmp_path: Path) -> None:
-    """`torch: install` puts the CPU torch wheel (this machine's local wheel directory, named to
-    uv by the host's UV_FIND_LINKS) into the host's environment: ~60 s in all here, like the
-    other runs in this module (the wheel is local; its dependencies come from the index)."""
-    with host(tmp_path, ORCHESTRATE_TORCH_INDEX="none", UV_FIND_LINKS="/opt/wheels") as srv:
+def test_torch_install_on_a_bare_host(tmp_path: Path, local_index: LocalIndex) -> None:
+    """`torch: install` puts the CPU torch wheel (from the loopback index; ORCHESTRATE_TORCH_INDEX=none
+    keeps download.pytorch.org out) into the host's environment: ~60 s in all here, like the
+    other runs in this module."""
+    n0 = len(local_index.requests)
+    with host(tmp_path, local_index.url, ORCHESTRATE_TORCH_INDEX="none") as srv:
         (tmp_path / "experiments.yaml").write_text(
             config(tmp_path, srv, BARE_PYTHON, extra="    torch: install\n"))
-        res = run(tmp_path, timeout_s=850)
+        res = run(tmp_path, local_index.url, timeout_s=850)
     assert res.returncode == 0, res.stderr[-3000:]
     e = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]
     assert e["torch_installed"] == {"spec": "torch==2.13.0+cpu", "family": "cpu"}
     assert e["requirements"]["torch"] == "2.13.0+cpu" and e["interpreter_torch"] is None
+    assert "/simple/torch/" in local_index.requests[n0:]
     assert last_job(tmp_path)["status"] == "succeeded"
 
 
 @pytest.mark.timeout(900)
-def test_host_without_index_gets_pushed_wheels(tmp_path: Path, torch_only: Path) -> None:
-    with host(tmp_path, **no_index_env()) as srv:
+def test_host_without_index_gets_pushed_wheels(tmp_path: Path, torch_only: Path, local_index: LocalIndex) -> None:
+    n0 = len(local_index.requests)
+    with host(tmp_path) as srv:            # the host has no index; the controller has the loopback one
         (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, str(torch_only)))
-        res = run(tmp_path)
+        res = run(tmp_path, local_index.url)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert {"/simple/numpy/", "/simple/uv/"} <= set(local_index.requests[n0:])
     e = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]
     assert (e["index"], e["wheels_pushed"]) == (False, True)
     assert e["requirements"]["numpy"] == "2.4.6"
@@ -246,12 +263,13 @@ def test_host_without_index_gets_pushed_wheels(tmp_path: Path, torch_only: Path)
 
 
 @pytest.mark.timeout(900)
-def test_video_failure_is_a_warning_and_setup_lines_run_once(tmp_path: Path, torch_only: Path) -> None:
+def test_video_failure_is_a_warning_and_setup_lines_run_once(tmp_path: Path, torch_only: Path,
+                                                             local_index: LocalIndex) -> None:
     setup = ('    setup:\n      - echo "python is $ORCHESTRATE_PYTHON" > setup-proof.txt\n'
              """      - '"$ORCHESTRATE_PYTHON" -c "import PIL, numpy; print(numpy.__version__)"'\n""")
-    with host(tmp_path, ORCHESTRATE_PAYLOAD_INJECT="videos") as srv:
+    with host(tmp_path, local_index.url, ORCHESTRATE_PAYLOAD_INJECT="videos") as srv:
         (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, str(torch_only), extra=setup))
-        res = run(tmp_path)
+        res = run(tmp_path, local_index.url)
     assert res.returncode == 0, res.stderr[-3000:]
     env_python = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]["python"]
     assert (tmp_path / "hostroot" / "setup-proof.txt").read_text() == f"python is {env_python}\n"
@@ -270,10 +288,11 @@ def test_video_failure_is_a_warning_and_setup_lines_run_once(tmp_path: Path, tor
 
 
 @pytest.mark.timeout(900)
-def test_metrics_failure_keeps_renders_and_eval_completes_it(tmp_path: Path, torch_only: Path) -> None:
-    with host(tmp_path, ORCHESTRATE_PAYLOAD_INJECT="metrics") as srv:
+def test_metrics_failure_keeps_renders_and_eval_completes_it(tmp_path: Path, torch_only: Path,
+                                                             local_index: LocalIndex) -> None:
+    with host(tmp_path, local_index.url, ORCHESTRATE_PAYLOAD_INJECT="metrics") as srv:
         (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, str(torch_only)))
-        res = run(tmp_path)
+        res = run(tmp_path, local_index.url)
     assert res.returncode != 0
     job = last_job(tmp_path)
     out = Path(job["out_dir"])

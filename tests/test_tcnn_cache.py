@@ -4,28 +4,45 @@ No CUDA build happens here and none is pretended: the mechanism (detached build 
 limit, build.log and result.json on the host, the wheel pulled into the controller's cache by
 key, pushed to and installed on a second host, failure and timeout leaving the torch backend)
 is exercised with a real wheel built from a small local package (`--source`, `--import-name`).
-The build command an H100 host would run is checked as a dry run.
+The build command an H100 host would run is checked as a dry run. The build's tools
+(setuptools, ninja) come from the loopback index over the CI wheelhouse (orchestrator/testing/pypi.py),
+named to the host's pip by sshd's SetEnv.
 """
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from orchestrator.run import tcnn_cache
 from orchestrator.run.payload import push_payload
-from orchestrator.transport.endpoint import Endpoint
 from orchestrator.run.tcnn_cache import PendingBuild, TcnnKey, TcnnStatus
-from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
-from orchestrator.testing.stockhost import BARE_PYTHON
+from orchestrator.testing import pypi
+from orchestrator.testing.pypi import LocalIndex
+from orchestrator.testing.sshd import SSHServer, find_sshd
+from orchestrator.testing.stockhost import BARE_PYTHON, index_env, set_env
+from orchestrator.transport.endpoint import Endpoint
 from orchestrator.transport.ssh import SSHAuth, SSHTransport
+
+local_index = pypi.local_index     # the fixture: the loopback index over the CI wheelhouse
 
 pytestmark = pytest.mark.sshd
 
 KEY = TcnnKey("8.6", "2.13.0+cpu", "none", "cp311")    # a CPU stand-in key: same mechanism
+
+
+@pytest.fixture
+def sshd_server(local_index: LocalIndex, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """A host whose pip sees the loopback index alone."""
+    if find_sshd() is None:
+        pytest.skip("sshd not installed (apt-get install openssh-server)")
+    with SSHServer(base_dir=tmp_path_factory.mktemp("sshd"),
+                   extra_config=set_env(**index_env(local_index.url))) as srv:
+        yield srv
 
 
 def transport(srv: SSHServer, root: Path) -> SSHTransport:

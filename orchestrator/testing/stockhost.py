@@ -4,9 +4,12 @@
 - `torch_only_python()`: a venv over it holding only torch — a stock GPU image's python, minus
   the GPU. Built once per (torch version, python version) under a cache directory
   (`ORCHESTRATE_TEST_CACHE`, else `<tmp>/orchestrate-test-cache`), so a test session does not
-  reinstall torch; pip resolves torch through this machine's pip configuration.
-- `host_env_config(...)`: sshd `SetEnv` text that gives the host's sessions an environment
-  (no package index, injected failures, where torch wheels come from).
+  reinstall torch; pip installs torch from the loopback index it is given
+  (`orchestrator.testing.pypi`), never from this machine's configured indexes.
+- `set_env(...)`: sshd `SetEnv` lines that give the host's sessions an environment
+  (the package index, injected failures).
+- `index_env(url)`: pip and uv on the loopback index alone, every other request refused;
+  `no_index_env()`: no index at all.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 BARE_PYTHON = "/usr/bin/python3"
 DEAD_INDEX = "http://127.0.0.1:9/simple"     # the discard port: nothing listens, connects are refused
+DEAD_PROXY = "http://127.0.0.1:9"            # a request that tries to leave the machine fails loudly
 
 
 def cache_root() -> Path:
@@ -30,9 +34,10 @@ def _python_version(python: str) -> str:
                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
 
 
-def torch_only_python(torch_version: str = "2.13.0", *, base: str = BARE_PYTHON,
+def torch_only_python(index_url: str, torch_version: str = "2.13.0", *, base: str = BARE_PYTHON,
                       timeout_s: float = 1200.0) -> Path:
-    """`<cache>/torch-only-<torch>-py<XY>/bin/python`: a venv over `base` with only torch."""
+    """`<cache>/torch-only-<torch>-py<XY>/bin/python`: a venv over `base` with only torch,
+    installed from `index_url` (the loopback index) when the cache does not have it yet."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     venv = root / f"torch-only-{torch_version}-py{_python_version(base)}"
@@ -46,6 +51,7 @@ def torch_only_python(torch_version: str = "2.13.0", *, base: str = BARE_PYTHON,
                        capture_output=True, stdin=subprocess.DEVNULL)
         proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                                f"torch=={torch_version}"], capture_output=True, text=True,
+                              env={**os.environ, **index_env(index_url)},
                               timeout=timeout_s, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise RuntimeError(f"installing torch=={torch_version} into {venv} failed: {proc.stderr[-1000:]}")
@@ -58,8 +64,20 @@ def set_env(**values: str) -> dict[str, str]:
     return {"SetEnv": " ".join(f"{k}={v}" for k, v in values.items())} if values else {}
 
 
+def offline_env() -> dict[str, str]:
+    """No configuration files for pip or uv (this machine's pip.conf names other indexes and
+    wheel directories) and a dead proxy for anything but loopback."""
+    return {"PIP_CONFIG_FILE": os.devnull, "UV_NO_CONFIG": "1",
+            "http_proxy": DEAD_PROXY, "https_proxy": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY,
+            "HTTPS_PROXY": DEAD_PROXY, "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+def index_env(url: str) -> dict[str, str]:
+    """pip and uv resolve from `url` (the loopback index) alone."""
+    return {**offline_env(), "PIP_INDEX_URL": url, "UV_INDEX_URL": url, "UV_DEFAULT_INDEX": url}
+
+
 def no_index_env() -> dict[str, str]:
     """A host that cannot reach any package index: pip and uv point at a dead port and read
     no configuration files (this machine's own pip.conf names local wheel directories)."""
-    return {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": DEAD_INDEX, "PIP_RETRIES": "0",
-            "UV_INDEX_URL": DEAD_INDEX, "UV_DEFAULT_INDEX": DEAD_INDEX, "UV_NO_CONFIG": "1"}
+    return {**index_env(DEAD_INDEX), "PIP_RETRIES": "0"}
