@@ -38,6 +38,8 @@ from urllib.parse import parse_qs, urlsplit
 from ..config import HostConfig
 from . import fakecloud_api as api
 from .fakecloud_state import FakeCloudError, World
+from .pypi import LocalIndex, wheelhouse_from_env
+from .stockhost import index_env
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class FakeCloud:
         self._httpd: _Server | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self.index: LocalIndex | None = None
 
     @property
     def port(self) -> int:
@@ -150,6 +153,12 @@ class FakeCloud:
         return self.world.account_key_path
 
     def start(self) -> "FakeCloud":
+        # With the CI wheelhouse, the instances' pip and uv ask a package index on loopback only,
+        # so no test traffic leaves the box (without one they keep the machine's configuration).
+        wheelhouse = wheelhouse_from_env()
+        if wheelhouse is not None:
+            self.index = LocalIndex(wheelhouse).start()
+            self.world.host_env = index_env(self.index.url)
         self._httpd = _Server((self.host, self._port), _Handler)
         self._httpd.world = self.world
         self._stop.clear()
@@ -178,6 +187,9 @@ class FakeCloud:
         for t in self._threads:
             t.join(timeout=5)
         self.world.shutdown()
+        if self.index is not None:
+            self.index.stop()
+            self.index = None
 
     def __enter__(self) -> "FakeCloud":
         return self.start()

@@ -158,6 +158,7 @@ class World:
         self.instances: dict[str, Instance] = {}
         self.faults = Faults()
         self.clock_offset_s = 0.0
+        self.host_env: dict[str, str] = {}     # every instance's environment gets these (the index)
         self.next_serial = 1
         self.vast_id_base = 1_000_000 * (10 + secrets.randbelow(80))
         self.servers: dict[str, SSHServer] = {}
@@ -389,7 +390,7 @@ class World:
         path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
         return {"CONTAINER_ID": inst.id, "CONTAINER_API_KEY": inst.scoped_key,
                 "RUNPOD_POD_ID": inst.id, "RUNPOD_API_KEY": inst.scoped_key,
-                "HOME": str(home), "PATH": path, **inst.env}
+                "HOME": str(home), "PATH": path, **self.host_env, **inst.env}
 
     def _run_onstart(self, inst: Instance) -> None:
         """vast.ai runs the instance's `onstart` at every container start, and RunPod its
