@@ -95,7 +95,7 @@ def test_a_damaged_events_page_does_not_cost_the_report(tmp_path: Path) -> None:
     con.close()
     res = cli(tmp_path, "report", "--format", "csv")
     assert res.returncode == 0, res.stderr
-    assert "r1,j1,lego,cpu,torch,10,succeeded,25.5" in res.stdout
+    assert "r1,j1,lego,cpu,torch,10,,succeeded,25.5" in res.stdout
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]           # one line
     assert "events of run r1 cannot be read (database disk image is malformed)" in res.stderr
     md = cli(tmp_path, "report")
