@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS results (
   run_id TEXT, job_id TEXT, scene TEXT, gpu TEXT, backend TEXT, psnr_mean REAL,
   ssim_mean REAL, train_seconds REAL, steps INTEGER, device TEXT, n_test_images INTEGER,
   out_dir TEXT, summary TEXT, PRIMARY KEY (run_id, job_id));
+CREATE TABLE IF NOT EXISTS job_costs (
+  run_id TEXT, job_id TEXT, instance_row INTEGER, own_seconds REAL, shared_seconds REAL,
+  own_cost REAL, shared_cost REAL, PRIMARY KEY (run_id, job_id, instance_row));
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT, run_id TEXT, job_id TEXT, kind TEXT,
   message TEXT);
@@ -322,6 +325,20 @@ class Ledger:
         else:
             rows = self._query("SELECT * FROM results")
         return [dict(r) for r in rows]
+
+    # -- a job's share of an instance that ran several jobs -----------------------------------
+    def record_job_cost(self, run_id: str, job_id: str, instance_row: int, *, own_seconds: float,
+                        shared_seconds: float, own_cost: float, shared_cost: float) -> None:
+        """A job's own phases and its even share of the instance's shared time (boot,
+        environment, gaps, teardown), both kept so per-job costs compare across runs."""
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO job_costs VALUES (?,?,?,?,?,?,?)",
+                      (run_id, job_id, instance_row, own_seconds, shared_seconds, own_cost, shared_cost))
+
+    def job_costs(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            return [dict(r) for r in self._query("SELECT * FROM job_costs ORDER BY rowid")]
+        return [dict(r) for r in self._query("SELECT * FROM job_costs WHERE run_id=? ORDER BY rowid", (run_id,))]
 
     # -- instances and billing -------------------------------------------------------------
     def record_intent(self, *, run_id: str, job_id: str, host_name: str, provider: str,

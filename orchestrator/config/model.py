@@ -27,7 +27,8 @@ HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root"
 HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
             "password_file", "stop_command", "shutdown_on_host")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
-              "region", "user", "identity_file", "ssh_key_name")
+              "region", "user", "identity_file", "ssh_key_name", "max_instances", "max_offer_tries",
+              "retry_until_up")
 HOST_KEYS: dict[str, tuple[str, ...]] = {
     "local": HOST_COMMON, "ssh": HOST_COMMON + HOST_SSH,
     **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS}}
@@ -90,6 +91,9 @@ class HostConfig:
     region: str | None = None
     ssh_key_name: str | None = None
     gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
+    max_instances: int = 1                   # instances one run rents of this entry (sessions)
+    max_offer_tries: int = 3                 # offers tried when a create finds no capacity
+    retry_until_up_s: float | None = None    # keep trying (with backoff) this long
     line: int = 0                            # where the host is defined, for later messages
 
 

@@ -53,9 +53,10 @@ def choose_price(provider: Provider, host: HostConfig) -> PriceChoice:
 
 def provision(provider: Provider, host: HostConfig, *, ledger: Ledger, run_id: str, job_id: str,
               label: str, ready_timeout_s: float = 900.0,
-              stop: threading.Event | None = None) -> Provisioned:
-    """Create an instance and wait until it is RUNNING; the ledger follows every step."""
-    price = choose_price(provider, host)
+              stop: threading.Event | None = None, choice: PriceChoice | None = None) -> Provisioned:
+    """Create an instance and wait until it is RUNNING; the ledger follows every step.
+    `choice` is an offer already chosen (failover picks it under its lock)."""
+    price = choice if choice is not None else choose_price(provider, host)
     spec = InstanceSpec(label=label, gpu=host.gpu or "", offer_id=price.offer_id,
                         max_price_per_hour=host.max_price_per_hour, image=host.image,
                         disk_gb=float(host.disk_gb or 20.0), region=host.region,
