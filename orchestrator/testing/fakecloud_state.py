@@ -81,6 +81,7 @@ class Faults:
     sold_out: bool = False            # no capacity anywhere
     create_delay_s: float = 0.0       # a create request is held this long before it takes effect
     destroy_delay_s: float = 0.0      # likewise for destroy (a controller can die meanwhile)
+    vanish_offers: int = 0            # next N creates find their offer rented away since the search
 
 
 @dataclass
@@ -199,7 +200,18 @@ class World:
         return [] if self.faults.sold_out else list(self.catalog.get(provider, []))
 
     def find_offer(self, provider: str, offer_id: str) -> tuple[str, str, float] | None:
+        self._vanish(provider, offer_id)
         return next((o for o in self.offers(provider) if o[0] == offer_id), None)
+
+    def _vanish(self, provider: str, offer_id: str) -> None:
+        """The `vanish_offers` fault: someone else rents the offer between our search and our
+        create, so it leaves the catalog (later searches no longer list it)."""
+        with self.lock:
+            if self.faults.vanish_offers <= 0 or not any(o[0] == offer_id for o in self.catalog.get(provider, [])):
+                return
+            self.faults.vanish_offers -= 1
+            self.catalog = {**self.catalog, provider: [o for o in self.catalog[provider] if o[0] != offer_id]}
+            log.info("fakecloud: offer %s %s was rented away", provider, offer_id)
 
     # -- lifecycle ------------------------------------------------------------------------
     def new_id(self, provider: str) -> str:

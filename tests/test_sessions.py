@@ -1,0 +1,196 @@
+"""Instance sessions (issue 15): a host entry's jobs on one warm instance, the next dataset staged
+while the current job trains, the bill split into own + shared time, failover to the next offer
+when the chosen one was rented away between search and create, Ctrl-C during a session.
+
+The fake cloud speaks the vast.ai REST API as documented at https://docs.vast.ai/api (search
+offers `GET /api/v0/bundles/`, create `PUT /api/v0/asks/{id}/` answering `no_such_ask` for an
+offer that is gone); its instances are real sshd processes on loopback.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.ledger import Ledger
+from orchestrator.run.session import instances_for, plan_instances, share_costs
+from orchestrator.testing.fakecloud import fake_cloud  # noqa: F401 (fixture)
+from orchestrator.testing.faultmatrix import Harness
+from orchestrator.testing.hosts import make_host
+
+
+# -- the bill split and the plan (no host needed) ---------------------------------------------
+def test_share_costs_own_seconds_plus_an_even_share_of_the_rest() -> None:
+    shares = share_costs(1.0, 100.0, {"a": 30.0, "b": 50.0})
+    assert shares["a"].own_cost == pytest.approx(0.30) and shares["b"].own_cost == pytest.approx(0.50)
+    # 20 s of boot, environment and gaps: 10 s and 0.10 each
+    assert shares["a"].shared_seconds == pytest.approx(10.0) and shares["b"].shared_cost == pytest.approx(0.10)
+    assert sum(s.own_cost + s.shared_cost for s in shares.values()) == pytest.approx(1.0)
+
+
+def test_share_costs_overlapping_own_time_never_exceeds_the_bill() -> None:
+    shares = share_costs(2.0, 100.0, {"a": 80.0, "b": 80.0})     # two GPUs at once
+    assert shares["a"].own_seconds == pytest.approx(50.0) and shares["a"].shared_cost == pytest.approx(0.0)
+    assert sum(s.own_cost + s.shared_cost for s in shares.values()) == pytest.approx(2.0)
+    assert share_costs(1.0, 10.0, {}) == {}
+
+
+def test_instances_per_host_entry() -> None:
+    assert instances_for(make_host("vastai"), 8) == 1                       # clouds: one by default
+    assert instances_for(make_host("vastai", max_instances=3), 8) == 3
+    assert instances_for(make_host("vastai", max_instances=3), 2) == 2      # never more than jobs
+    assert instances_for(make_host("ssh", max_instances=4), 8) == 1         # one machine
+    assert instances_for(make_host("local"), 3) == 1
+    assert instances_for(make_host("vastai"), 0) == 0
+
+
+def _job(jid: str, host, seconds: float, cost: float):
+    phases = {"boot": 120.0, "setup": 60.0, "staging": 60.0, "teardown": 10.0}
+    return NS(job_id=jid, host_name=host.name, host=host, estimate_seconds=seconds, estimate_cost=cost,
+              estimate={"phases": phases})
+
+
+def test_plan_balances_queues_and_pays_the_shared_time_once() -> None:
+    host = make_host("vastai", max_instances=2)
+    jobs = [_job(f"j{i}", host, 450.0, 0.45) for i in range(4)]    # 250 s of it shared, 200 own
+    plans = plan_instances(jobs)
+    assert [p.job_ids for p in plans] == [("j0", "j2"), ("j1", "j3")]
+    assert [p.seconds for p in plans] == [190.0 + 2 * 200.0] * 2
+    one = plan_instances(jobs, one_per_job=True)
+    assert len(one) == 4 and all(p.seconds == 190.0 + 200.0 for p in one)
+    assert sum(p.cost for p in plans) < sum(p.cost for p in one)
+
+
+def test_config_session_and_failover_keys(tmp_path: Path) -> None:
+    from orchestrator.config import load_config
+
+    def load(extra: str):
+        p = tmp_path / "e.yaml"
+        p.write_text("name: t\nhosts:\n  v: {provider: vastai, gpu: RTX 4090, api_key_env: K" + extra + "}\n"
+                     "datasets:\n  d: {generate: {size: 16}}\n"
+                     "experiments:\n  - {name: e, dataset: d, scenes: [default], hosts: [v], steps: 5}\n")
+        return load_config(p).hosts["v"]
+
+    h = load(", max_instances: 2, max_offer_tries: 5, retry_until_up: 20m")
+    assert (h.max_instances, h.max_offer_tries, h.retry_until_up_s) == (2, 5, 1200.0)
+    assert load("").max_instances == 1 and load("").retry_until_up_s is None
+    with pytest.raises(ConfigError, match="retry_until_up"):
+        load(", retry_until_up: soon")
+    with pytest.raises(ConfigError, match="max_instances"):
+        load(", max_instances: 0")
+
+
+# -- on the fake cloud --------------------------------------------------------------------------
+def _harness(tmp_path: Path, fc, scenes: list[str], *, steps: int = 5, idle_timeout_s: float = 120) -> Harness:
+    h = Harness(tmp_path, fc, "vastai", idle_timeout_s=idle_timeout_s, steps=steps)
+    doc = json.loads(h.config.read_text())
+    doc["experiments"][0]["scenes"] = scenes
+    doc["datasets"]["demo"]["generate"]["size"] = 16
+    h.config.write_text(json.dumps(doc))
+    return h
+
+
+def _run(h: Harness, *extra: str) -> tuple[int, dict]:
+    res = h.cli("run", str(h.config), "--yes", "--json", "--runs-dir", str(h.dir / "runs"), *extra,
+                timeout_s=840)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    return res.returncode, (json.loads(res.stdout) if res.stdout.strip() else {"stderr": res.stderr[-3000:]})
+
+
+@pytest.mark.sshd
+@pytest.mark.timeout(900)
+def test_session_runs_a_queue_on_one_instance_and_splits_its_bill(fake_cloud, tmp_path):
+    h = _harness(tmp_path, fake_cloud, ["default", "spheres"])
+    rc, out = _run(h)
+    assert rc == 0, out
+    assert [j["status"] for j in out["jobs"]] == ["succeeded", "succeeded"]
+    bill = fake_cloud.bill()
+    assert bill["created"] == 1 and bill["live"] == 0          # one instance, released
+    ledger = Ledger(h.home / "ledger.sqlite")
+    try:
+        [inst] = ledger.instances(run_id=out["run_id"])
+        assert inst.state == "destroyed"
+        assert {j.instance_row for j in ledger.jobs(out["run_id"])} == {inst.row_id}
+        costs = ledger.job_costs(out["run_id"])
+        assert sorted(c["job_id"] for c in costs) == sorted(j["job"] for j in out["jobs"])
+        total = ledger.instance_cost(inst.row_id)
+        assert sum(c["own_cost"] + c["shared_cost"] for c in costs) == pytest.approx(total, rel=1e-9)
+        assert costs[0]["shared_seconds"] == pytest.approx(costs[1]["shared_seconds"])
+        assert all(c["own_seconds"] > 0 for c in costs)
+        # the outcomes carry each job's share, and they add up to the run's cost
+        assert sum(j["cost"] for j in out["jobs"]) == pytest.approx(out["total_cost"], rel=1e-6)
+        phases = {(p["job_id"], p["phase"]) for p in ledger.phases(out["run_id"])}
+        second = out["jobs"][1]["job"]
+        assert (second, "prestage") in phases           # staged while the first one trained
+        assert (out["jobs"][0]["job"], "boot") in phases and (second, "boot") not in phases
+        assert abs(inst_bill := bill["instances"][inst.instance_id]["total"]) > 0
+        assert total == pytest.approx(inst_bill, rel=0.01)
+    finally:
+        ledger.close()
+
+
+@pytest.mark.sshd
+@pytest.mark.timeout(900)
+def test_offer_lost_between_search_and_create_uses_the_next_offer(fake_cloud, tmp_path):
+    fake_cloud.world.catalog = {**fake_cloud.world.catalog,
+                                "vastai": [("7001", "RTX 4090", 0.44), ("7011", "RTX 4090", 0.52)]}
+    fake_cloud.set_faults(vanish_offers=1)
+    h = _harness(tmp_path, fake_cloud, ["default"])
+    rc, out = _run(h)
+    assert rc == 0, out
+    assert [j["status"] for j in out["jobs"]] == ["succeeded"]
+    assert fake_cloud.bill()["created"] == 1 and fake_cloud.live_count() == 0
+    [inst] = fake_cloud.world.instances.values()
+    assert inst.offer_id == "7011"                     # the cheaper one was rented away
+    ledger = Ledger(h.home / "ledger.sqlite")
+    try:
+        rows = ledger.instances(run_id=out["run_id"])
+        assert [r.state for r in rows] == ["failed", "destroyed"]
+        assert rows[0].instance_id is None and rows[0].price_per_hour == 0.44
+        assert any(e["kind"] == "launch_failed" and "7001" in e["message"] for e in ledger.events(out["run_id"]))
+    finally:
+        ledger.close()
+    res = h.cli("costs", "--json")
+    assert res.returncode == 0, res.stderr
+    by_run = json.loads(res.stdout)["by"]["run"]
+    assert sum(g["failed_launches"] for g in by_run) == 1
+
+
+@pytest.mark.sshd
+@pytest.mark.timeout(900)
+def test_ctrl_c_during_a_session_releases_cancels_and_the_rerun_resumes(fake_cloud, tmp_path):
+    h = _harness(tmp_path, fake_cloud, ["default", "spheres", "rods"], steps=40)
+    h.start_run()
+    cond = h.trigger("during_training")
+    deadline = time.monotonic() + 600
+    while not cond() and time.monotonic() < deadline and h.proc.poll() is None:
+        time.sleep(0.05)
+    assert cond(), "training never started"
+    time.sleep(3)      # a few steps, so there is a snapshot worth resuming
+    h.proc.send_signal(signal.SIGINT)
+    assert h.proc.wait(timeout=300) == 130
+    assert fake_cloud.live_count() == 0 and fake_cloud.bill()["created"] == 1
+    ledger = Ledger(h.home / "ledger.sqlite")
+    try:
+        [run] = ledger.runs()
+        statuses = {j.scene: j.status for j in ledger.jobs(run["run_id"])}
+        assert statuses == {"default": "interrupted", "spheres": "cancelled", "rods": "cancelled"}
+        assert all(i.state == "destroyed" for i in ledger.instances(run_id=run["run_id"]))
+    finally:
+        ledger.close()
+    snaps = list((tmp_path / "runs").glob("*/f-default-cloud/snapshot.pt"))
+    assert len(snaps) == 1
+    # the rerun resumes the interrupted job from its snapshot and runs the cancelled ones
+    rc, out = _run(h)
+    assert rc == 0, out
+    assert [j["status"] for j in out["jobs"]] == ["succeeded"] * 3
+    log_text = (tmp_path / "runs" / out["run_id"] / "f-default-cloud" / "log.txt").read_text()
+    [start] = re.findall(r"from step (\d+) to 40", log_text)
+    assert int(start) > 0                              # nothing before the snapshot retrained
+    assert fake_cloud.live_count() == 0 and fake_cloud.bill()["created"] == 2
