@@ -9,6 +9,7 @@ offer that is gone); its instances are real sshd processes on loopback.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -194,3 +195,32 @@ def test_ctrl_c_during_a_session_releases_cancels_and_the_rerun_resumes(fake_clo
     starts = re.findall(r"from step (\d+) to 40", log_text)   # the host's log grows across runs
     assert int(starts[-1]) > 0                         # nothing before the snapshot retrained
     assert fake_cloud.live_count() == 0 and fake_cloud.bill()["created"] == 2
+
+
+def test_estimate_without_the_api_key_uses_the_catalog_and_shows_the_plan(tmp_path: Path) -> None:
+    """A new user without an account: `estimate` on a vast.ai file estimates from the catalog,
+    says live prices need the key, and shows instances × queues and the saving."""
+    import subprocess
+    import sys
+    (tmp_path / "e.yaml").write_text(
+        "name: t\nhosts:\n  v: {provider: vastai, gpu: RTX 4090, api_key_env: VAST_KEY_NOT_SET_IN_TEST}\n"
+        "datasets:\n  d: {generate: {size: 16}}\n"
+        "experiments:\n  - {name: e, dataset: d, scenes: [default, spheres, rods], hosts: [v], steps: 30000}\n")
+    env = {k: v for k, v in os.environ.items() if k != "VAST_KEY_NOT_SET_IN_TEST"}
+    env["ORCHESTRATE_HOME"] = str(tmp_path / "home")
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "estimate", "e.yaml", "--json"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["notes"] == ["hosts.v.api_key_env: environment variable VAST_KEY_NOT_SET_IN_TEST is not set: "
+                            "estimated from the catalog; live prices need the key"]
+    plan = out["plan"]
+    assert [len(i["jobs"]) for i in plan["instances"]] == [3]
+    assert 0 < plan["cost"] < plan["one_per_job_cost"] == pytest.approx(out["total_cost"], rel=0.02)
+    text = subprocess.run([sys.executable, "-m", "orchestrator.cli", "estimate", "e.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0 and "v#1:" in text.stdout and "against one instance per job" in text.stdout
+    # `run` still needs the key before anything is rented
+    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "e.yaml", "--yes"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "VAST_KEY_NOT_SET_IN_TEST is not set" in run.stderr

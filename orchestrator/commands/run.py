@@ -63,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
     out = sys.stdout
     if not args.json:
         estimate_table(loaded, title=f"estimate for {loaded.name} ({len(loaded.jobs)} jobs)")
+        from .plan_view import show_plan
+        show_plan(loaded, one_per_job=bool(getattr(args, "one_per_job", False)))
     ledger = Ledger.open()
     run_id = new_run_id()
     try:

@@ -94,6 +94,8 @@ def plan_instances(jobs: list[JobPlan], *, one_per_job: bool = False) -> list[In
 def _phase(job: JobPlan, name: str) -> float:
     phases = (job.estimate or {}).get("phases") or {}
     v = phases.get(name)
+    if isinstance(v, dict):      # the estimate's JSON: {"seconds": ..., "cost": ..., ...}
+        v = v.get("seconds")
     return float(v) if isinstance(v, (int, float)) else 0.0
 
 
