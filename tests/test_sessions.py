@@ -224,3 +224,47 @@ def test_estimate_without_the_api_key_uses_the_catalog_and_shows_the_plan(tmp_pa
     run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "e.yaml", "--yes"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "VAST_KEY_NOT_SET_IN_TEST is not set" in run.stderr
+
+
+@pytest.mark.sshd
+@pytest.mark.timeout(900)
+def test_preempted_instance_resumes_the_job_on_a_new_one_from_the_snapshot_home(fake_cloud, tmp_path):
+    """The provider takes the machine back mid-training: the job goes back in the queue and
+    resumes on a new instance from the snapshot that came home; both instances are billed to it."""
+    h = _harness(tmp_path, fake_cloud, ["default"], steps=150)
+    doc = json.loads(h.config.read_text())
+    doc["hosts"]["cloud"].pop("root")       # each instance its own disk: the snapshot must come home
+    h.config.write_text(json.dumps(doc))
+    h.start_run()
+    deadline = time.monotonic() + 600
+    snap = None
+    while time.monotonic() < deadline and h.proc.poll() is None:
+        found = list((tmp_path / "runs").glob("*/f-default-cloud/snapshot.pt"))
+        if found:
+            snap = found[0]
+            break
+        time.sleep(0.2)
+    assert snap is not None, (tmp_path / "run.log").read_text()[-3000:]
+    [iid] = [i.id for i in fake_cloud.world.instances.values() if i.status == "running"]
+    fake_cloud.world.preempt(iid)
+    assert h.proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    bill = fake_cloud.bill()
+    assert bill["created"] == 2 and bill["live"] == 0
+    ledger = Ledger(h.home / "ledger.sqlite")
+    try:
+        [run] = ledger.runs()
+        [job] = ledger.jobs(run["run_id"])
+        assert job.status == "succeeded"
+        rows = ledger.instances(run_id=run["run_id"])
+        assert len(rows) == 2 and all(r.state == "destroyed" for r in rows)
+        shares = ledger.job_costs(run["run_id"])
+        assert sorted(c["instance_row"] for c in shares) == sorted(r.row_id for r in rows)   # both billed to it
+        assert sum(c["own_cost"] + c["shared_cost"] for c in shares) == pytest.approx(ledger.run_cost(run["run_id"]))
+        assert any(e["kind"] == "instance_lost" for e in ledger.events(run["run_id"]))
+    finally:
+        ledger.close()
+    out = snap.parent
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 150
+    starts = re.findall(r"from step (\d+) to 150", (out / "log.txt").read_text())
+    assert starts and int(starts[-1]) > 0        # resumed, not retrained from the start

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import payload as pl
-from ..errors import OrchestratorError
+from ..errors import InstanceNotFound, OrchestratorError, ProviderError, TransportError
 from ..providers.base import InstanceState, Provider, make_label
 from ..secrets import redact
 from ..staging import stage_dataset
@@ -46,6 +46,55 @@ ONE_MACHINE_PROVIDERS = ("local", "ssh")
 # how many instances of one queue may be lost (gone, unreachable) before its jobs fail
 MAX_LOST_INSTANCES = 2
 GUARD_BEAT_S = 5.0
+SNAPSHOT_EVERY_S = 15.0      # a running job's snapshot comes home at most this often...
+SNAPSHOT_SHARE = 0.25        # ...and its transfers take at most this share of the time
+
+
+class InstanceLost(ProviderError):
+    """The provider no longer lists the instance (preempted, or destroyed by someone else)."""
+
+
+def instance_gone(provider: Provider, instance_id: str) -> bool:
+    try:
+        info = provider.describe(instance_id)
+    except InstanceNotFound:
+        return True
+    except Exception:      # the API is unreachable: that says nothing about the instance
+        return False
+    return info.state in (InstanceState.TERMINATED, InstanceState.ERROR)
+
+
+class _WatchedTransport:
+    """The session's transport as the job steps see it: when a command fails and the provider
+    says the instance is gone, the job ends at once (InstanceLost) instead of retrying the
+    connection until its deadline; the session then puts the job back in the queue."""
+
+    def __init__(self, inner: Transport, provider: Provider, instance_id: str) -> None:
+        self._inner, self._provider, self._iid = inner, provider, instance_id
+        self.gone = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _check(self) -> None:
+        if self.gone or instance_gone(self._provider, self._iid):
+            self.gone = True
+            raise InstanceLost(f"{self._provider.name}: instance {self._iid} is gone (preempted?)",
+                               provider=self._provider.name, instance_id=self._iid)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._inner.run(*args, **kwargs)
+        except TransportError:
+            self._check()
+            raise
+
+    def read_text(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._inner.read_text(*args, **kwargs)
+        except TransportError:
+            self._check()
+            raise
 
 
 def instances_for(host: Any, n_jobs: int) -> int:
@@ -182,6 +231,8 @@ class _Session:
     guard_pid: int = 0
     lost: bool = False
     failed_jobs: int = 0
+    current: tuple[JobPlan, _Attempt] | None = None   # the job running now (its snapshots come home)
+    raw: Transport | None = None
     beat_stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -278,7 +329,8 @@ class SessionRunner(Runner):
             return None
         finally:
             self.ledger.record_phase(self.run_id, jid, "boot", t0, time.time())
-        sess = _Session(first.host_name, provider, prov, t, queue, opened=t0)
+        sess = _Session(first.host_name, provider, prov, _WatchedTransport(t, provider, prov.instance_id),  # type: ignore[arg-type]
+                        queue, opened=t0, raw=t)
         sess.next_job = first
         threading.Thread(target=self._guard_beat, args=(sess,), name="guard-beat", daemon=True).start()
         self.ledger.add_event("session_opened", f"{provider.name} {prov.instance_id} for {first.host_name}",
@@ -323,6 +375,7 @@ class SessionRunner(Runner):
         attempt = self.attempts[jid] = _Attempt()
         attempt.row_id = sess.prov.row_id
         attempt.host_ready = t0 = time.time()
+        sess.current = (job, attempt)
         try:
             summary = self._on_host(job, sess.provider, sess.prov, sess.transport, attempt)
             out = self._result(job, sess.prov, summary, attempt)
@@ -353,6 +406,7 @@ class SessionRunner(Runner):
             sess.failed_jobs += 1
             return self._finish(job, "failed", sess.prov, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            sess.current = None
             sess.own_s[jid] = sess.own_s.get(jid, 0.0) + (time.time() - t0)
             self._keep_as_guard(sess, attempt)
 
@@ -435,16 +489,43 @@ class SessionRunner(Runner):
             log.warning("%s: could not end watchdog %s: %s", sess.host_name, pid, exc)
 
     def _guard_beat(self, sess: _Session) -> None:
-        """Keep the guarding (finished) job's heartbeat fresh while the controller lives."""
+        """Keep the guarding (finished) job's heartbeat fresh while the controller lives, and
+        bring the running job's snapshot home when it changed (so a preempted job resumes)."""
+        t = sess.raw or sess.transport
+        snap_state: dict[str, Any] = {"next": time.monotonic() + SNAPSHOT_EVERY_S, "mtime": None}
         while not sess.beat_stop.wait(GUARD_BEAT_S):
             with sess.lock:
                 d = sess.guard_dir
-            if not d:
-                continue
             try:
-                sess.transport.run(f"touch {shlex.quote(d)}/heartbeat", check=False, timeout_s=20)
-            except Exception:   # a lost host shows in the job's own polls
-                pass
+                if d:
+                    t.run(f"touch {shlex.quote(d)}/heartbeat", check=False, timeout_s=20)
+                cur = sess.current
+                if cur is not None and cur[1].job_dir and time.monotonic() >= snap_state["next"]:
+                    self._snapshot_home(t, cur[0], cur[1].job_dir, snap_state)
+            except Exception as exc:   # a lost host shows in the job's own polls
+                log.debug("%s: guard beat: %s", sess.host_name, exc)
+
+    def _snapshot_home(self, t: Transport, job: JobPlan, job_dir: str, state: dict[str, Any]) -> None:
+        """Copy `out/snapshot.pt` home when it changed; rate-limited so that transfers take at
+        most SNAPSHOT_SHARE of the time (a big snapshot on a slow link comes home less often)."""
+        import os
+        path = f"{job_dir}/out/snapshot.pt"
+        res = t.run(f"stat -c '%Y %s' {shlex.quote(path)} 2>/dev/null || true", check=False, timeout_s=20)
+        fields = (res.stdout or "").split()
+        if len(fields) != 2 or fields[0] == state["mtime"]:
+            state["next"] = time.monotonic() + SNAPSHOT_EVERY_S
+            return
+        local = self.opts.runs_dir / self.run_id / job.job_id
+        local.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        part = local / "snapshot.pt.part"
+        t.get(path, part)
+        os.replace(part, local / "snapshot.pt")
+        pl.mark_job_key(local, job_dir)
+        took = time.monotonic() - t0
+        state["mtime"] = fields[0]
+        state["next"] = time.monotonic() + max(SNAPSHOT_EVERY_S, took / SNAPSHOT_SHARE)
+        log.debug("%s: snapshot home (%s bytes, %.1f s)", job.job_id, fields[1], took)
 
     # -- release and costs -----------------------------------------------------------------
     def _close(self, sess: _Session) -> None:

@@ -82,6 +82,7 @@ class Faults:
     create_delay_s: float = 0.0       # a create request is held this long before it takes effect
     destroy_delay_s: float = 0.0      # likewise for destroy (a controller can die meanwhile)
     vanish_offers: int = 0            # next N creates find their offer rented away since the search
+    preempt_after_s: float = 0.0      # the next created instance is preempted this long after boot
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Instance:
     onstart: str = ""
     intervals: list[list[Any]] = field(default_factory=list)   # [kind, start, end|None]
     ended_at: float | None = None
+    preempt_at: float | None = None   # fake clock: the provider takes the machine back then
 
     def open_interval(self, kind: str, t: float) -> None:
         if not any(i[0] == kind and i[2] is None for i in self.intervals):
@@ -241,6 +243,9 @@ class World:
                             status="booting", created_at=t, ready_at=t + self.faults.boot_s,
                             scoped_key="ck-" + secrets.token_hex(12), never_ssh=never,
                             env=dict(env or {}), extra_keys=list(extra_keys or []), onstart=onstart)
+            if self.faults.preempt_after_s > 0:
+                inst.preempt_at = t + self.faults.boot_s + self.faults.preempt_after_s
+                self.faults.preempt_after_s = 0.0
             inst.open_interval("gpu", t)
             self.instances[inst.id] = inst
             self.save()
@@ -305,8 +310,28 @@ class World:
                     except (SSHServerError, OSError, subprocess.SubprocessError) as exc:
                         log.warning("fakecloud: instance %s did not start cleanly: %s", inst.id, exc)
                     changed = True
+            changed = self._preempt_due(now) or changed
             if changed:
                 self.save()
+
+    def preempt(self, instance_id: str, at: float | None = None) -> None:
+        """Preempt an instance at fake-clock time `at` (now when None)."""
+        with self.lock:
+            self.instances[instance_id].preempt_at = self.now() if at is None else at
+        self.tick()
+
+    def _preempt_due(self, now: float) -> bool:
+        """Interruptible capacity taken back: the machine powers off (its processes die with it)
+        and the instance is gone; billing ends there."""
+        changed = False
+        for inst in self.instances.values():
+            if inst.preempt_at is not None and now >= inst.preempt_at and inst.status in ("booting", "running"):
+                self._kill_sshd(inst)
+                inst.status, inst.ended_at, inst.preempt_at = "terminated", now, None
+                inst.close_intervals(now)
+                log.info("fakecloud: instance %s preempted", inst.id)
+                changed = True
+        return changed
 
     # -- sshd -----------------------------------------------------------------------------
     def _start_sshd(self, inst: Instance) -> None:
