@@ -268,3 +268,22 @@ def test_preempted_instance_resumes_the_job_on_a_new_one_from_the_snapshot_home(
     assert summary["steps"] == 150
     starts = re.findall(r"from step (\d+) to 150", (out / "log.txt").read_text())
     assert starts and int(starts[-1]) > 0        # resumed, not retrained from the start
+
+
+def test_useful_time_per_run_is_train_plus_eval_over_billed(tmp_path: Path) -> None:
+    from orchestrator.report.costs import useful_time
+    ledger = Ledger(tmp_path / "l.sqlite")
+    try:
+        ledger.create_run("r1", "t")
+        row = ledger.record_intent(run_id="r1", job_id="j", host_name="h", provider="vastai", label="orch-r1-j",
+                                   gpu="RTX 4090", price_per_hour=0.44, currency="USD")
+        ledger.instance_created(row, "i1", at=1000.0)
+        ledger.set_instance_state(row, "destroyed", at=1200.0)
+        ledger.record_phase("r1", "j", "boot", 1000.0, 1060.0)
+        ledger.record_phase("r1", "j", "train", 1070.0, 1150.0)
+        ledger.record_phase("r1", "j", "eval", 1150.0, 1170.0)
+        [u] = useful_time(ledger)
+        assert (u.run_id, u.billed_s, u.useful_s) == ("r1", pytest.approx(200.0), pytest.approx(100.0))
+        assert u.ratio == pytest.approx(0.5)
+    finally:
+        ledger.close()
