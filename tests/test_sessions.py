@@ -287,3 +287,31 @@ def test_useful_time_per_run_is_train_plus_eval_over_billed(tmp_path: Path) -> N
         assert u.ratio == pytest.approx(0.5)
     finally:
         ledger.close()
+
+
+def test_logs_prints_the_pulled_copy_and_refuses_an_unknown_job(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    home = tmp_path / "home"
+    ledger = Ledger.open(home)
+    try:
+        ledger.create_run("r1", "t")
+        ledger.add_job("r1", "e-default-h", experiment="e", scene="default", host_name="h", provider="local",
+                       gpu="cpu", steps=5, backend="torch", dataset="d")
+        out = tmp_path / "runs" / "r1" / "e-default-h"
+        out.mkdir(parents=True)
+        (out / "log.txt").write_text("line one\nline two\n")
+        (out / "status.json").write_text(json.dumps({"phase": "done", "step": 5, "total_steps": 5, "exit_code": 0}))
+        ledger.update_job("r1", "e-default-h", status="succeeded", out_dir=str(out))
+    finally:
+        ledger.close()
+    env = {**os.environ, "ORCHESTRATE_HOME": str(home)}
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "logs", "e-default-h"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "line one\nline two\n"
+    assert "r1 e-default-h: succeeded (pulled copy" in res.stderr and "step 5/5, exit 0" in res.stderr
+    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "logs", "r1", "nope"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no job 'nope' in run r1; jobs there: e-default-h" in bad.stderr
+    assert "Traceback" not in bad.stderr
