@@ -315,3 +315,28 @@ def test_logs_prints_the_pulled_copy_and_refuses_an_unknown_job(tmp_path: Path) 
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no job 'nope' in run r1; jobs there: e-default-h" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.sshd
+@pytest.mark.parametrize("steps, winner", [(3000, "7202"), (3_000_000, "7201")])
+def test_offers_rank_by_the_jobs_cost_not_by_the_hourly_price(fake_cloud, tmp_path, steps, winner):
+    """A cheaper-per-hour offer on a slow line (slow image pull: slow boot) loses to a dearer,
+    fast one for a short job, and wins for a long one."""
+    import subprocess
+    import sys
+    fake_cloud.world.catalog = {**fake_cloud.world.catalog,
+                                "vastai": [("7201", "RTX 4090", 0.40), ("7202", "RTX 4090", 0.60)]}
+    fake_cloud.world.offer_extra = {"7201": {"inet_down": 50.0, "reliability2": 0.95},
+                                    "7202": {"inet_down": 2000.0}}
+    h = _harness(tmp_path, fake_cloud, ["default"], steps=steps)
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "offers", str(h.config), "--json"], env=h.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    offers = json.loads(res.stdout)["offers"]
+    assert [o["offer_id"] for o in offers][0] == winner and len(offers) == 2
+    slow = next(o for o in offers if o["offer_id"] == "7201")
+    assert slow["boot_s"] == pytest.approx(30 + 8000 * 8 / 50) and slow["reliability"] == 0.95
+    assert all(o["cost"] == pytest.approx(o["price_per_hour"] * o["total_s"] / 3600) for o in offers)
+    table = subprocess.run([sys.executable, "-m", "orchestrator.cli", "offers", str(h.config)], env=h.env,
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "95.0 %" in table.stdout

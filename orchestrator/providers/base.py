@@ -38,6 +38,8 @@ class Offer:
     available: bool = True
     offer_id: str | None = None
     gpu_count: int = 1
+    inet_down_mbps: float | None = None   # where the API reports it (vast `inet_down`)
+    reliability: float | None = None      # 0..1 where the API reports it (vast `reliability2`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,7 +96,8 @@ def parse_offer(d: dict[str, Any]) -> Offer | None:
     return Offer(provider="vastai", gpu=d.get("gpu_name") or "", price_per_hour=price,
                  currency="USD", region=(d.get("geolocation") or "").strip(),
                  available=d.get("rentable", True) is not False, offer_id=str(d["id"]),
-                 gpu_count=int(num(d.get("num_gpus")) or 1))
+                 gpu_count=int(num(d.get("num_gpus")) or 1), inet_down_mbps=num(d.get("inet_down")),
+                 reliability=num(d.get("reliability2")))
 
 
 class VastProvider(Provider):

@@ -119,7 +119,8 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
         wanted = ((body.get("gpu_name") or {}).get("eq") or "").lower()
         offers = [{"id": int(oid), "ask_contract_id": int(oid), "gpu_name": gpu, "num_gpus": 1,
                    "dph_total": price, "rentable": True, "geolocation": " Fakeland, FK",
-                   "gpu_ram": 24576, "cpu_ram": 65536, "storage_cost": 0.15, "reliability2": 0.99}
+                   "gpu_ram": 24576, "cpu_ram": 65536, "storage_cost": 0.15, "reliability2": 0.99,
+                   **world.offer_extra.get(oid, {})}
                   for oid, gpu, price in world.offers("vastai") if not wanted or gpu.lower() == wanted]
         return 200, {"offers": offers}
     ask = re.fullmatch(r"/api/v0/asks/(\d+)/?", path)
