@@ -98,13 +98,12 @@ def main(args: argparse.Namespace) -> int:
 
 def _pulled(job: JobRow) -> int:
     out = Path(job.out_dir) if job.out_dir else None
-    log_path = out / "log.txt" if out else None
-    if log_path is None or not log_path.is_file():
+    if out is None or not (out / "log.txt").is_file():
         raise ConfigError(f"{job.job_id}: no log yet ({job.status}); nothing was pulled"
                           + (f" into {out}" if out else ""), hint="`orchestrate status` shows where it is")
     status = (out / "status.json").read_text() if (out / "status.json").is_file() else None
     sys.stderr.write(_status_line(job, status, f"pulled copy in {out}") + "\n")
-    sys.stdout.write(log_path.read_text(errors="replace"))
+    sys.stdout.write((out / "log.txt").read_text(errors="replace"))
     return 0
 
 

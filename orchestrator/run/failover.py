@@ -61,7 +61,7 @@ def choose_offer(provider: Provider, host: HostConfig, state: FailoverState) -> 
     return PriceChoice(best.price_per_hour, best.currency, best.offer_id)
 
 
-def candidate_hosts(job: "JobPlan", jobs: list["JobPlan"]) -> list[HostConfig]:
+def candidate_hosts(job: JobPlan, jobs: list[JobPlan]) -> list[HostConfig]:
     """The job's own host entry, then the experiment's other entries with the same GPU."""
     out = [job.host]
     for j in jobs:
@@ -71,7 +71,7 @@ def candidate_hosts(job: "JobPlan", jobs: list["JobPlan"]) -> list[HostConfig]:
     return out
 
 
-def provision_with_failover(runner: "Runner", job: "JobPlan", *, label: str,
+def provision_with_failover(runner: Runner, job: JobPlan, *, label: str,
                             state: FailoverState) -> tuple[Provisioned, Provider, HostConfig]:
     """Rent an instance for `job` (it may end up on another host entry with the same GPU)."""
     hosts = candidate_hosts(job, runner.jobs)

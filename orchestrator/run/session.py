@@ -28,13 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import payload as pl
 from ..errors import InstanceNotFound, OrchestratorError, ProviderError, TransportError
 from ..providers.base import InstanceState, Provider, make_label
 from ..secrets import redact
 from ..staging import stage_dataset
 from ..transport import connect
 from ..transport.base import Transport
+from . import payload as pl
 from .failover import FailoverState, provision_with_failover
 from .provisioning import Provisioned, release
 from .runner import JobInterrupted, JobOutcome, JobPlan, Runner, _Attempt
@@ -577,8 +577,9 @@ class SessionRunner(Runner):
 
 
 def _billed_seconds(b: Any) -> float:
-    from ..ledger import parse_iso, utcnow
     import math
+
+    from ..ledger import parse_iso, utcnow
     end = parse_iso(b.ended_at) if b.ended_at else utcnow()
     seconds = max(0.0, (end - parse_iso(b.started_at)).total_seconds())
     g = b.granularity_s or 1.0
