@@ -340,3 +340,33 @@ def test_offers_rank_by_the_jobs_cost_not_by_the_hourly_price(fake_cloud, tmp_pa
     table = subprocess.run([sys.executable, "-m", "orchestrator.cli", "offers", str(h.config)], env=h.env,
                            capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "95.0 %" in table.stdout
+
+
+@pytest.mark.sshd
+def test_fake_cloud_preempts_at_the_given_time_and_stops_billing(fake_cloud):
+    from orchestrator.errors import InstanceNotFound
+    from orchestrator.providers._http import RetryPolicy
+    from orchestrator.providers.base import InstanceSpec, InstanceState
+    from orchestrator.providers.vastai import VastProvider
+    from orchestrator.testing.fakecloud import host_config
+    p = VastProvider(host_config(fake_cloud, "vastai"),
+                     policy=RetryPolicy(deadline_s=5.0, attempt_timeout_s=2.0, backoff_s=0.02, max_backoff_s=0.1))
+    fake_cloud.set_faults(preempt_after_s=0.8)
+    iid = p.create(InstanceSpec(label="orch-p-1", gpu="RTX 4090"))
+    other = p.create(InstanceSpec(label="orch-p-2", gpu="RTX 4090"))     # the fault takes one instance
+    deadline = time.monotonic() + 10
+    while p.describe(iid).state != InstanceState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gone_at = None
+    while time.monotonic() < deadline:
+        try:
+            p.describe(iid)
+        except InstanceNotFound:
+            gone_at = time.monotonic()
+            break
+        time.sleep(0.05)
+    assert gone_at is not None
+    b = fake_cloud.bill()["instances"][iid]
+    assert b["status"] == "terminated" and 0.8 <= b["gpu_seconds"] < 3.0
+    assert p.describe(other).state == InstanceState.RUNNING
+    p.destroy(other)
