@@ -370,3 +370,45 @@ def test_fake_cloud_preempts_at_the_given_time_and_stops_billing(fake_cloud):
     assert b["status"] == "terminated" and 0.8 <= b["gpu_seconds"] < 3.0
     assert p.describe(other).state == InstanceState.RUNNING
     p.destroy(other)
+
+
+@pytest.mark.sshd
+def test_choose_offer_skips_what_this_run_took_and_what_failed(fake_cloud):
+    from orchestrator.run.failover import FailoverState, choose_offer
+    from orchestrator.providers.vastai import VastProvider
+    from orchestrator.testing.fakecloud import host_config
+    fake_cloud.world.catalog = {**fake_cloud.world.catalog, "vastai": [
+        ("7301", "RTX 4090", 0.40), ("7302", "RTX 4090", 0.45), ("7303", "RTX 4090", 0.50)]}
+    host = make_host("vastai", **{k: v for k, v in host_config(fake_cloud, "vastai").items() if k != "provider"})
+    p = VastProvider(host)
+    st = FailoverState()
+    assert [choose_offer(p, host, st).offer_id for _ in range(3)] == ["7301", "7302", "7303"]
+    st.failed.add(("vastai", "7301"))
+    assert choose_offer(p, host, st).offer_id == "7302"   # all taken: reuse one, never a failed one
+    st.failed.update({("vastai", "7302"), ("vastai", "7303")})
+    with pytest.raises(Exception, match="offers that failed in this run are skipped"):
+        choose_offer(p, host, st)
+
+
+@pytest.mark.sshd
+@pytest.mark.timeout(900)
+def test_no_offer_on_one_entry_fails_over_to_another_entry_with_the_same_gpu(fake_cloud, tmp_path):
+    h = _harness(tmp_path, fake_cloud, ["default"])
+    doc = json.loads(h.config.read_text())
+    base = doc["hosts"].pop("cloud")
+    doc["hosts"]["vast"] = {**base, "max_price_per_hour": 0.1}           # nothing that cheap
+    doc["hosts"]["pod"] = {**base, "provider": "runpod", "root": str(tmp_path / "host-pod")}
+    doc["experiments"][0]["hosts"] = ["vast", "pod"]
+    h.config.write_text(json.dumps(doc))
+    rc, out = _run(h)
+    assert rc == 0, out
+    assert sorted(j["status"] for j in out["jobs"]) == ["succeeded", "succeeded"]
+    assert {i.provider for i in fake_cloud.world.instances.values()} == {"runpod"}
+    assert fake_cloud.live_count() == 0
+    ledger = Ledger(h.home / "ledger.sqlite")
+    try:
+        events = [e for e in ledger.events(out["run_id"]) if e["kind"] == "launch_failed"]
+        assert events and all(e["job_id"] == "f-default-vast" and "vast:" in e["message"] for e in events)
+        assert {r.host_name for r in ledger.instances(run_id=out["run_id"])} == {"pod"}
+    finally:
+        ledger.close()

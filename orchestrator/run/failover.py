@@ -93,6 +93,8 @@ def provision_with_failover(runner: Runner, job: JobPlan, *, label: str,
                         state.tries += 1
                 except CapacityError as exc:
                     last = exc
+                    runner.ledger.add_event("launch_failed", f"{host.name}: {redact(str(exc))[:300]}",
+                                            runner.run_id, job.job_id)
                     break      # nothing left on this entry: the next entry
                 try:
                     prov = provision(provider, host, ledger=runner.ledger, run_id=runner.run_id,

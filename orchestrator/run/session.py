@@ -233,6 +233,7 @@ class _Session:
     failed_jobs: int = 0
     current: tuple[JobPlan, _Attempt] | None = None   # the job running now (its snapshots come home)
     raw: Transport | None = None
+    host: Any = None                              # the entry it was rented from (failover may change it)
     beat_stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -330,7 +331,7 @@ class SessionRunner(Runner):
         finally:
             self.ledger.record_phase(self.run_id, jid, "boot", t0, time.time())
         sess = _Session(first.host_name, provider, prov, _WatchedTransport(t, provider, prov.instance_id),  # type: ignore[arg-type]
-                        queue, opened=t0, raw=t)
+                        queue, opened=t0, raw=t, host=host)
         sess.next_job = first
         threading.Thread(target=self._guard_beat, args=(sess,), name="guard-beat", daemon=True).start()
         self.ledger.add_event("session_opened", f"{provider.name} {prov.instance_id} for {first.host_name}",
@@ -352,6 +353,8 @@ class SessionRunner(Runner):
                 outcomes[job.job_id] = self._finish(
                     job, "budget_stopped", None, "not started: it would cross the budget (spent + running estimates)")
                 continue
+            if sess.host is not None and job.host.name != sess.host.name:   # failed over to another entry
+                job = replace(job, host_name=sess.host.name, host=sess.host)
             outcome = self._session_job(sess, job)
             if outcome is None:        # the instance was the cause: the job goes back to the queue
                 sess.queue.put_back(job)
@@ -449,7 +452,8 @@ class SessionRunner(Runner):
         if nxt is None:
             return
         with self._plock:
-            lock = self._stage_locks.setdefault((nxt.host_name, nxt.dataset_name, nxt.scene), threading.Lock())
+            entry = sess.host.name if sess.host is not None else nxt.host_name
+            lock = self._stage_locks.setdefault((entry, nxt.dataset_name, nxt.scene), threading.Lock())
 
         def stage() -> None:
             t0 = time.time()
@@ -554,7 +558,7 @@ class SessionRunner(Runner):
             self._record_shares(sess)
 
     def _host_of(self, sess: _Session) -> Any:
-        return next(j.host for j in self.jobs if j.host_name == sess.host_name)
+        return sess.host or next(j.host for j in self.jobs if j.host_name == sess.host_name)
 
     def _record_shares(self, sess: _Session) -> None:
         row = sess.prov.row_id
