@@ -115,7 +115,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--scale", type=float, default=0.25, help="catalog seconds × this = simulated seconds")
     ap.add_argument("--max-instances", type=int, default=1, help="sessions: max_instances of the host entry")
-    ap.add_argument("--concurrency", type=int, default=2, help="instances (or one-per-job jobs) at once")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="instances (or one-per-job jobs) at once; 1 keeps the CPU training times comparable")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from orchestrator.testing.fakecloud import FakeCloud
