@@ -21,7 +21,7 @@ from types import ModuleType
 from .errors import OrchestratorError
 from .secrets import redact
 
-COMMANDS: list[str] = ["run", "estimate", "status", "down", "report", "costs", "ssh", "eval"]
+COMMANDS: list[str] = ["run", "estimate", "status", "down", "report", "costs", "ssh", "eval", "logs", "offers"]
 
 EXIT_INTERNAL = 70
 EXIT_USAGE = 64

@@ -80,3 +80,35 @@ def test_full_fault_matrix(fake_cloud, tmp_path, provider):
     print("\n" + table(results))
     assert all(r.killed for r in results), table(results)
     assert sum(r.leaked for r in results) == 0, table(results)
+
+
+def test_sigkill_during_the_second_job_of_a_session_then_down_leaves_nothing(fake_cloud, tmp_path):
+    """Sessions (the default): the controller dies while the instance runs its second job; the
+    first job's watchdog was handed over to the second's, and `down --orphans` releases it."""
+    h = Harness(tmp_path, fake_cloud, "vastai", idle_timeout_s=30, steps=30)
+    doc = json.loads(h.config.read_text())
+    doc["experiments"][0]["scenes"] = ["default", "spheres"]
+    doc["datasets"]["demo"]["generate"]["size"] = 16
+    h.config.write_text(json.dumps(doc))
+    h.start_run()
+
+    def second_training() -> bool:
+        for p in h.host_root.glob("jobs/f-spheres-*/status.json"):
+            try:
+                return json.loads(p.read_text()).get("phase") == "train"
+            except (OSError, ValueError):
+                return False
+        return False
+
+    import time
+    deadline = time.monotonic() + 600
+    while not second_training() and time.monotonic() < deadline and h.proc.poll() is None:
+        time.sleep(0.05)
+    assert second_training(), (tmp_path / "run.log").read_text()[-2000:]
+    h.proc.kill()
+    h.proc.wait(timeout=30)
+    h.settle()
+    assert fake_cloud.bill()["created"] == 1                    # one instance ran both jobs
+    res = h.cli("down", "--orphans", "--yes")
+    assert res.returncode == 0, res.stdout[-500:] + res.stderr[-500:]
+    assert fake_cloud.live_count() == 0

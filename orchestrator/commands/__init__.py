@@ -93,8 +93,9 @@ class LoadedPlan:
                 **self.estimate.to_dict()}
 
 
-def load_and_plan(path: Path) -> LoadedPlan:
-    """Validate the file, expand the matrix, estimate every job (no network, nothing paid)."""
+def load_and_plan(path: Path, *, require_secrets: bool = True) -> LoadedPlan:
+    """Validate the file, expand the matrix, estimate every job (no network, nothing paid).
+    `require_secrets=False` (estimate) plans without the API keys: the catalog needs none."""
     from .. import catalog
     from ..config import check_secrets, load_config
     from ..estimate import estimate_plan
@@ -106,7 +107,8 @@ def load_and_plan(path: Path) -> LoadedPlan:
     jobs = expand(config)
     if not jobs:
         raise ConfigError(f"{path}: the experiments expand to no jobs", hint="list scenes and hosts")
-    check_secrets(config, sorted({j.host.name for j in jobs}))
+    if require_secrets:
+        check_secrets(config, sorted({j.host.name for j in jobs}))
     from ..errors import LedgerError
     try:
         ledger: Ledger | None = Ledger.open()

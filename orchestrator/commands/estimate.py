@@ -19,18 +19,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Per job and in total: time and cost by phase (boot, setup, staging, "
                                    "train, eval, pull, teardown), each figure with its source.")
     p.add_argument("config", type=Path, help="experiments file (YAML)")
+    p.add_argument("--one-per-job", action="store_true", help="plan one instance per job (no sessions)")
     p.add_argument("--explain", action="store_true", help="say where every figure comes from")
     add_json_flag(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    loaded = load_and_plan(args.config)
+    from .plan_view import missing_secrets, plan_json, show_plan
+    loaded = load_and_plan(args.config, require_secrets=False)   # the catalog needs no key
+    missing = missing_secrets(loaded)
+    note = [f"{m}: estimated from the catalog; live prices need the key" for m in missing]
+    one = bool(getattr(args, "one_per_job", False))
     if args.json:
-        sys.stdout.write(json.dumps(loaded.estimate_json(), indent=2, default=str) + "\n")
+        data = {**loaded.estimate_json(), "plan": plan_json(loaded, one_per_job=one), "notes": note}
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return 0
     estimate_table(loaded, title=f"estimate for {loaded.name} ({len(loaded.jobs)} jobs)",
                    explain=explain(loaded.estimate) if args.explain else None)
+    show_plan(loaded, one_per_job=one)
+    for line in note:
+        sys.stdout.write(line + "\n")
     return 0
 
 

@@ -25,6 +25,7 @@ from ..ledger.guard import GuardedLedger, replay_journals
 from ..run.budget import BudgetGuard, check_estimate, effective_budget
 from ..run.live import LiveView
 from ..run.runner import JobOutcome, Runner, RunOptions
+from ..run.session import SessionRunner
 from . import (add_json_flag, confirm, estimate_table, is_tty, load_and_plan, money, print_table,
                positive_float, positive_int)
 
@@ -45,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="show the estimate; start nothing")
     p.add_argument("--concurrency", type=positive_int, default=4, metavar="N",
                    help="jobs run at the same time (default 4)")
+    p.add_argument("--one-per-job", action="store_true",
+                   help="rent one instance per job (isolation; today's behaviour) instead of sessions "
+                        "that run a host entry's jobs one after another on warm instances")
     p.add_argument("--runs-dir", type=Path, default=None,
                    help="where results go (default: runs/ next to the experiments file)")
     add_json_flag(p)
@@ -61,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
     out = sys.stdout
     if not args.json:
         estimate_table(loaded, title=f"estimate for {loaded.name} ({len(loaded.jobs)} jobs)")
+        from .plan_view import show_plan
+        show_plan(loaded, one_per_job=bool(args.one_per_job))
     run_id = new_run_id()
     try:
         check_estimate(loaded.total_cost, budget)
@@ -140,7 +146,8 @@ def _execute(args: argparse.Namespace, loaded: Any, budget: Any, plain: Ledger, 
     try:
         with hold_run_lock(ledger, run_id), \
                 LiveView([(j.job_id, j.host_name) for j in loaded.jobs], tty=is_tty() and not args.json) as view:
-            runner = Runner(loaded.jobs, ledger=ledger, run_id=run_id,
+            runner_class = Runner if args.one_per_job else SessionRunner
+            runner = runner_class(loaded.jobs, ledger=ledger, run_id=run_id,
                             options=RunOptions(runs_dir=runs_dir, concurrency=args.concurrency),
                             guard=BudgetGuard(budget, ledger, run_id), view=view, stop=stop)
             from ..run.slurm import run_all   # jobs on slurm hosts go as one array per host

@@ -26,7 +26,8 @@ HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root"
 HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
             "password_file", "stop_command", "shutdown_on_host", "proxy_jump")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
-              "region", "user", "identity_file", "ssh_key_name", "release_retry_s")
+              "region", "user", "identity_file", "ssh_key_name", "release_retry_s",
+              "max_instances", "max_offer_tries", "retry_until_up")
 # A Slurm host is its login node (the ssh fields that reach it) plus what sbatch is told; its
 # price is per allocated GPU (or CPU on a CPU partition), so price_per_hour is not among its keys.
 # Its `setup` (a common key) runs before every login-node command and at the top of every task.
@@ -112,6 +113,9 @@ class HostConfig:
     sbatch_lines: tuple[str, ...] = ()       # slurm: extra "#SBATCH ..." lines, verbatim
     price_per_gpu_hour: float = 0.0          # slurm: internal chargeback per allocated GPU (or CPU)
     gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
+    max_instances: int = 1                   # instances one run rents of this entry (sessions)
+    max_offer_tries: int = 3                 # offers tried when a create finds no capacity
+    retry_until_up_s: float | None = None    # keep trying (with backoff) this long
     line: int = 0                            # where the host is defined, for later messages
 
 

@@ -105,6 +105,9 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
             r.fail(m, "api_base", f"{path}.api_base", f"{base!r} is not an http(s) URL")
         fields["api_base"] = base
         fields["release_retry_s"] = r.get(m, "release_retry_s", path, "num", lo=0, lo_open=True)
+        fields["max_instances"] = r.get(m, "max_instances", path, "int", default=1, lo=1, hi=64)
+        fields["max_offer_tries"] = r.get(m, "max_offer_tries", path, "int", default=3, lo=1, hi=50)
+        fields["retry_until_up_s"] = parse_duration(r, m, "retry_until_up", path)
     fields.update(slurm)
     if provider in ("ssh", "slurm"):
         ways = [k for k in ("host", "ssh_alias", "endpoint_command") if fields.get(k)]
@@ -411,3 +414,25 @@ def parse_experiment(r: Reader, em: YMap, path: str, defaults: Defaults,
                        f"{key} {bad} needs a GPU but host {hn!r} has none (gpu: cpu); use auto")
     return c.ExperimentConfig(name=name, dataset=ds.name, scenes=scenes, hosts=host_names,
                               train=parse_train(r, em, path), line=em.line, **settings)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(r: Reader, m: YMap, key: str, path: str) -> float | None:
+    """Seconds from a number or a text such as `90s`, `20m`, `2h`."""
+    if key not in m or m[key] is None:
+        return None
+    v = m[key]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        seconds = float(v)
+    else:
+        text = str(v).strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:]) if text else None
+        try:
+            seconds = float(text[:-1]) * unit if unit else float(text)
+        except ValueError:
+            r.fail(m, key, f"{path}.{key}", f"expected a duration such as 30m or 2h, got {v!r}")
+    if not seconds > 0 or seconds > 7 * 24 * 3600:
+        r.fail(m, key, f"{path}.{key}", f"must be between 0 and 7 days, got {v!r}")
+    return seconds

@@ -68,9 +68,18 @@ _V1 = (
   message TEXT)""",
 )
 
+# An instance that ran several jobs (sessions): each job's own seconds and its even share of the
+# instance's shared time (boot, environment, gaps, teardown), with both costs.
+_V2 = (
+    """CREATE TABLE IF NOT EXISTS job_costs (
+  run_id TEXT, job_id TEXT, instance_row INTEGER, own_seconds REAL, shared_seconds REAL,
+  own_cost REAL, shared_cost REAL, PRIMARY KEY (run_id, job_id, instance_row))""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the tables of the unversioned ledger: runs, instances, billing, jobs, "
                  "phases, results, events", _V1),
+    Migration(2, "job_costs: a job's own and shared cost on an instance that ran several jobs", _V2),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -145,6 +145,8 @@ _RUNS, _EVENTS, _PHASES, _RESULTS = (", ".join(c) for c in (RUN_COLUMNS, EVENT_C
 _INSTANCES, _JOBS, _BILLING = _names(InstanceRow), _names(JobRow), _names(BillingRow)
 
 
+_JOB_COSTS = "run_id, job_id, instance_row, own_seconds, shared_seconds, own_cost, shared_cost"
+
 class Ledger:
     """`Ledger(path)` opens (creating or migrating) the file; `with Ledger(path) as led:`
     closes it on the way out, as does `close()`."""
@@ -331,6 +333,22 @@ class Ledger:
         else:
             rows = self._query(f"SELECT {_RESULTS} FROM results")
         return [dict(r) for r in rows]
+
+    # -- a job's share of an instance that ran several jobs -----------------------------------
+    def record_job_cost(self, run_id: str, job_id: str, instance_row: int, *, own_seconds: float,
+                        shared_seconds: float, own_cost: float, shared_cost: float) -> None:
+        """A job's own phases and its even share of the instance's shared time (boot,
+        environment, gaps, teardown), both kept so per-job costs compare across runs."""
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO job_costs (run_id, job_id, instance_row, own_seconds, "
+                      "shared_seconds, own_cost, shared_cost) VALUES (?,?,?,?,?,?,?)",
+                      (run_id, job_id, instance_row, own_seconds, shared_seconds, own_cost, shared_cost))
+
+    def job_costs(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            return [dict(r) for r in self._query(f"SELECT {_JOB_COSTS} FROM job_costs ORDER BY rowid")]
+        return [dict(r) for r in self._query(f"SELECT {_JOB_COSTS} FROM job_costs WHERE run_id=? ORDER BY rowid",
+                                             (run_id,))]
 
     # -- instances and billing -------------------------------------------------------------
     def record_intent(self, *, run_id: str, job_id: str, host_name: str, provider: str,

@@ -44,6 +44,8 @@ class Offer:
     storage_price_per_hour: float | None = None
     upload_price_per_gb: float | None = None      # into the instance (our dataset upload)
     download_price_per_gb: float | None = None    # out of the instance (results we pull)
+    inet_down_mbps: float | None = None   # where the API reports it (vast `inet_down`)
+    reliability: float | None = None      # 0..1 where the API reports it (vast `reliability2`)
 
 
 @dataclass(frozen=True, slots=True)

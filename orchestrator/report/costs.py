@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import OrchestratorError
 from ..ledger import FAILED, INTENT, BillingRow, InstanceRow, Ledger, parse_iso, utcnow
@@ -162,3 +162,37 @@ def totals(rows: list[SpendRow]) -> dict[str, float]:
     for r in rows:
         out[r.currency] += r.total
     return dict(out)
+
+
+@dataclass(frozen=True, slots=True)
+class UsefulTime:
+    """Per run: GPU seconds billed, seconds spent training and evaluating, and their ratio."""
+    run_id: str
+    billed_s: float
+    useful_s: float
+
+    @property
+    def ratio(self) -> float | None:
+        return self.useful_s / self.billed_s if self.billed_s > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run": self.run_id, "billed_s": self.billed_s, "useful_s": self.useful_s, "ratio": self.ratio}
+
+
+USEFUL_PHASES = ("train", "eval")
+
+
+def useful_time(ledger: Ledger, *, now: datetime | None = None, runs: list[str] | None = None) -> list[UsefulTime]:
+    """How much of the billed GPU time trained or evaluated (the rest is boot, environment,
+    staging, pulls, gaps and teardown), per run that billed anything."""
+    now = now or utcnow()
+    billed: dict[str, float] = defaultdict(float)
+    run_of = {i.row_id: i.run_id for i in ledger.instances() if not runs or i.run_id in runs}
+    for b in ledger.billing():
+        if b.kind != "storage" and b.instance_row in run_of:
+            billed[run_of[b.instance_row]] += _seconds(b, now)
+    useful: dict[str, float] = defaultdict(float)
+    for p in ledger.phases():
+        if p["phase"] in USEFUL_PHASES and p["run_id"] in billed:
+            useful[p["run_id"]] += float(p["seconds"] or 0.0)
+    return [UsefulTime(r, billed[r], useful.get(r, 0.0)) for r in sorted(billed)]

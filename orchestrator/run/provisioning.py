@@ -88,14 +88,15 @@ def run_public_key(host: HostConfig) -> tuple[str | None, str]:
 
 def provision(provider: Provider, host: HostConfig, *, ledger: Ledger, run_id: str, job_id: str,
               label: str, ready_timeout_s: float = 900.0,
-              stop: threading.Event | None = None) -> Provisioned:
-    """Create an instance and wait until it is RUNNING; the ledger follows every step."""
+              stop: threading.Event | None = None, choice: PriceChoice | None = None) -> Provisioned:
+    """Create an instance and wait until it is RUNNING; the ledger follows every step.
+    `choice` is an offer already chosen (failover picks it under its lock)."""
     public_key, looked_at = run_public_key(host)
     if public_key is None and provider.needs_ssh_public_key:
         # Fail before paying: an instance without our key cannot be reached.
         raise ConfigError(f"{provider.name}: no SSH public key to put on the instance: none at {looked_at}",
                           hint="set identity_file to a private key whose .pub lies next to it")
-    price = choose_price(provider, host)
+    price = choice if choice is not None else choose_price(provider, host)
     spec = InstanceSpec(label=label, gpu=host.gpu or "", offer_id=price.offer_id,
                         max_price_per_hour=host.max_price_per_hour, image=host.image,
                         disk_gb=float(host.disk_gb or 20.0), region=host.region,

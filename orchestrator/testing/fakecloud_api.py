@@ -125,7 +125,7 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
                    "dph_total": price, "rentable": True, "rented": False, "verified": True,
                    "external": False, "geolocation": " Fakeland, FK",
                    "gpu_ram": 24576, "cpu_ram": 65536, "storage_cost": 0.15, "reliability2": 0.99,
-                   "inet_up_cost": 0.02, "inet_down_cost": 0.01}
+                   "inet_up_cost": 0.02, "inet_down_cost": 0.01, **world.offer_extra.get(oid, {})}
                   for oid, gpu, price in world.offers("vastai") if not wanted or gpu.lower() == wanted]
         return 200, {"offers": offers}
     ask = re.fullmatch(r"/api/v0/asks/(\d+)/?", path)

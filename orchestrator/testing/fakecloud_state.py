@@ -94,6 +94,8 @@ class Faults:
     lambda_old_types: bool = False    # instance-types in the older form (price a string, no specs.gpus)
     lambda_no_capacity: list[str] = field(default_factory=list)   # types listed with no region
     vast_no_account_keys: bool = False   # vast instances accept only keys attached to them
+    vanish_offers: int = 0            # next N creates find their offer rented away since the search
+    preempt_after_s: float = 0.0      # the next created instance is preempted this long after boot
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Instance:
     onstart: str = ""
     intervals: list[list[Any]] = field(default_factory=list)   # [kind, start, end|None]
     ended_at: float | None = None
+    preempt_at: float | None = None   # fake clock: the provider takes the machine back then
 
     def open_interval(self, kind: str, t: float) -> None:
         if not any(i[0] == kind and i[2] is None for i in self.intervals):
@@ -155,6 +158,7 @@ class World:
         self.state_path = self.state_dir / "fakecloud.json"
         self.lock = threading.RLock()
         self.catalog = catalog or DEFAULT_CATALOG
+        self.offer_extra: dict[str, dict[str, Any]] = {}   # offer id -> extra API fields (inet_down, ...)
         self.instances: dict[str, Instance] = {}
         self.faults = Faults()
         self.clock_offset_s = 0.0
@@ -216,12 +220,23 @@ class World:
         return [] if self.faults.sold_out else list(self.catalog.get(provider, []))
 
     def find_offer(self, provider: str, offer_id: str) -> tuple[str, str, float] | None:
+        self._vanish(provider, offer_id)
         found = next((o for o in self.offers(provider) if o[0] == offer_id), None)
         if found is None and provider == "lambda" and self.faults.lambda_old_types \
                 and offer_id.startswith("gpu_8x_"):   # the 8-GPU siblings the older list shows
             one = self.find_offer(provider, offer_id.replace("gpu_8x_", "gpu_1x_", 1))
             found = (offer_id, one[1], one[2] * 8) if one else None
         return found
+
+    def _vanish(self, provider: str, offer_id: str) -> None:
+        """The `vanish_offers` fault: someone else rents the offer between our search and our
+        create, so it leaves the catalog (later searches no longer list it)."""
+        with self.lock:
+            if self.faults.vanish_offers <= 0 or not any(o[0] == offer_id for o in self.catalog.get(provider, [])):
+                return
+            self.faults.vanish_offers -= 1
+            self.catalog = {**self.catalog, provider: [o for o in self.catalog[provider] if o[0] != offer_id]}
+            log.info("fakecloud: offer %s %s was rented away", provider, offer_id)
 
     # -- lifecycle ------------------------------------------------------------------------
     def new_id(self, provider: str) -> str:
@@ -260,6 +275,9 @@ class World:
                             env=dict(env or {}), extra_keys=list(extra_keys or []), onstart=onstart,
                             boot_fail_msg=fail_msg, private_ssh=private,
                             no_account_keys=provider == "vastai" and self.faults.vast_no_account_keys)
+            if self.faults.preempt_after_s > 0:
+                inst.preempt_at = t + self.faults.boot_s + self.faults.preempt_after_s
+                self.faults.preempt_after_s = 0.0
             inst.open_interval("gpu", t)
             self.instances[inst.id] = inst
             self.save()
@@ -358,8 +376,28 @@ class World:
                     except (SSHServerError, OSError, subprocess.SubprocessError) as exc:
                         log.warning("fakecloud: instance %s did not start cleanly: %s", inst.id, exc)
                     changed = True
+            changed = self._preempt_due(now) or changed
             if changed:
                 self.save()
+
+    def preempt(self, instance_id: str, at: float | None = None) -> None:
+        """Preempt an instance at fake-clock time `at` (now when None)."""
+        with self.lock:
+            self.instances[instance_id].preempt_at = self.now() if at is None else at
+        self.tick()
+
+    def _preempt_due(self, now: float) -> bool:
+        """Interruptible capacity taken back: the machine powers off (its processes die with it)
+        and the instance is gone; billing ends there."""
+        changed = False
+        for inst in self.instances.values():
+            if inst.preempt_at is not None and now >= inst.preempt_at and inst.status in ("booting", "running"):
+                self._kill_sshd(inst)
+                inst.status, inst.ended_at, inst.preempt_at = "terminated", now, None
+                inst.close_intervals(now)
+                log.info("fakecloud: instance %s preempted", inst.id)
+                changed = True
+        return changed
 
     # -- sshd -----------------------------------------------------------------------------
     def _start_sshd(self, inst: Instance) -> None:

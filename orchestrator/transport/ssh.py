@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import paramiko
 
-from ..errors import CommandError, ConnectError, HostKeyMismatch, OrchestratorError, TransportError
+from ..errors import CommandError, ConnectError, HostKeyMismatch, InstanceNotFound, OrchestratorError, TransportError
 from .endpoint import Endpoint
 from ..secrets import redact
 from . import tarstream
@@ -191,6 +191,9 @@ class SSHTransport:
                     break
                 except HostKeyMismatch:
                     raise
+                except InstanceNotFound as exc:     # gone (destroyed, preempted): no reconnecting to it
+                    raise ConnectError(f"{self.name or 'host'}: {redact(str(exc))}",
+                                       hint="the provider no longer lists the instance") from None
                 except paramiko.AuthenticationException as exc:
                     raise ConnectError(f"authentication to {ep} failed: {redact(str(exc))}",
                                        hint="check identity_file / password_env / password_file "
