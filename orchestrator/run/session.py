@@ -320,7 +320,8 @@ class SessionRunner(Runner):
             prov, provider, host = provision_with_failover(
                 self, first, label=make_label(self.run_id, f"{first.host_name}-{index}-{serial}"),
                 state=self.failover)
-            t = connect(provider, prov.instance_id, host, ledger=self.ledger, instance_row=prov.row_id)
+            t = connect(provider, prov.instance_id, host, ledger=self.ledger, instance_row=prov.row_id,
+                        stop=self.stop)
         except OrchestratorError as exc:
             queue.last_error = str(exc)
             log.error("%s: %s", first.host_name, redact(str(exc)))
@@ -460,7 +461,7 @@ class SessionRunner(Runner):
             try:
                 with lock:
                     stage_dataset(sess.transport, nxt.dataset, nxt.scene, python=python,
-                                  payload_dir=payload_dir, progress=None)
+                                  payload_dir=payload_dir, progress=None, stop=self.stop)
                 self.ledger.record_phase(self.run_id, nxt.job_id, "prestage", t0, time.time())
             except Exception as exc:   # the job stages again itself and reports a real failure
                 log.warning("%s: staging ahead failed (%s); it stages when it starts", nxt.job_id,
