@@ -98,9 +98,9 @@ def load_and_plan(path: Path, *, require_secrets: bool = True) -> LoadedPlan:
     `require_secrets=False` (estimate) plans without the API keys: the catalog needs none."""
     from .. import catalog
     from ..config import check_secrets, load_config
+    from ..config.plan import expand
     from ..estimate import estimate_plan
     from ..ledger import Ledger
-    from ..config.plan import expand
     from ..run.runner import JobPlan
 
     config = load_config(path)

@@ -7,20 +7,22 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
+
+from ngp_train.contract import TRAIN_OPTIONS
 
 from .. import catalog
 from ..errors import ConfigError, did_you_mean
 from ..secrets import read_secret
 from . import model as c
-from ngp_train.contract import TRAIN_OPTIONS
-
 from .limits import MAX_PRICE_PER_HOUR, name_problem, ssh_field_problem
 from .model import DatasetConfig, Defaults, ExperimentConfig, HostConfig
 from .reader import Reader, check_currency, check_name
 from .source import YMap, YSeq, fail
+
 
 def _provider_of(key: str) -> str | None:
     if key in c.HOST_SLURM and key not in c.HOST_SSH and key not in c.HOST_CLOUD:

@@ -27,10 +27,8 @@ import httpx
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
+from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num, release_policy
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
-from ._http import (ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num,
-                    release_policy)
-
 
 if TYPE_CHECKING:
     from ..config import HostConfig

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OrchestratorError
-from ..secrets import redact
 from ..ledger import JobRow, Ledger, parse_iso, utcnow
+from ..secrets import redact
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collect import BACKGROUND_NOTE, COST_PER_DB_DEFINITION, JobReport, ReportData, read_train_log
-from .tables import (ESTIMATE_NOTE, comparison_lines, estimate_frame, fmt, psnr_pivot, reference_frame,
-                     results_frame)
+from .tables import ESTIMATE_NOTE, comparison_lines, estimate_frame, fmt, psnr_pivot, reference_frame, results_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,7 +57,7 @@ document.querySelectorAll('video[data-job]').forEach(function (v) {
 """
 
 
-def _table(df: "pd.DataFrame", table_id: str, *, index: bool = False,
+def _table(df: pd.DataFrame, table_id: str, *, index: bool = False,
            row_class: Any = None) -> str:
     if index:
         df = df.reset_index()

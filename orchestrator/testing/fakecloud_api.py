@@ -198,7 +198,8 @@ def _pod(i: Instance) -> dict[str, Any]:
                      {"ip": " 127.0.0.1 ", "isIpPublic": True, "privatePort": 22, "publicPort": i.port, "type": "tcp"}]
         runtime = {"uptimeInSeconds": 1, "ports": ports}
     return {"id": i.id, "name": i.label, "desiredStatus": desired, "costPerHr": i.price_per_hour,
-            "adjustedCostPerHr": i.price_per_hour, "gpuCount": 1, "imageName": "fake", "machine": {"gpuDisplayName": i.gpu}, "runtime": runtime}
+            "adjustedCostPerHr": i.price_per_hour, "gpuCount": 1, "imageName": "fake",
+            "machine": {"gpuDisplayName": i.gpu}, "runtime": runtime}
 
 
 def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:

@@ -14,9 +14,9 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .errors import NoMirror
 from .sources import Source
@@ -171,7 +171,7 @@ def _attempt(source: Source, part: Path, total: int | None, policy: FetchPolicy,
         while True:
             try:
                 chunk = read1(policy.chunk_bytes)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise _MirrorFailed("stall") from None
             except (OSError, http.client.HTTPException) as exc:
                 raise _MirrorFailed(f"error: {_describe(exc)}") from None
