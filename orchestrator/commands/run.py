@@ -236,7 +236,7 @@ def _print_results(args: argparse.Namespace, run_id: str, outcomes: list[JobOutc
              "currency": o.currency, "out_dir": o.out_dir, "error": o.error} for o in outcomes]
     total = ledger.run_cost(run_id)
     if args.json:
-        sys.stdout.write(json.dumps({"run_id": run_id, "status": ledger.run(run_id)["status"],
+        sys.stdout.write(json.dumps({"run_id": run_id, "status": (ledger.run(run_id) or {}).get("status"),
                                      "jobs": rows, "total_cost": total, "seconds": round(seconds, 2),
                                      "runs_dir": str(runs_dir / run_id)}, indent=2) + "\n")
         return

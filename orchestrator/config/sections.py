@@ -286,14 +286,15 @@ def _one(r: Reader, key: str, full_path: str, value: Any, line: int) -> Any:
     """Validate one setting value; errors name `full_path` (e.g. experiments[0].steps[1])."""
     if value is None and key != "max_seconds":
         fail(r.filename, line, full_path, f"empty value; give a {key} value")
-    kind, kw = {
+    rules: dict[str, tuple[str, dict[str, Any]]] = {
         "steps": ("int", dict(lo=1, hi=100_000_000)),
         "backend": ("str", dict(choices=c.BACKENDS)),
         "device": ("str", dict(choices=c.DEVICES)),
         "max_seconds": ("num", dict(lo=0, lo_open=True)),
         "downscale": ("int", dict(lo=1, hi=64)),
         "seed": ("int", dict(lo=0, hi=2**32 - 1)),
-    }[key]
+    }
+    kind, kw = rules[key]
     return _typed(r, full_path, value, line, kind, **kw)
 
 

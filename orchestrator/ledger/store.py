@@ -365,6 +365,7 @@ class Ledger:
                 " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, job_id, host_name, provider, label, gpu, price_per_hour, currency,
                  storage_price_per_hour, granularity_s, INTENT, iso(), iso()))
+            assert cur.lastrowid is not None   # an INSERT into a rowid table always sets it
             return int(cur.lastrowid)
 
     def instance_created(self, row_id: int, instance_id: str, at: float | None = None) -> None:
@@ -433,7 +434,7 @@ class Ledger:
 
     def instances(self, *, open_only: bool = False, run_id: str | None = None,
                   provider: str | None = None) -> list[InstanceRow]:
-        sql, args = f"SELECT {_INSTANCES} FROM instances WHERE 1=1", []
+        sql, args = f"SELECT {_INSTANCES} FROM instances WHERE 1=1", list[Any]()
         if open_only:
             sql += f" AND state IN ({','.join('?' * len(OPEN_STATES))})"
             args += OPEN_STATES

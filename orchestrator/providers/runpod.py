@@ -132,7 +132,8 @@ def parse_pod(d: dict[str, Any], user: str = "root") -> InstanceInfo:
         state = InstanceState.ERROR
     else:
         state = InstanceState.UNKNOWN
-    machine = d.get("machine") if isinstance(d.get("machine"), dict) else {}
+    machine = d.get("machine")
+    machine = machine if isinstance(machine, dict) else {}
     raw = desired + ("" if runtime else " (no runtime)")
     if state == InstanceState.ERROR and desired == "RUNNING":
         raw = ("RUNNING but its SSH port 22 is not public (isIpPublic: false): it cannot be reached; "

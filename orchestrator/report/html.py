@@ -104,7 +104,7 @@ def plot_psnr_vs_cost(data: ReportData) -> str | None:
         for j in points:
             groups.setdefault(f"{j.gpu} / {j.backend}", []).append(j)
         for name, js in sorted(groups.items()):
-            ax.scatter([j.cost for j in js], [j.psnr for j in js], label=name, s=30)
+            ax.scatter([j.cost for j in js], [float(j.psnr or 0.0) for j in js], label=name, s=30)
             for j in js:
                 ax.annotate(j.scene, (j.cost, j.psnr), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")

@@ -63,7 +63,7 @@ def reference_frame(data: ReportData) -> pd.DataFrame:
     scenes += sorted(set(ours["scene"]) - set(scenes)) if len(ours) else []
     rows = []
     for r in data.reference:
-        row = {"method": r.method, "gpu": r.gpu, "budget": r.budget, "background": r.background}
+        row: dict[str, Any] = {"method": r.method, "gpu": r.gpu, "budget": r.budget, "background": r.background}
         row.update({s: r.psnr_by_scene.get(s) for s in scenes})
         row.update({"average": r.average, "source": r.source})
         rows.append(row)

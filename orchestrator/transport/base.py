@@ -41,7 +41,9 @@ class TransferStats:
 
 @runtime_checkable
 class Transport(Protocol):
-    root: str
+    @property
+    def root(self) -> str:
+        ...
 
     def run(self, command: str, *, timeout_s: float | None = None, check: bool = True,
             env: dict[str, str] | None = None) -> CommandResult:

@@ -236,8 +236,8 @@ def _fetch(dest: Path, scene: str, mirrors: list[str], checksums: dict[str, str]
                 done_by = next((a.url for a in reversed(dl.attempts) if a.outcome == "complete"), None)
                 return dl, done_by
             if kind == "tree" and trees:
-                dl = _fetch_tree(trees, scene, dest / ".tree", policy, deadline, emit)
-                return dl, trees[0].display
+                tree_dl = _fetch_tree(trees, scene, dest / ".tree", policy, deadline, emit)
+                return tree_dl, trees[0].display
         except NoMirror as exc:
             last_error = exc
     assert last_error is not None

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import NoMirror
 from .sources import Source
@@ -206,7 +207,7 @@ def download(sources: list[Source], dest: Path, *, total_bytes: int | None, poli
     t0 = time.monotonic()
     fetched = 0
     attempts: list[Attempt] = []
-    state = {"last": 0.0, "url": ""}
+    state: dict[str, Any] = {"last": 0.0, "url": ""}
 
     def on_chunk(n: int) -> None:
         nonlocal fetched
