@@ -85,7 +85,7 @@ def main() -> int:
         # so pass 1 has no history and no pass pays for a cold cache the others do not.
         one_pass(Path(tmp) / "warm-up-home", cfg)
         baseline = None
-        for i in range(args.calibration_runs):
+        for _ in range(args.calibration_runs):
             rows = one_pass(home, cfg)
             if baseline is None:
                 baseline = show("pass 1 (catalog only):", rows)

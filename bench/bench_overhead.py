@@ -39,9 +39,9 @@ def _ts(iso: str) -> float:
 
 def controller_run(work: Path, steps: int, size: int) -> dict[str, float]:
     os.environ["ORCHESTRATE_HOME"] = str(work / "home")
-    from orchestrator.run.budget import Budget, BudgetGuard
     from orchestrator.commands import load_and_plan
     from orchestrator.ledger import Ledger
+    from orchestrator.run.budget import Budget, BudgetGuard
     from orchestrator.run.live import LiveView
     from orchestrator.run.runner import Runner, RunOptions
 

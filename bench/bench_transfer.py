@@ -137,7 +137,8 @@ def client(args: argparse.Namespace) -> None:
         t0 = time.monotonic()
         sent = 0
         while sent < n:
-            s.sendall(chunk); sent += len(chunk)
+            s.sendall(chunk)
+            sent += len(chunk)
         s.shutdown(socket.SHUT_WR)
         s.recv(16)
         results["raw TCP (150 MB)"] = sent / (time.monotonic() - t0)

@@ -43,7 +43,7 @@ class FieldConfig:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "FieldConfig":
+    def from_dict(d: dict) -> FieldConfig:
         d = dict(d)
         d["grid"] = HashGridConfig(**d.get("grid", {}))
         return FieldConfig(**d)

@@ -38,7 +38,7 @@ class ModelConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict) -> "ModelConfig":
+    def from_dict(d: dict) -> ModelConfig:
         d = dict(d)
         d["field"] = FieldConfig.from_dict(d["field"])
         return ModelConfig(**d)

@@ -10,7 +10,7 @@ or after a collapse) is treated as fully occupied so training can recover.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -10,9 +10,9 @@ import logging
 import math
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 

@@ -6,8 +6,8 @@ ray: `ray_indices (S,)` int64, `t_starts (S,)`, `t_ends (S,)`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except SystemExit:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the one place a bug becomes one line and exit 70
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"internal error: {type(exc).__name__}: {redact(' '.join(str(exc).split()))}"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .errors import USAGE_EXIT_CODE, PayloadError
-
 
 
 def _add_own(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stage", help="fetch a dataset from the fastest mirror into the cache")
     try:
         from .stage import cli
-    except Exception as exc:   # a broken stage module must not take run/watchdog down with it
+    except Exception as exc:  # noqa: BLE001 - a broken stage module must not take run/watchdog down with it
         reason = f"{type(exc).__name__}: {exc}"
 
         def unavailable(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ def _nvidia_smi() -> dict[str, str] | None:
 def _probe_tcnn() -> tuple[bool, str | None]:
     try:
         import tinycudann  # noqa: F401
-    except Exception as exc:   # an ImportError, or a CUDA error from a broken build
+    except Exception as exc:  # noqa: BLE001 - an ImportError, or a CUDA error from a broken build
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
     return True, None
 
@@ -81,7 +81,7 @@ def probe() -> dict[str, Any]:
     }
     try:
         import torch
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken torch install is recorded, not fatal here
         env["warnings"].append(f"torch is not importable ({type(exc).__name__}: {exc}); "
                                "install torch for this host's CUDA before training")
         return env

@@ -67,7 +67,7 @@ def _verify_frames(data_dir: Path) -> None:
             try:
                 with Image.open(paths[k]) as im:
                     im.load()
-            except Exception as exc:   # PIL raises OSError, SyntaxError, ValueError... on bad data
+            except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... on bad data
                 raise BadData(f"{paths[k]}: image does not decode ({' '.join(str(exc).split())}); "
                               "the download is probably truncated, fetch the scene again",
                               phase="check") from None

@@ -15,16 +15,16 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import stages
 from .checkdata import check_data
-from .errors import (AlreadyRunning, BadData, BadUsage, Interrupted, OutOfMemory, PayloadError,
-                     StageFailed, TrainFailed)
+from .errors import AlreadyRunning, BadData, BadUsage, Interrupted, OutOfMemory, PayloadError, StageFailed, TrainFailed
 from .frames import expected_stems
 from .status import StatusWriter, is_pipeline_process, read_status, write_json_atomic
 
@@ -245,7 +245,7 @@ class Pipeline:
             self._timed("videos", lambda: stages.video_stage(self.out, stems, self.opts.fps))
         except Interrupted:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a video failure is a warning: the metrics are the result
             reason = _one_line(exc)
             log.warning("videos failed, the job keeps its metrics: %s", reason)
             self.timings["videos"] = {"seconds": round(time.monotonic() - t0, 3), "skipped": False,

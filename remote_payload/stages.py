@@ -14,10 +14,11 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .frames import has_frames, numeric_key, split_frames, write_gt_frames
 from .status import write_json_atomic

@@ -16,10 +16,9 @@ import json
 import threading
 import time
 
-
-from orchestrator.run.budget import Budget, BudgetGuard
 from orchestrator.config import parse_config
 from orchestrator.ledger import Ledger
+from orchestrator.run.budget import Budget, BudgetGuard
 from orchestrator.run.live import LiveView
 from orchestrator.run.runner import JobPlan, Runner, RunOptions
 

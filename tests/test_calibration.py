@@ -26,7 +26,6 @@ import pytest
 from orchestrator.ledger import Ledger
 from orchestrator.report.browser import ReportDom, chromium, chromium_path, serve_dir
 
-
 RUNS = 3
 EXPERIMENTS = """\
 name: calibration

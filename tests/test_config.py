@@ -12,11 +12,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.config import (GENERATOR_SCENES, ExperimentsConfig, HostConfig, check_secrets,
-                                 load_config, parse_config)
+from orchestrator.config import (
+    GENERATOR_SCENES,
+    ExperimentsConfig,
+    HostConfig,
+    check_secrets,
+    load_config,
+    parse_config,
+)
+from orchestrator.config.plan import expand
 from orchestrator.errors import ConfigError
 from orchestrator.estimate import estimate_plan
-from orchestrator.config.plan import expand
 
 VALID = textwrap.dedent("""\
     name: t

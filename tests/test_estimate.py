@@ -4,18 +4,18 @@ figure, and the JSON the report reads back."""
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from orchestrator import catalog
-from orchestrator.config import parse_config
-from orchestrator.errors import ConfigError
 from orchestrator.commands.estimate import explain
+from orchestrator.config import parse_config
+from orchestrator.config.plan import expand
+from orchestrator.errors import ConfigError
 from orchestrator.estimate import estimate_job, estimate_plan
 from orchestrator.ledger import Ledger
-from orchestrator.config.plan import expand
 
 PRICES = """\
 provider,gpu,price_per_hour,currency,billing_granularity_s,storage_price_per_gb_month,offer,source,date,billing_source

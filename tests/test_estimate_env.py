@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import parse_config
-from orchestrator.estimate import estimate_job
 from orchestrator.config.plan import expand
+from orchestrator.estimate import estimate_job
 
 
 def job(gpu: str, *, provider: str = "ssh", backend: str = "auto", device: str = "auto"):

@@ -20,7 +20,7 @@ from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
-from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
+from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, fake_host, host_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sshd
 CLASSES = {"vastai": VastProvider, "runpod": RunPodProvider, "lambda": LambdaProvider}
@@ -251,8 +251,8 @@ def test_stop_kills_detached_processes_of_that_instance_only(fake_cloud, tmp_pat
     ia, ib = wait_state(p, a, InstanceState.RUNNING), wait_state(p, b, InstanceState.RUNNING)
     pids = {}
     for iid, info in ((a, ia), (b, ib)):
-        out = ssh_run(fake_cloud, info, f"setsid -f sleep 300 >/dev/null 2>&1 </dev/null; sleep 0.2; "
-                                        f"pgrep -n -f 'sleep 300' ")
+        out = ssh_run(fake_cloud, info, "setsid -f sleep 300 >/dev/null 2>&1 </dev/null; sleep 0.2; "
+                                        "pgrep -n -f 'sleep 300' ")
         pids[iid] = int(out.split()[-1])
     p.stop(a)
     time.sleep(0.2)

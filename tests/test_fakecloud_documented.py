@@ -23,7 +23,7 @@ from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.run.provisioning import provision, release
-from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
+from orchestrator.testing.fakecloud import FakeCloud, fake_cloud, fake_host, host_config  # noqa: F401 (fixture)
 from orchestrator.testing.faultmatrix import Harness
 
 pytestmark = [pytest.mark.sshd, pytest.mark.timeout(300)]

@@ -39,7 +39,7 @@ def test_two_runs_at_once_share_neither_generation_nor_job_dir(tmp_path: Path) -
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(0.05)
     results = [p.communicate(timeout=800) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
         assert "Traceback" not in err and "PIL" not in err
     outs = [json.loads(out) for out, _ in results]

@@ -24,7 +24,7 @@ from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, make_label
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.run.reconcile import lock_path
-from orchestrator.testing.fakecloud import fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
+from orchestrator.testing.fakecloud import fake_cloud, fake_host, host_config  # noqa: F401 (fixture)
 from orchestrator.testing.faultmatrix import Harness
 
 pytestmark = pytest.mark.sshd

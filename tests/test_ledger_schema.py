@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report import costs
 from orchestrator import ledger as L
 from orchestrator.errors import LedgerError, LedgerTooNew
 from orchestrator.ledger import schema
+from orchestrator.report import costs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ledger_v0.sqlite"
 # r-b's GPU interval opened at 23:59:00 on 1 March and is still open in the fixture

@@ -178,7 +178,8 @@ def test_cli_rejects_bad_options(scene: Path, tmp_path: Path) -> None:
 def test_cli_subprocess_bad_data_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "ngp_train", "train", "--data", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: dataset directory does not exist"]
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: dataset directory does not exist"]
 
 
 def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,10 +1,9 @@
 """Ray marching, occupancy grid and volume rendering against closed-form values."""
 from __future__ import annotations
 
-import pytest
-
 import math
 
+import pytest
 import torch
 
 from ngp_train.occupancy import OccupancyGrid, should_update, update_interval

@@ -6,8 +6,6 @@ times the host would have been stopped. Nothing here powers anything off.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap

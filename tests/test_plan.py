@@ -6,8 +6,8 @@ import textwrap
 import pytest
 
 from orchestrator.config import parse_config
-from orchestrator.errors import ConfigError
 from orchestrator.config.plan import Job, expand, slug
+from orchestrator.errors import ConfigError
 
 TEXT = textwrap.dedent("""\
     name: m

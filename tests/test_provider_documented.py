@@ -36,7 +36,6 @@ from orchestrator.errors import (
     ProviderError,
 )
 from orchestrator.ledger import Ledger
-from orchestrator.testing.hosts import make_host
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
@@ -44,6 +43,7 @@ from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.run.provisioning import provision, release, wait_running
 from orchestrator.testing.canned_http import CannedAPI
+from orchestrator.testing.hosts import make_host
 
 KEY = "doc-shaped-secret-key-0123456789"
 FAST = RetryPolicy(deadline_s=3.0, attempt_timeout_s=1.0, max_attempts=5, backoff_s=0.01, max_backoff_s=0.05,

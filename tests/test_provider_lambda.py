@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
-from orchestrator.testing.hosts import make_host
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.testing.canned_http import CannedAPI
+from orchestrator.testing.hosts import make_host
 
 KEY = "secret_lambda_0123456789abcdef"
 H100 = {"name": "gpu_1x_h100_pcie", "description": "1x H100 (80 GB PCIe)", "gpu_description": "H100 (80 GB PCIe)",

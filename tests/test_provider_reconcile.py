@@ -9,7 +9,7 @@ from orchestrator.providers.base import InstanceSpec, InstanceState, make_label
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.run.reconcile import down_orphans, find_orphans, hold_run_lock, lock_path, run_is_live
-from orchestrator.testing.fakecloud import fake_cloud, host_config, fake_host  # noqa: F401 (fixture)
+from orchestrator.testing.fakecloud import fake_cloud, fake_host, host_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sshd
 FAST = RetryPolicy(deadline_s=5.0, attempt_timeout_s=2.0, backoff_s=0.02, max_backoff_s=0.1)

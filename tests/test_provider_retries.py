@@ -6,13 +6,13 @@ import time
 import pytest
 
 from orchestrator.errors import ProviderError
-from orchestrator.testing.hosts import make_host
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.lambdalabs import LambdaProvider
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.testing.canned_http import CannedAPI
+from orchestrator.testing.hosts import make_host
 
 FAST = RetryPolicy(deadline_s=3.0, attempt_timeout_s=1.0, max_attempts=5, backoff_s=0.01, max_backoff_s=0.05)
 RUNNING = {"id": 7, "label": "orch-a-b", "actual_status": "running", "intended_status": "running",

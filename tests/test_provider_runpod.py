@@ -8,11 +8,11 @@ import subprocess
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
-from orchestrator.testing.hosts import make_host
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.runpod import RunPodProvider
 from orchestrator.testing.canned_http import CannedAPI
+from orchestrator.testing.hosts import make_host
 
 KEY = "rp-secret-key-abcdef0123"
 PORTS = [

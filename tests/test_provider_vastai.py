@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import CapacityError, InstanceNotFound, ProviderError
-from orchestrator.testing.hosts import make_host
 from orchestrator.providers import make_label
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState
 from orchestrator.providers.vastai import VastProvider
 from orchestrator.testing.canned_http import CannedAPI
+from orchestrator.testing.hosts import make_host
 
 KEY = "vast-secret-key-0123456789"
 

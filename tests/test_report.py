@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.ledger import Ledger
-from orchestrator.report import (BACKGROUND_NOTE, COST_PER_DB_DEFINITION, ReportError, collect,
-                                 render, write_report)
+from orchestrator.report import BACKGROUND_NOTE, COST_PER_DB_DEFINITION, ReportError, collect, render, write_report
 from orchestrator.report.synthetic import FakeJob, add_finished_job
 
 T0 = datetime(2026, 3, 1, 10, tzinfo=timezone.utc).timestamp()

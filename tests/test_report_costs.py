@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from orchestrator import ledger as L
-from orchestrator.report.costs import CostsError, split_by_day, spend, totals
+from orchestrator.report.costs import CostsError, spend, split_by_day, totals
 
 DAY1 = datetime(2026, 3, 1, tzinfo=timezone.utc).timestamp()
 H = 3600.0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import os
+import re
 import signal
 import sqlite3
 import subprocess

@@ -4,22 +4,22 @@ guard, the payload push."""
 from __future__ import annotations
 
 import os
-from typing import Any
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from orchestrator.testing.hosts import make_host
 from orchestrator.config import HostConfig
-from orchestrator.run.budget import Budget, BudgetGuard, check_estimate, effective_budget
 from orchestrator.errors import BudgetError, CommandError, ProviderError
 from orchestrator.ledger import DESTROYED, FAILED, Ledger
-from orchestrator.run.payload import RemoteStatus, job_key, push_payload
 from orchestrator.providers.base import InstanceSpec, InstanceState
 from orchestrator.providers.local import LocalProvider, marked_pids
+from orchestrator.run.budget import Budget, BudgetGuard, check_estimate, effective_budget
+from orchestrator.run.payload import RemoteStatus, job_key, push_payload
 from orchestrator.run.provisioning import provision, release
+from orchestrator.testing.hosts import make_host
 from orchestrator.transport import connect
 from orchestrator.transport.local import LocalTransport
 
@@ -202,7 +202,8 @@ def test_remote_status_parsing_and_job_key() -> None:
     st = RemoteStatus.parse('{"phase": "train", "step": 5, "total_steps": 30, "loss": 0.1, '
                             '"psnr": null, "pid": 42, "exit_code": null}')
     assert st == RemoteStatus(phase="train", step=5, total_steps=30, loss=0.1, pid=42)
-    assert RemoteStatus.parse('{"phase": "done", "exit_code": 0, "updated_at": "2026-01-01T00:00:00Z"}').updated_at.startswith("2026")
+    done = RemoteStatus.parse('{"phase": "done", "exit_code": 0, "updated_at": "2026-01-01T00:00:00Z"}')
+    assert done.updated_at.startswith("2026")
     assert RemoteStatus.parse("") is None and RemoteStatus.parse("{not json") is None
     assert RemoteStatus.parse('{"step": 1}') is None
     a = job_key("ngp-default-here", {"steps": 30})
@@ -226,6 +227,7 @@ def test_live_view_logs_phase_changes_when_not_a_tty(caplog: pytest.LogCaptureFi
 
 def test_live_view_table_on_a_tty_shows_every_job() -> None:
     from rich.console import Console
+
     from orchestrator.run.live import LiveView
     view = LiveView([("j1", "here"), ("j2", "box")], tty=False)
     view.update("j2", phase="train", step=7, total_steps=30, loss=0.125, psnr=18.0, cost=1.5, currency="CNY")

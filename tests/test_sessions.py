@@ -374,8 +374,8 @@ def test_fake_cloud_preempts_at_the_given_time_and_stops_billing(fake_cloud):
 
 @pytest.mark.sshd
 def test_choose_offer_skips_what_this_run_took_and_what_failed(fake_cloud):
-    from orchestrator.run.failover import FailoverState, choose_offer
     from orchestrator.providers.vastai import VastProvider
+    from orchestrator.run.failover import FailoverState, choose_offer
     from orchestrator.testing.fakecloud import host_config
     fake_cloud.world.catalog = {**fake_cloud.world.catalog, "vastai": [
         ("7301", "RTX 4090", 0.40), ("7302", "RTX 4090", 0.45), ("7303", "RTX 4090", 0.50)]}

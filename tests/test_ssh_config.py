@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.ledger import Ledger
-from orchestrator.transport.sshconfig import managed_path, refresh_if_present, update_ssh_config
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
+from orchestrator.transport.sshconfig import managed_path, refresh_if_present, update_ssh_config
 
 
 def add_instance(ledger: Ledger, host_name: str, iid: str, endpoint: str | None,

@@ -17,12 +17,12 @@ import pytest
 
 from orchestrator.config import HostConfig
 from orchestrator.errors import ConnectError
-from orchestrator.transport.endpoint import Endpoint
 from orchestrator.providers.ssh import SSHProvider
 from orchestrator.testing import pypi
 from orchestrator.testing.pypi import LocalIndex
 from orchestrator.testing.sshd import SSHServer, find_sshd
 from orchestrator.testing.stockhost import index_env, set_env
+from orchestrator.transport.endpoint import Endpoint
 from orchestrator.transport.jump import parse_jump
 from orchestrator.transport.ssh import SSHAuth, SSHTransport
 

@@ -8,17 +8,17 @@ from typing import Any
 
 import pytest
 
+from orchestrator.config import HostConfig
 from orchestrator.errors import ConfigError, HostKeyMismatch, ProviderError
 from orchestrator.ledger import Ledger
 from orchestrator.providers import make_provider
 from orchestrator.providers.base import Endpoint, InstanceSpec, InstanceState, Provider
-from orchestrator.config import HostConfig
 from orchestrator.providers.ssh import SHUTDOWN_COMMAND, SSHProvider
-from orchestrator.testing.hosts import make_host
-from orchestrator.transport.endpoint import is_this_machine, parse_endpoint
 from orchestrator.secrets import read_secret
+from orchestrator.testing.hosts import make_host
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
 from orchestrator.transport import connect
+from orchestrator.transport.endpoint import is_this_machine, parse_endpoint
 
 
 def host(**kw: Any) -> HostConfig:

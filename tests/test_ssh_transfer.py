@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+from test_ssh_transport import make_transport
 
 from orchestrator.errors import TransportError
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
 from orchestrator.transport.ssh import SSHTransport
-from test_ssh_transport import make_transport
 
 pytestmark = pytest.mark.sshd
 
@@ -56,8 +56,10 @@ def test_corrupted_truncated_and_changed_files_are_resent(tr: SSHTransport, tmp_
     remote = tmp_path / "remote/data"
     victim = remote / "train/r_1.png"                     # same size, same mtime, other bytes
     st = victim.stat()
-    data = bytearray(victim.read_bytes()); data[100] ^= 0xFF
-    victim.write_bytes(bytes(data)); os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     partial = remote / "test/r_2.png"                     # as a cut transfer leaves it
     partial.write_bytes(partial.read_bytes()[:1000])
     (src / "test/r_4.png").write_bytes(b"changed locally")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import CommandError, ConnectError, HostKeyMismatch, TransportError
+from orchestrator.errors import CommandError, ConnectError, HostKeyMismatch
 from orchestrator.providers.base import Endpoint
 from orchestrator.secrets import read_secret
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)

@@ -2,7 +2,6 @@
 detached, polled, and its cache reused; uploads of file:// copies when no mirror answers."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.config import DatasetConfig
 from orchestrator.errors import DatasetInvalid, StagingError
 from orchestrator.staging import StageTuning, content_key, estimate_staging_seconds, stage_dataset
 from orchestrator.staging.estimate import ASSUMED_RATE_BYTES_PER_S, ASSUMED_SIZE_BYTES
@@ -22,23 +22,8 @@ from orchestrator.transport.local import LocalTransport
 REPO = Path(__file__).resolve().parents[1]
 TUNING = StageTuning(timeout_s=60, stall_period_s=0.5, probe_timeout_s=2.0, probe_bytes=64 * 1024)
 
-try:
-    from orchestrator.config import DatasetConfig
-except Exception:   # config (#4) not merged or mid-edit: the same fields, per docs/contracts.md §5
-    @dataclasses.dataclass(frozen=True, slots=True)
-    class DatasetConfig:  # type: ignore[no-redef]
-        name: str
-        layout: str = "blender"
-        generate: Any = None
-        mirrors: tuple[str, ...] = ()
-        sha256: dict[str, str] = dataclasses.field(default_factory=dict)
-        scenes: tuple[str, ...] = ()
-
-
-def dataset(name: str, mirrors: list[str], **kw: Any) -> Any:
-    fields = {f.name for f in dataclasses.fields(DatasetConfig)}
-    values = {"name": name, "mirrors": tuple(mirrors), **kw}
-    return DatasetConfig(**{k: v for k, v in values.items() if k in fields})
+def dataset(name: str, mirrors: list[str], **kw: Any) -> DatasetConfig:
+    return DatasetConfig(name=name, mirrors=tuple(mirrors), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_staging_controller import REPO, TUNING, dataset, scene_dir, zip_dir  # noqa: F401  (fixture)
 
 from orchestrator.providers.base import Endpoint
 from orchestrator.staging import stage_dataset
 from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
 from orchestrator.testing.sshd import SSHServer, sshd_server  # noqa: F401  (fixture)
 from orchestrator.transport.ssh import SSHAuth, SSHTransport
-from test_staging_controller import REPO, TUNING, dataset, scene_dir, zip_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.sshd
 

@@ -51,9 +51,10 @@ def confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def money(v: float | None) -> str:
+def money(v: float | str | None) -> str:
+    """An amount from a table row (a float, or a number a JSON round trip left as text)."""
     from ..catalog import format_money
-    return format_money(v)
+    return format_money(None if v is None else float(v))
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -98,9 +99,9 @@ def load_and_plan(path: Path, *, require_secrets: bool = True) -> LoadedPlan:
     `require_secrets=False` (estimate) plans without the API keys: the catalog needs none."""
     from .. import catalog
     from ..config import check_secrets, load_config
+    from ..config.plan import expand
     from ..estimate import estimate_plan
     from ..ledger import Ledger
-    from ..config.plan import expand
     from ..run.runner import JobPlan
 
     config = load_config(path)

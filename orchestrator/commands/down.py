@@ -11,13 +11,12 @@ import argparse
 import importlib.util
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import ExperimentsConfig, HostConfig
 from ..errors import ConfigError, OrchestratorError
-from ..ledger import Ledger, InstanceRow
+from ..ledger import InstanceRow, Ledger
 from ..providers.base import Provider
 from ..run.provisioning import release
 from . import add_json_flag, confirm, is_tty, money

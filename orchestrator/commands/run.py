@@ -26,8 +26,17 @@ from ..run.budget import BudgetGuard, check_estimate, effective_budget
 from ..run.live import LiveView
 from ..run.runner import JobOutcome, Runner, RunOptions
 from ..run.session import SessionRunner
-from . import (add_json_flag, confirm, estimate_table, is_tty, load_and_plan, money, print_table,
-               positive_float, positive_int)
+from . import (
+    add_json_flag,
+    confirm,
+    estimate_table,
+    is_tty,
+    load_and_plan,
+    money,
+    positive_float,
+    positive_int,
+    print_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +159,7 @@ def _execute(args: argparse.Namespace, loaded: Any, budget: Any, plain: Ledger, 
             runner = runner_class(loaded.jobs, ledger=ledger, run_id=run_id,
                             options=RunOptions(runs_dir=runs_dir, concurrency=args.concurrency),
                             guard=BudgetGuard(budget, ledger, run_id), view=view, stop=stop)
-            from ..run.slurm import run_all   # jobs on slurm hosts go as one array per host
+            from ..run.slurm import run_all  # jobs on slurm hosts go as one array per host
             outcomes = run_all(runner)
     finally:
         _restore_handlers(signals)
@@ -227,7 +236,7 @@ def _print_results(args: argparse.Namespace, run_id: str, outcomes: list[JobOutc
              "currency": o.currency, "out_dir": o.out_dir, "error": o.error} for o in outcomes]
     total = ledger.run_cost(run_id)
     if args.json:
-        sys.stdout.write(json.dumps({"run_id": run_id, "status": ledger.run(run_id)["status"],
+        sys.stdout.write(json.dumps({"run_id": run_id, "status": (ledger.run(run_id) or {}).get("status"),
                                      "jobs": rows, "total_cost": total, "seconds": round(seconds, 2),
                                      "runs_dir": str(runs_dir / run_id)}, indent=2) + "\n")
         return

@@ -18,10 +18,25 @@ from types import MappingProxyType
 from .. import catalog
 from ..errors import ConfigError
 from ..secrets import read_secret
-from .model import (BACKENDS, CLOUD_PROVIDERS, DEFAULT_HOST_NAME, DEVICES, GENERATOR_SCENES, PROVIDERS,
-                    SETTINGS, TOP_KEYS, Budget, DatasetConfig, Defaults, ExperimentConfig,
-                    ExperimentsConfig, GenerateSpec, HostConfig, is_secret_key)
 from .limits import currency_problem
+from .model import (
+    BACKENDS,
+    CLOUD_PROVIDERS,
+    DEFAULT_HOST_NAME,
+    DEVICES,
+    GENERATOR_SCENES,
+    PROVIDERS,
+    SETTINGS,
+    TOP_KEYS,
+    Budget,
+    DatasetConfig,
+    Defaults,
+    ExperimentConfig,
+    ExperimentsConfig,
+    GenerateSpec,
+    HostConfig,
+    is_secret_key,
+)
 from .reader import Reader, check_currency, check_name, kind_of
 from .sections import parse_dataset, parse_experiment, parse_host, parse_settings
 from .source import YMap, YSeq, fail, read_yaml

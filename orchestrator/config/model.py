@@ -6,12 +6,16 @@ Values only; reading and validating the YAML is `config.reader` / `config.sectio
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
-from ngp_train.contract import BACKENDS, DEVICES, SCENES
+# the payload's own lists (its stdlib-only contract), named here for the reader
+from ngp_train.contract import BACKENDS as BACKENDS
+from ngp_train.contract import DEVICES as DEVICES
+from ngp_train.contract import SCENES
 
 GENERATOR_SCENES: tuple[str, ...] = SCENES          # the payload's own list (its contract module)
 PROVIDERS: tuple[str, ...] = ("local", "ssh", "vastai", "runpod", "lambda", "slurm")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
-from .model import SETTINGS, DatasetConfig, ExperimentsConfig, HostConfig
 from ..errors import ConfigError
+from .model import SETTINGS, DatasetConfig, ExperimentsConfig, HostConfig
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from ..errors import did_you_mean
 from .limits import name_problem
@@ -22,7 +23,7 @@ class Reader:
         self.filename = filename
 
     def fail(self, m: YMap | YSeq | None, key: str | int | None, path: str, msg: str,
-             hint: str | None = None, at_key: bool = False) -> Any:
+             hint: str | None = None, at_key: bool = False) -> NoReturn:
         line = 0
         if isinstance(m, YMap):
             line = (m.key_lines if at_key else m.value_lines).get(str(key), m.line) if key is not None else m.line

@@ -7,20 +7,22 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
+
+from ngp_train.contract import TRAIN_OPTIONS
 
 from .. import catalog
 from ..errors import ConfigError, did_you_mean
 from ..secrets import read_secret
 from . import model as c
-from ngp_train.contract import TRAIN_OPTIONS
-
 from .limits import MAX_PRICE_PER_HOUR, name_problem, ssh_field_problem
 from .model import DatasetConfig, Defaults, ExperimentConfig, HostConfig
 from .reader import Reader, check_currency, check_name
 from .source import YMap, YSeq, fail
+
 
 def _provider_of(key: str) -> str | None:
     if key in c.HOST_SLURM and key not in c.HOST_SSH and key not in c.HOST_CLOUD:
@@ -284,14 +286,15 @@ def _one(r: Reader, key: str, full_path: str, value: Any, line: int) -> Any:
     """Validate one setting value; errors name `full_path` (e.g. experiments[0].steps[1])."""
     if value is None and key != "max_seconds":
         fail(r.filename, line, full_path, f"empty value; give a {key} value")
-    kind, kw = {
+    rules: dict[str, tuple[str, dict[str, Any]]] = {
         "steps": ("int", dict(lo=1, hi=100_000_000)),
         "backend": ("str", dict(choices=c.BACKENDS)),
         "device": ("str", dict(choices=c.DEVICES)),
         "max_seconds": ("num", dict(lo=0, lo_open=True)),
         "downscale": ("int", dict(lo=1, hi=64)),
         "seed": ("int", dict(lo=0, hi=2**32 - 1)),
-    }[key]
+    }
+    kind, kw = rules[key]
     return _typed(r, full_path, value, line, kind, **kw)
 
 

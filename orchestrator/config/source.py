@@ -13,7 +13,7 @@ import yaml
 import yaml.reader
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from ..errors import ConfigError, nearest
+from ..errors import ConfigError
 
 MAX_DEPTH = 50
 MAX_VALUES = 100_000   # values after expanding aliases: a real file has a few hundred
@@ -190,7 +190,7 @@ def read_yaml(text: str, filename: str) -> Any:
         except yaml.YAMLError as exc:
             fail(filename, 0, "", f"malformed YAML: {str(exc).splitlines()[0]}")
         except RecursionError:
-            fail(filename, 0, "", f"malformed YAML: nested too deeply")
+            fail(filename, 0, "", "malformed YAML: nested too deeply")
         if node is None:
             return None
         try:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .. import catalog
 from ..config.plan import Job
@@ -239,7 +240,7 @@ def _phase_seconds(job: Job, phase: str, history: History | None,
     return secs, "assumption", src
 
 
-def estimate_job(job: Job, ledger: "Ledger | None" = None, *, history: History | None = None,
+def estimate_job(job: Job, ledger: Ledger | None = None, *, history: History | None = None,
                  probe_mirrors: bool = True) -> JobEstimate:
     """Per-phase seconds and cost of one job; history from `ledger` refines the tables.
     `probe_mirrors=False` keeps the estimate offline (no HEAD request to a dataset mirror)."""
@@ -263,7 +264,7 @@ def estimate_job(job: Job, ledger: "Ledger | None" = None, *, history: History |
                        billed_total * price / 3600.0)
 
 
-def estimate_plan(jobs: Iterable[Job], ledger: "Ledger | None" = None, *,
+def estimate_plan(jobs: Iterable[Job], ledger: Ledger | None = None, *,
                   probe_mirrors: bool = True) -> PlanEstimate:
     """Every job's estimate, with totals per currency (never silently mixed)."""
     history = History.from_ledger(ledger) if ledger is not None else None

@@ -6,8 +6,9 @@ provider and GPU; history (the recorded setup phase) replaces all of it once a j
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # compute capability per catalog GPU (NVIDIA's CUDA GPUs table): which tcnn cache key a host gets
 COMPUTE_CAPABILITY = {

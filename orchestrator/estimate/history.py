@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..ledger import Ledger
     from ..config.plan import Job
+    from ..ledger import Ledger
 
 # Phase names the runner may record -> the estimate's phase. Several recorded phases that map
 # to the same estimate phase are added up (e.g. render + metrics + videos -> eval).
@@ -47,7 +47,7 @@ class History:
         self.past = past
 
     @classmethod
-    def from_ledger(cls, ledger: "Ledger") -> "History":
+    def from_ledger(cls, ledger: Ledger) -> History:
         by_job: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for row in ledger.phases():
             phase = PHASE_ALIASES.get(str(row.get("phase") or ""))
@@ -66,7 +66,7 @@ class History:
             return None
         return statistics.median(values), len(values)
 
-    def phase_seconds(self, job: "Job", phase: str) -> tuple[float, int, str] | None:
+    def phase_seconds(self, job: Job, phase: str) -> tuple[float, int, str] | None:
         """(median seconds, count, scope) for `phase` of jobs like `job`, or None."""
         prov, gpu, ds = job.host.provider, job.host.gpu, job.dataset.name
         scopes: list[tuple[str, Any]] = [
@@ -85,7 +85,7 @@ class History:
                 return got[0], got[1], f"finished jobs on {scope}"
         return None
 
-    def steps_per_second(self, job: "Job") -> tuple[float, int] | None:
+    def steps_per_second(self, job: Job) -> tuple[float, int] | None:
         """Median training speed of succeeded jobs on the same GPU (any step count)."""
         rates = [p.steps / p.phases["train"] for p in self.past
                  if p.gpu == job.host.gpu and p.steps > 0 and p.phases.get("train", 0) > 0]

@@ -21,11 +21,12 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import LedgerError
 from ..home import default_home, iso, utcnow
@@ -178,7 +179,7 @@ class Ledger:
         return LedgerError(f"cannot open the ledger at {self.path}: {exc}", hint=ledger_hint(exc))
 
     @classmethod
-    def open(cls, home: Path | str | None = None) -> "Ledger":
+    def open(cls, home: Path | str | None = None) -> Ledger:
         home = Path(home) if home else default_home()
         return cls(home / "ledger.sqlite")
 
@@ -308,9 +309,11 @@ class Ledger:
     def phases(self, run_id: str | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
         sql, args = f"SELECT {_PHASES} FROM phases WHERE 1=1", []
         if run_id:
-            sql += " AND run_id=?"; args.append(run_id)
+            sql += " AND run_id=?"
+            args.append(run_id)
         if job_id:
-            sql += " AND job_id=?"; args.append(job_id)
+            sql += " AND job_id=?"
+            args.append(job_id)
         return [dict(r) for r in self._query(sql + " ORDER BY id", tuple(args))]
 
     # -- results --------------------------------------------------------------------------
@@ -362,6 +365,7 @@ class Ledger:
                 " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, job_id, host_name, provider, label, gpu, price_per_hour, currency,
                  storage_price_per_hour, granularity_s, INTENT, iso(), iso()))
+            assert cur.lastrowid is not None   # an INSERT into a rowid table always sets it
             return int(cur.lastrowid)
 
     def instance_created(self, row_id: int, instance_id: str, at: float | None = None) -> None:
@@ -430,13 +434,16 @@ class Ledger:
 
     def instances(self, *, open_only: bool = False, run_id: str | None = None,
                   provider: str | None = None) -> list[InstanceRow]:
-        sql, args = f"SELECT {_INSTANCES} FROM instances WHERE 1=1", []
+        sql, args = f"SELECT {_INSTANCES} FROM instances WHERE 1=1", list[Any]()
         if open_only:
-            sql += f" AND state IN ({','.join('?' * len(OPEN_STATES))})"; args += OPEN_STATES
+            sql += f" AND state IN ({','.join('?' * len(OPEN_STATES))})"
+            args += OPEN_STATES
         if run_id:
-            sql += " AND run_id=?"; args.append(run_id)
+            sql += " AND run_id=?"
+            args.append(run_id)
         if provider:
-            sql += " AND provider=?"; args.append(provider)
+            sql += " AND provider=?"
+            args.append(provider)
         return [InstanceRow(**dict(r)) for r in self._query(sql + " ORDER BY row_id", tuple(args))]
 
     def find_instance(self, provider: str, instance_id: str) -> InstanceRow | None:

@@ -6,8 +6,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .base import (BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer,
-                   Provider, make_label, LABEL_PREFIX)
+from .base import (
+    LABEL_PREFIX,
+    BillingRules,
+    Endpoint,
+    InstanceInfo,
+    InstanceSpec,
+    InstanceState,
+    Offer,
+    Provider,
+    make_label,
+)
 
 if TYPE_CHECKING:
     from ..config import HostConfig
@@ -23,7 +32,7 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def make_provider(host: "HostConfig", **kwargs: Any) -> Provider:
+def make_provider(host: HostConfig, **kwargs: Any) -> Provider:
     target = REGISTRY.get(host.provider)
     if target is None:
         raise ConfigError(f"unknown provider {host.provider!r}; known: {', '.join(sorted(REGISTRY))}")

@@ -27,7 +27,6 @@ import httpx
 from ..errors import ConfigError, ProviderError
 from ..secrets import read_secret, redact
 
-
 if TYPE_CHECKING:
     from ..config import HostConfig
 

@@ -135,6 +135,6 @@ class Provider(ABC):
         None: the transport's default (`host.root` or `~/orchestrate`)."""
         return None
 
-    def identity_files(self) -> list[str]:
+    def identity_files(self) -> builtins.list[str]:
         """Private keys to offer when the host config names none (an ssh alias's IdentityFile)."""
         return []

@@ -27,10 +27,8 @@ import httpx
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
+from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num, release_policy
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
-from ._http import (ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num,
-                    release_policy)
-
 
 if TYPE_CHECKING:
     from ..config import HostConfig
@@ -52,7 +50,8 @@ TYPE_GPUS_RE = re.compile(r"^gpu_(\d+)x_")
 
 def type_gpu_count(itype: dict[str, Any], name: str = "") -> int | None:
     """GPUs of an instance type: `specs.gpus`, else the count in its name (gpu_8x_a100 → 8)."""
-    specs = itype.get("specs") if isinstance(itype.get("specs"), dict) else {}
+    specs = itype.get("specs")
+    specs = specs if isinstance(specs, dict) else {}
     gpus = num(specs.get("gpus"))
     if gpus is not None:
         return int(gpus)
@@ -81,7 +80,8 @@ def parse_instance(d: dict[str, Any], user: str = "ubuntu") -> InstanceInfo:
         # instances are sshd processes on loopback that cannot all listen on 22).
         port = num(d.get("ssh_port")) or 22
         endpoint = Endpoint(ip.strip(), int(port), user)
-    itype = d.get("instance_type") if isinstance(d.get("instance_type"), dict) else {}
+    itype = d.get("instance_type")
+    itype = itype if isinstance(itype, dict) else {}
     cents = num(itype.get("price_cents_per_hour"))
     return InstanceInfo(instance_id=str(d.get("id")), state=state, label=d.get("name") or "",
                         endpoint=endpoint, gpu=str(itype.get("gpu_description") or itype.get("name") or ""),
@@ -150,7 +150,7 @@ class LambdaProvider(Provider):
             price = cents / 100.0
             if self.max_price_per_hour is not None and price > float(self.max_price_per_hour):
                 continue
-            regions = [r.get("name") for r in entry.get("regions_with_capacity_available") or []
+            regions = [str(r.get("name")) for r in entry.get("regions_with_capacity_available") or []
                        if isinstance(r, dict) and r.get("name")]
             label = str(itype.get("gpu_description") or itype.get("description") or name)
             count = type_gpu_count(itype, name) or 1

@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, json_body, num, release_policy
-
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 
 if TYPE_CHECKING:
     from ..config import HostConfig
@@ -42,8 +41,9 @@ HOURS_PER_MONTH = 730.0
 
 POD_FIELDS = ("id name desiredStatus costPerHr adjustedCostPerHr gpuCount imageName machine { gpuDisplayName } "
               "runtime { uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } }")
-Q_POD = "query Pod($input: PodFilter) { pod(input: $input) { %s } }" % POD_FIELDS
-Q_PODS = "query Pods { myself { pods { %s } } }" % POD_FIELDS
+# %-formatting: GraphQL braces would all need doubling in a format string
+Q_POD = "query Pod($input: PodFilter) { pod(input: $input) { %s } }" % POD_FIELDS  # noqa: UP031
+Q_PODS = "query Pods { myself { pods { %s } } }" % POD_FIELDS  # noqa: UP031
 Q_GPUS = ("query GpuTypes { gpuTypes { id displayName memoryInGb securePrice communityPrice "
           "lowestPrice(input: {gpuCount: 1}) { minimumBidPrice uninterruptablePrice stockStatus } } }")
 M_CREATE = ("mutation Create($input: PodFindAndDeployOnDemandInput) { "
@@ -132,7 +132,8 @@ def parse_pod(d: dict[str, Any], user: str = "root") -> InstanceInfo:
         state = InstanceState.ERROR
     else:
         state = InstanceState.UNKNOWN
-    machine = d.get("machine") if isinstance(d.get("machine"), dict) else {}
+    machine = d.get("machine")
+    machine = machine if isinstance(machine, dict) else {}
     raw = desired + ("" if runtime else " (no runtime)")
     if state == InstanceState.ERROR and desired == "RUNNING":
         raw = ("RUNNING but its SSH port 22 is not public (isIpPublic: false): it cannot be reached; "

@@ -14,6 +14,7 @@ resolves to this machine (loopback or one of its own addresses), whatever the co
 """
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import secrets
@@ -116,7 +117,7 @@ class SSHProvider(Provider):
                             user=opts.get("user", [self.user])[0])
         return Endpoint(host=str(self.address), port=self.port, user=self.user)
 
-    def identity_files(self) -> list[str]:
+    def identity_files(self) -> builtins.list[str]:
         """Keys the user's ssh config names for the alias (used when identity_file is unset)."""
         if not self.ssh_alias:
             return []

@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
-from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num, release_policy
-
+from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
 
 if TYPE_CHECKING:
     from ..config import HostConfig

@@ -10,8 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..ledger import Ledger
-from .collect import (BACKGROUND_NOTE, COST_PER_DB_DEFINITION, JobReport, ReportData, ReportError,
-                      collect, read_metrics, read_train_log)
+from .collect import (
+    BACKGROUND_NOTE,
+    COST_PER_DB_DEFINITION,
+    JobReport,
+    ReportData,
+    ReportError,
+    collect,
+    read_metrics,
+    read_train_log,
+)
 
 FORMATS = ("md", "csv", "html", "json")
 

@@ -12,11 +12,11 @@ import functools
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 from .collect import ReportError
 
@@ -83,7 +83,7 @@ class ReportDom(HTMLParser):
         if tag == "table":
             self._table = a.get("id")
         elif tag == "tr" and self._table == "results" and a.get("data-job"):
-            self._row = (a.get("data-run") or "", a["data-job"])
+            self._row = (a.get("data-run") or "", a["data-job"] or "")
             self.rows[self._row] = {}
         elif tag == "td" and self._row is not None:
             self._cell, self._text = (a.get("data-col") or "", a.get("data-value")), ""

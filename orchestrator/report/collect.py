@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OrchestratorError
-from ..secrets import redact
 from ..ledger import JobRow, Ledger, parse_iso, utcnow
+from ..secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,8 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
     estimate = EstimateVsActual(est_s, actual_s, est_cost, cost if billed_s is not None else None,
                                 est_phases, actual_phases, source)
     backend = str(summary.get("backend") or (result or {}).get("backend") or job.backend)
-    tcnn = summary.get("tcnn") if isinstance(summary.get("tcnn"), dict) else {}
+    tcnn = summary.get("tcnn")
+    tcnn = tcnn if isinstance(tcnn, dict) else {}
     if tcnn.get("state") in ("built", "cached", "failed"):   # tiny-cuda-nn's fate on that host
         backend += f" (tcnn {tcnn['state']})"
     return JobReport(job.run_id, job.job_id, job.experiment, job.scene, job.gpu, backend,

@@ -14,9 +14,10 @@ days add up to the interval's cost).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import OrchestratorError
 from ..ledger import FAILED, INTENT, BillingRow, InstanceRow, Ledger, parse_iso, utcnow

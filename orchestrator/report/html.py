@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collect import BACKGROUND_NOTE, COST_PER_DB_DEFINITION, JobReport, ReportData, read_train_log
-from .tables import (ESTIMATE_NOTE, comparison_lines, estimate_frame, fmt, psnr_pivot, reference_frame,
-                     results_frame)
+from .tables import ESTIMATE_NOTE, comparison_lines, estimate_frame, fmt, psnr_pivot, reference_frame, results_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,7 +57,7 @@ document.querySelectorAll('video[data-job]').forEach(function (v) {
 """
 
 
-def _table(df: "pd.DataFrame", table_id: str, *, index: bool = False,
+def _table(df: pd.DataFrame, table_id: str, *, index: bool = False,
            row_class: Any = None) -> str:
     if index:
         df = df.reset_index()
@@ -105,7 +104,7 @@ def plot_psnr_vs_cost(data: ReportData) -> str | None:
         for j in points:
             groups.setdefault(f"{j.gpu} / {j.backend}", []).append(j)
         for name, js in sorted(groups.items()):
-            ax.scatter([j.cost for j in js], [j.psnr for j in js], label=name, s=30)
+            ax.scatter([j.cost for j in js], [float(j.psnr or 0.0) for j in js], label=name, s=30)
             for j in js:
                 ax.annotate(j.scene, (j.cost, j.psnr), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")

@@ -21,7 +21,7 @@ DECIMALS = {"psnr": 2, "ssim": 4, "train_s": 1, "estimate_s": 1, "actual_s": 1,
 MONEY = ("cost", "cost_per_db", "estimate_cost", "actual_cost")
 
 
-def results_frame(data: ReportData, *, with_mean: bool = True) -> "pd.DataFrame":
+def results_frame(data: ReportData, *, with_mean: bool = True) -> pd.DataFrame:
     """One row per job (scene × GPU × backend, across runs), then a mean row."""
     import pandas as pd
 
@@ -45,7 +45,7 @@ def results_frame(data: ReportData, *, with_mean: bool = True) -> "pd.DataFrame"
     return df
 
 
-def psnr_pivot(data: ReportData) -> "pd.DataFrame":
+def psnr_pivot(data: ReportData) -> pd.DataFrame:
     """Mean PSNR, scenes down, GPU / backend across."""
     df = results_frame(data, with_mean=False)
     if df.empty:
@@ -54,7 +54,7 @@ def psnr_pivot(data: ReportData) -> "pd.DataFrame":
     return df.pivot_table(index="scene", columns="gpu / backend", values="psnr", aggfunc="mean")
 
 
-def reference_frame(data: ReportData) -> "pd.DataFrame":
+def reference_frame(data: ReportData) -> pd.DataFrame:
     """Published figures (paper, peers) beside ours per scene, with background and source."""
     import pandas as pd
 
@@ -63,7 +63,7 @@ def reference_frame(data: ReportData) -> "pd.DataFrame":
     scenes += sorted(set(ours["scene"]) - set(scenes)) if len(ours) else []
     rows = []
     for r in data.reference:
-        row = {"method": r.method, "gpu": r.gpu, "budget": r.budget, "background": r.background}
+        row: dict[str, Any] = {"method": r.method, "gpu": r.gpu, "budget": r.budget, "background": r.background}
         row.update({s: r.psnr_by_scene.get(s) for s in scenes})
         row.update({"average": r.average, "source": r.source})
         rows.append(row)
@@ -116,7 +116,7 @@ ESTIMATE_NOTE = ("Error % = (estimate − actual) / actual. Seconds are billed w
                  "intervals.")
 
 
-def estimate_frame(data: ReportData) -> "pd.DataFrame":
+def estimate_frame(data: ReportData) -> pd.DataFrame:
     """Estimate vs actual per job: billed wall seconds and cost."""
     import pandas as pd
 
@@ -145,7 +145,7 @@ def fmt(value: Any, column: str = "") -> str:
     return str(value)
 
 
-def markdown_table(df: "pd.DataFrame", *, index: bool = False) -> str:
+def markdown_table(df: pd.DataFrame, *, index: bool = False) -> str:
     if index:
         df = df.reset_index()
     cols = [str(c) for c in df.columns]
@@ -180,7 +180,7 @@ def to_csv(data: ReportData) -> str:
     return results_frame(data).to_csv(index=False, float_format="%.6g")
 
 
-def _records(df: "pd.DataFrame") -> list[dict[str, Any]]:
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for rec in df.to_dict(orient="records"):
         out.append({str(k): (None if isinstance(v, float) and math.isnan(v) else v)

@@ -72,7 +72,7 @@ class BudgetGuard:
     def _in_budget_currency(self, amount: float, currency: str | None) -> float:
         if not amount or not currency or currency.upper() == self.budget.currency.upper():
             return amount
-        from ..catalog import convert   # the rates the pre-run check used
+        from ..catalog import convert  # the rates the pre-run check used
         return convert(amount, currency, self.budget.currency)[0]
 
     def _accrued_by_job(self) -> dict[str, float]:

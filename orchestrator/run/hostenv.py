@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobError, OrchestratorError
-from .payload import payload_command
 from ..transport.base import Transport
+from .payload import payload_command
 
 log = logging.getLogger(__name__)
 

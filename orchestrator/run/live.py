@@ -44,7 +44,7 @@ class LiveView:
         self._lock = threading.Lock()
         self._live: Any = None
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         if self._tty:
             from rich.console import Console
             from rich.live import Live

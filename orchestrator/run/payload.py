@@ -13,11 +13,13 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from remote_payload.contract import EXIT_OK
+
 from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class RemoteStatus:
     updated_at: str = ""     # ISO-8601 UTC, written by the pipeline
 
     @classmethod
-    def parse(cls, text: str | None) -> "RemoteStatus | None":
+    def parse(cls, text: str | None) -> RemoteStatus | None:
         import json
         if not text or not text.strip():
             return None
@@ -287,6 +289,7 @@ def stop_command(python: str, payload_dir: str, job_dir: str, role: str = "all",
 def pull_results(transport: Transport, job_dir: str, local: Path) -> dict[str, Any] | None:
     """Copy JOB_DIR/out (+ log.txt, status.json, secrets scrubbed) to `local`; the summary."""
     import json
+
     from ..secrets import redact
     transport.get(f"{job_dir}/out", local)
     for extra in ("log.txt", "status.json"):
@@ -314,7 +317,7 @@ class Prepared:
 
 
 def bootstrap_and_stage(transport: Transport, *, python: str, payload_dir: str,
-                        stage: "Callable[[], str]") -> Prepared:
+                        stage: Callable[[], str]) -> Prepared:
     """Run `remote_payload bootstrap` in a thread while `stage()` stages the dataset (DESIGN:
     environment set-up ║ staging). The first error of either is returned in `error`."""
     out = Prepared(setup_started=time.time())
@@ -324,7 +327,7 @@ def bootstrap_and_stage(transport: Transport, *, python: str, payload_dir: str,
         try:
             transport.run(payload_command(python, payload_dir, "remote_payload bootstrap --out env.json"),
                           timeout_s=900)
-        except BaseException as exc:   # handed to the caller
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
         finally:
             out.setup_ended = time.time()
@@ -334,7 +337,7 @@ def bootstrap_and_stage(transport: Transport, *, python: str, payload_dir: str,
     out.staging_started = time.time()
     try:
         out.data_dir = stage()
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises the first
         errors.insert(0, exc)
     finally:
         out.staging_ended = time.time()

@@ -157,7 +157,7 @@ def _cleanup_failed_create(provider: Provider, label: str, ledger: Ledger, row_i
     note = f"create failed: {redact(str(exc))}"[:500]
     try:
         found = [i for i in provider.list(label) if i.label == label]
-    except Exception as list_exc:   # the provider is unreachable: leave the intent for reconcile
+    except Exception as list_exc:  # noqa: BLE001 - the provider is unreachable: leave the intent for reconcile
         log.warning("%s: create failed and listing to check for a stray instance failed too: %s",
                     provider.name, redact(str(list_exc)))
         ledger.set_instance_state(row_id, FAILED, note=note + "; could not list to verify (run `orchestrate down --orphans`)")
@@ -170,7 +170,7 @@ def _cleanup_failed_create(provider: Provider, label: str, ledger: Ledger, row_i
         try:
             provider.destroy(info.instance_id)
             ledger.set_instance_state(row_id, DESTROYED, note=note + "; stray instance destroyed")
-        except Exception as d_exc:
+        except Exception as d_exc:  # noqa: BLE001 - the row stays open: reconcile retries the destroy
             ledger.set_instance_state(row_id, RUNNING, note=note + f"; destroying the stray failed: {redact(str(d_exc))}")
         return
     ledger.set_instance_state(row_id, FAILED, note=note)
@@ -213,7 +213,7 @@ def release(provider: Provider, instance_id: str, row_id: int, *, ledger: Ledger
     try:
         _shutdown_on_host(provider, instance_id, row_id, ledger, host)
         (provider.destroy if destroy else provider.stop)(instance_id)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of a billing stop is handed to reconciliation below
         # Retried for minutes already (see providers/_http.py): from here on reconciliation
         # owns it; the ledger row stays open, so `down --orphans` and the next run/status see it.
         msg = (f"{provider.name}: {what} {instance_id} failed: {redact(str(exc))}; the instance may "

@@ -20,10 +20,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from ..config import ExperimentsConfig, HostConfig
 from ..errors import OrchestratorError

@@ -16,26 +16,28 @@ import logging
 import shlex
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from . import hostenv
-from . import payload as pl
-from .budget import BudgetGuard
+from remote_payload.contract import EXIT_INTERRUPTED
+
 from ..config import DatasetConfig, HostConfig
 from ..errors import JobError, OrchestratorError, TransportError
 from ..ledger import Ledger
-from .live import LiveView
 from ..providers import make_provider
 from ..providers.base import Provider, make_label
-from .provisioning import Provisioned, provision, release
 from ..secrets import redact
 from ..staging import stage_dataset
 from ..transport import connect
 from ..transport.base import Transport
-from remote_payload.contract import EXIT_INTERRUPTED
+from . import hostenv
+from . import payload as pl
+from .budget import BudgetGuard
+from .live import LiveView
+from .provisioning import Provisioned, provision, release
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,7 @@ class Runner:
             self._teardown(job, provider, prov, transport, attempt)
 
     def _on_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
-                 attempt: "_Attempt") -> dict[str, Any]:
+                 attempt: _Attempt) -> dict[str, Any]:
         jid = job.job_id
         python = host_python(job.host, provider)
         self.view.update(jid, phase="setup")
@@ -244,7 +246,7 @@ class Runner:
         return setup.annotate(summary, attempt.out_dir) if setup is not None else summary
 
     def _attach_or_start(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
-                         python: str, payload_dir: str, data_dir: str, attempt: "_Attempt") -> pl.RemoteStatus | None:
+                         python: str, payload_dir: str, data_dir: str, attempt: _Attempt) -> pl.RemoteStatus | None:
         idle_s = float(job.host.idle_timeout_s or 600.0)
         deadline_s = float(job.host.deadline_s or max(3600.0, 3 * job.estimate_seconds))
         attempt.stop_command = pl.stop_command(python, payload_dir, attempt.job_dir)
@@ -279,7 +281,7 @@ class Runner:
         same = sum(1 for j in self.jobs if j.host_name == job.host_name)
         return max(1, min(same, self.opts.concurrency))
 
-    def _watch(self, job: JobPlan, prov: Provisioned, t: Transport, attempt: "_Attempt",
+    def _watch(self, job: JobPlan, prov: Provisioned, t: Transport, attempt: _Attempt,
                status: pl.RemoteStatus | None) -> None:
         """Poll until the pipeline has ended; forward a stop request as SIGINT to it."""
         jid, jd = job.job_id, shlex.quote(attempt.job_dir)
@@ -358,7 +360,7 @@ class Runner:
                        f"(exit {code}): {err}", job_id=jid, phase=status.phase if status else "",
                        exit_code=code)
 
-    def _pull(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> dict[str, Any]:
+    def _pull(self, job: JobPlan, t: Transport, attempt: _Attempt) -> dict[str, Any]:
         self.view.update(job.job_id, phase="pull")
         local = self.opts.runs_dir / self.run_id / job.job_id
         with self.ledger.phase(self.run_id, job.job_id, "pull"):
@@ -371,7 +373,7 @@ class Runner:
         hostenv.note_summary(summary, self.ledger, self.run_id, job.job_id)
         return summary
 
-    def _pull_partial(self, job: JobPlan, t: Transport, attempt: "_Attempt") -> Path | None:
+    def _pull_partial(self, job: JobPlan, t: Transport, attempt: _Attempt) -> Path | None:
         """A job stopped at the budget or failed after training started keeps what it made
         (snapshot, train_log, renders, log): pull it before the instance is released. Best
         effort: a failure is logged, teardown goes on. Returns the local directory."""
@@ -382,7 +384,7 @@ class Runner:
         return Path(attempt.out_dir) if attempt.out_dir else None
 
     def _result(self, job: JobPlan, prov: Provisioned, summary: dict[str, Any],
-                attempt: "_Attempt") -> JobOutcome:
+                attempt: _Attempt) -> JobOutcome:
         self.ledger.add_result(self.run_id, job.job_id, summary, gpu=job.gpu, out_dir=attempt.out_dir or "")
         self.view.update(job.job_id, phase="done", psnr=summary.get("psnr_mean"))
         return self._finish(job, "succeeded", prov, None, summary=summary, out_dir=attempt.out_dir)
@@ -401,7 +403,7 @@ class Runner:
                           error=error and redact(error))
 
     def _teardown(self, job: JobPlan, provider: Provider | None, prov: Provisioned | None,
-                  t: Transport | None, attempt: "_Attempt") -> None:
+                  t: Transport | None, attempt: _Attempt) -> None:
         if provider is None or prov is None:
             return
         jid = job.job_id
@@ -425,7 +427,7 @@ class Runner:
             if t is not None:
                 try:
                     t.close()
-                except Exception:
+                except Exception:  # noqa: BLE001 - closing a dead connection must not mask the outcome
                     pass
             attempt.released = time.time()
             self.ledger.record_phase(self.run_id, jid, "teardown", t0, time.time())

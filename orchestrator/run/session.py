@@ -59,7 +59,7 @@ def instance_gone(provider: Provider, instance_id: str) -> bool:
         info = provider.describe(instance_id)
     except InstanceNotFound:
         return True
-    except Exception:      # the API is unreachable: that says nothing about the instance
+    except Exception:  # noqa: BLE001 - the API is unreachable: that says nothing about the instance
         return False
     return info.state in (InstanceState.TERMINATED, InstanceState.ERROR)
 
@@ -423,7 +423,7 @@ class SessionRunner(Runner):
             return sess.transport.run("true", check=False, timeout_s=30).ok
         except OrchestratorError:
             return False
-        except Exception:
+        except Exception:  # noqa: BLE001 - a health check that cannot ask says nothing about the instance
             return False
 
     def _not_run(self, job: JobPlan) -> JobOutcome:
@@ -463,7 +463,7 @@ class SessionRunner(Runner):
                     stage_dataset(sess.transport, nxt.dataset, nxt.scene, python=python,
                                   payload_dir=payload_dir, progress=None, stop=self.stop)
                 self.ledger.record_phase(self.run_id, nxt.job_id, "prestage", t0, time.time())
-            except Exception as exc:   # the job stages again itself and reports a real failure
+            except Exception as exc:  # noqa: BLE001 - the job stages again itself and reports a real failure
                 log.warning("%s: staging ahead failed (%s); it stages when it starts", nxt.job_id,
                             redact(str(exc)))
 
@@ -507,7 +507,7 @@ class SessionRunner(Runner):
                 cur = sess.current
                 if cur is not None and cur[1].job_dir and time.monotonic() >= snap_state["next"]:
                     self._snapshot_home(t, cur[0], cur[1].job_dir, snap_state)
-            except Exception as exc:   # a lost host shows in the job's own polls
+            except Exception as exc:  # noqa: BLE001 - a lost host shows in the job's own polls
                 log.debug("%s: guard beat: %s", sess.host_name, exc)
 
     def _snapshot_home(self, t: Transport, job: JobPlan, job_dir: str, state: dict[str, Any]) -> None:
@@ -552,7 +552,7 @@ class SessionRunner(Runner):
         finally:
             try:
                 sess.transport.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing a dead connection must not mask the outcome
                 pass
             if last is not None:
                 self.ledger.record_phase(self.run_id, last, "teardown", t0, time.time())

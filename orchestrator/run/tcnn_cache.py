@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .payload import payload_command
 from ..transport.base import Transport
+from .payload import payload_command
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def install(t: Transport, *, python: str, payload_dir: str, remote_wheel: str,
 
 def ensure(t: Transport, *, python: str, payload_dir: str, home: Path, key: TcnnKey,
            timeout_s: float, source: str = TCNN_SOURCE, import_name: str = TCNN_IMPORT,
-           env: dict[str, str] | None = None) -> "PendingBuild | TcnnStatus":
+           env: dict[str, str] | None = None) -> PendingBuild | TcnnStatus:
     """A cached wheel is pushed and installed now; otherwise a build starts (PendingBuild)."""
     t0 = time.monotonic()
     wheel = cached_wheel(home, key)

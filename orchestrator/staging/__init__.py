@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..transport.base import Transport
 
 
-def stage_dataset(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
+def stage_dataset(transport: Transport, dataset: DatasetConfig, scene: str, *, python: str,
                   payload_dir: str, progress: StageProgress | None = None,
                   tuning: StageTuning | None = None, stop: Any = None) -> str:
     """Make `scene` of `dataset` available on the host; return the remote scene directory.

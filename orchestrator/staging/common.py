@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from remote_payload.contract import EXIT_BAD_DATA
 
@@ -25,7 +26,7 @@ def payload_cmd(python: str, payload_dir: str, args: str) -> str:
     return f"PYTHONPATH={shlex.quote(payload_dir)} {shlex.quote(python)} -m {args}"
 
 
-def check_remote(transport: "Transport", scene_dir: str, *, python: str, payload_dir: str) -> None:
+def check_remote(transport: Transport, scene_dir: str, *, python: str, payload_dir: str) -> None:
     """Run `remote_payload check-data` on the host; raise DatasetInvalid with its one line."""
     res = transport.run(payload_cmd(python, payload_dir, f"remote_payload check-data {shlex.quote(scene_dir)}"),
                         check=False, timeout_s=600)

@@ -28,7 +28,7 @@ HEAD_TIMEOUT_S = 3.0
 
 @functools.lru_cache(maxsize=64)
 def _head_size(url: str) -> int | None:
-    from remote_payload.stage.sources import resolve   # stdlib only; shared with the host
+    from remote_payload.stage.sources import resolve  # stdlib only; shared with the host
 
     try:
         src = resolve(url, "")
@@ -55,7 +55,7 @@ def _local_size(url: str) -> int | None:
     return None
 
 
-def estimate_staging_seconds(dataset_cfg: "DatasetConfig", rate_bytes_per_s: float | None = None,
+def estimate_staging_seconds(dataset_cfg: DatasetConfig, rate_bytes_per_s: float | None = None,
                              ) -> tuple[float, str]:
     """Return (seconds, source) for staging one scene of `dataset_cfg` on a host without a cache.
 

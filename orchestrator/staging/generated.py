@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..transport.base import Transport
 
 
-def stage_generated(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
+def stage_generated(transport: Transport, dataset: DatasetConfig, scene: str, *, python: str,
                     payload_dir: str) -> str:
     gen = dataset.generate
     assert gen is not None

@@ -89,7 +89,7 @@ class MirrorServer:
         with self._log_lock:
             return [r for r in self.requests if r.method == "GET" and (path is None or r.path == path)]
 
-    def start(self) -> "MirrorServer":
+    def start(self) -> MirrorServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True, name=f"mirror-{self.port}")
         self._thread.start()
@@ -102,7 +102,7 @@ class MirrorServer:
         if self._thread:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "MirrorServer":
+    def __enter__(self) -> MirrorServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -13,9 +13,10 @@ import logging
 import shlex
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from remote_payload.contract import EXIT_BAD_DATA
@@ -62,7 +63,7 @@ def local_path(url: str) -> Path:
     return Path(unquote(rest)).expanduser()
 
 
-def dataset_key(dataset: "DatasetConfig", content_key: Callable[[Any], str]) -> str:
+def dataset_key(dataset: DatasetConfig, content_key: Callable[[Any], str]) -> str:
     """Cache key: the declared checksums when there are any (the content), else the mirror set."""
     sha = dict(dataset.sha256 or {})
     if sha:
@@ -85,7 +86,7 @@ def _stage_args(dest: str, scene: str, mirrors: list[str], sha256: dict[str, str
     return " ".join(shlex.quote(a) for a in args)
 
 
-def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, dest: str, scene: str,
+def run_host_stage(transport: Transport, *, python: str, payload_dir: str, dest: str, scene: str,
                    mirrors: list[str], sha256: dict[str, str], tuning: StageTuning,
                    progress: StageProgress | None, from_local: str | None = None,
                    stop: Any = None) -> HostStageResult:
@@ -149,7 +150,7 @@ def run_host_stage(transport: "Transport", *, python: str, payload_dir: str, des
     return HostStageResult(code, last, redact(str(last.get("message", ""))))
 
 
-def _start_detached(transport: "Transport", command: str, log_path: str) -> int:
+def _start_detached(transport: Transport, command: str, log_path: str) -> int:
     """Start `command` in its own session with every stream redirected and return its pid at once.
 
     Built on `transport.run` so that it returns at once on every transport: the mkdir and the
@@ -186,7 +187,7 @@ def find_local_scene(root: Path, scene: str) -> Path | None:
     return None
 
 
-def upload_local(transport: "Transport", dataset: "DatasetConfig", scene: str, dest: str, *, python: str,
+def upload_local(transport: Transport, dataset: DatasetConfig, scene: str, dest: str, *, python: str,
                  payload_dir: str, tuning: StageTuning, progress: StageProgress | None) -> tuple[str, list[str]]:
     """Upload the first usable file:// copy and stage it on the host; return (scene_dir, notes)."""
     notes: list[str] = []
@@ -226,7 +227,7 @@ def upload_local(transport: "Transport", dataset: "DatasetConfig", scene: str, d
                        hint="add a mirror the host can reach, or a file:// path to a local copy")
 
 
-def stage_mirrored(transport: "Transport", dataset: "DatasetConfig", scene: str, *, python: str,
+def stage_mirrored(transport: Transport, dataset: DatasetConfig, scene: str, *, python: str,
                    payload_dir: str, progress: StageProgress | None, content_key: Callable[[Any], str],
                    tuning: StageTuning | None = None, stop: Any = None) -> str:
     tuning = tuning or StageTuning()

@@ -29,7 +29,7 @@ def mirror_problem(url: str) -> str | None:
     return None
 
 
-def preflight(dataset: "DatasetConfig", scenes: list[str] | tuple[str, ...] = ()) -> None:
+def preflight(dataset: DatasetConfig, scenes: list[str] | tuple[str, ...] = ()) -> None:
     """Raise StagingError (one line + hint) when `dataset` cannot possibly be staged."""
     if dataset.generate is not None:
         return

@@ -58,7 +58,7 @@ class CannedAPI:
             reply = replies.pop(0) if len(replies) > 1 else replies[0]
         return reply(req) if callable(reply) else reply
 
-    def start(self) -> "CannedAPI":
+    def start(self) -> CannedAPI:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -104,7 +104,7 @@ class CannedAPI:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "CannedAPI":
+    def __enter__(self) -> CannedAPI:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -47,7 +47,7 @@ TICK_S = 0.05
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt: str, *args: Any) -> None:  # route to logging, not stderr
@@ -152,7 +152,7 @@ class FakeCloud:
     def client_key_path(self) -> Path:
         return self.world.account_key_path
 
-    def start(self) -> "FakeCloud":
+    def start(self) -> FakeCloud:
         # With the CI wheelhouse, the instances' pip and uv ask a package index on loopback only,
         # so no test traffic leaves the box (without one they keep the machine's configuration).
         wheelhouse = wheelhouse_from_env()
@@ -191,7 +191,7 @@ class FakeCloud:
             self.index.stop()
             self.index = None
 
-    def __enter__(self) -> "FakeCloud":
+    def __enter__(self) -> FakeCloud:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -278,7 +278,7 @@ except ImportError:  # pragma: no cover
 
 if pytest is not None:
     @pytest.fixture
-    def fake_cloud(tmp_path_factory: "pytest.TempPathFactory", monkeypatch: "pytest.MonkeyPatch"):
+    def fake_cloud(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
         """A started FakeCloud on 127.0.0.1 (any port); FAKECLOUD_API_KEY is exported."""
         from .sshd import find_sshd
         if find_sshd() is None:

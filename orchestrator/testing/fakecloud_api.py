@@ -147,10 +147,10 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
     if m:
         iid = m.group(1)
         if method == "GET":
-            inst = world.instances.get(iid)
-            if inst is None or inst.provider != "vastai" or inst.status == "terminated":
+            got = world.instances.get(iid)
+            if got is None or got.provider != "vastai" or got.status == "terminated":
                 return 200, {"instances": None}
-            return 200, {"instances": _vast_instance(inst)}
+            return 200, {"instances": _vast_instance(got)}
         if method == "PUT":
             state = body.get("state")
             if state == "stopped":
@@ -198,13 +198,15 @@ def _pod(i: Instance) -> dict[str, Any]:
                      {"ip": " 127.0.0.1 ", "isIpPublic": True, "privatePort": 22, "publicPort": i.port, "type": "tcp"}]
         runtime = {"uptimeInSeconds": 1, "ports": ports}
     return {"id": i.id, "name": i.label, "desiredStatus": desired, "costPerHr": i.price_per_hour,
-            "adjustedCostPerHr": i.price_per_hour, "gpuCount": 1, "imageName": "fake", "machine": {"gpuDisplayName": i.gpu}, "runtime": runtime}
+            "adjustedCostPerHr": i.price_per_hour, "gpuCount": 1, "imageName": "fake",
+            "machine": {"gpuDisplayName": i.gpu}, "runtime": runtime}
 
 
 def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
     q = str(body.get("query") or "")
     var = body.get("variables") or {}
-    inp = var.get("input") if isinstance(var.get("input"), dict) else {}
+    inp = var.get("input")
+    inp = inp if isinstance(inp, dict) else {}
     lit = re.search(r'podId:\s*"([^"]+)"', q)
     pod_id = inp.get("podId") or (lit.group(1) if lit else None)
     op = re.search(r"\{\s*(\w+)", q)
@@ -241,10 +243,10 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
             pods = [_pod(i) for i in world.instances.values() if i.provider == "runpod" and i.status != "terminated"]
         return 200, {"data": {"myself": {"pods": pods}}}
     if field == "pod":
-        inst = world.instances.get(str(pod_id))
-        if inst is None or inst.provider != "runpod" or inst.status == "terminated":
+        pod = world.instances.get(str(pod_id))
+        if pod is None or pod.provider != "runpod" or pod.status == "terminated":
             return 200, {"data": {"pod": None}}
-        return 200, {"data": {"pod": _pod(inst)}}
+        return 200, {"data": {"pod": _pod(pod)}}
     if field in ("podStop", "podResume", "podTerminate"):
         if field == "podTerminate":
             world.pause("destroy")

@@ -19,9 +19,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .fakecloud import FakeCloud
 
@@ -183,7 +183,8 @@ def run_point(workdir: Path, fc: FakeCloud, provider: str, point: str, mode: str
     h.settle()
     fc.world.set_faults({"boot_s": 0.3, "create_delay_s": 0.0, "destroy_delay_s": 0.0})
     stop_s = None
-    note = {"killed": "", "ended": f"the run ended (exit {h.proc.returncode}) before the point was seen",
+    code = h.proc.returncode if h.proc is not None else None
+    note = {"killed": "", "ended": f"the run ended (exit {code}) before the point was seen",
             "timeout": "the point was not reached in time; killed anyway"}[outcome]
     if mode == "down":
         res = h.cli("down", "--orphans", "--yes")

@@ -20,8 +20,8 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,8 +29,8 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class SSHServer:
         rc.write_text(f'export PATH={shlex.quote(bindir)}:"$PATH"\n')
         return rc
 
-    def start(self) -> "SSHServer":
+    def start(self) -> SSHServer:
         """Start on a free port never used by this server before (retries on a port race)."""
         if self.running:
             return self
@@ -337,7 +337,7 @@ class SSHServer:
             self._proc.stderr.close()
         self._proc = None
 
-    def restart(self, *, new_port: bool = True, new_host_key: bool = False) -> "SSHServer":
+    def restart(self, *, new_port: bool = True, new_host_key: bool = False) -> SSHServer:
         """Stop (dropping live sessions) and start again, by default on a different port."""
         old_port = self.port
         self.stop()
@@ -348,7 +348,7 @@ class SSHServer:
             return self._start_on(old_port)
         return self.start()
 
-    def _start_on(self, port: int) -> "SSHServer":
+    def _start_on(self, port: int) -> SSHServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         last = ""
         while time.monotonic() < deadline:   # the old port may linger briefly
@@ -363,7 +363,7 @@ class SSHServer:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "SSHServer":
+    def __enter__(self) -> SSHServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -389,7 +389,7 @@ except ImportError:  # pragma: no cover
 
 if pytest is not None:
     @pytest.fixture
-    def sshd_server(tmp_path_factory: "pytest.TempPathFactory") -> Iterator[SSHServer]:
+    def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
         """A started `SSHServer` (key auth) in its own temp dir; stopped after the test."""
         if find_sshd() is None:
             pytest.skip("sshd not installed (apt-get install openssh-server)")

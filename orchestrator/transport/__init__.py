@@ -23,9 +23,14 @@ def connect(provider: Provider, instance_id: str, host_cfg: HostConfig, *, ledge
     kind = provider.transport_kind
     if kind == "local":
         from .local import LocalTransport
-        return LocalTransport(provider.work_root(instance_id))
+        root = provider.work_root(instance_id)
+        if root is None:
+            raise ConfigError(f"provider {provider.name!r} reaches its instances locally but names no work root")
+        return LocalTransport(root)
     if kind == "ssh":
         from .ssh import connect_ssh
+        if ledger is None:   # the endpoint and the host key pin live in the ledger
+            raise ConfigError("an SSH transport needs the ledger (endpoint history, host key pin)")
         return connect_ssh(provider, instance_id, host_cfg, ledger=ledger, instance_row=instance_row, stop=stop)
     raise ConfigError(f"provider {provider.name!r} has unknown transport kind {kind!r}")
 

@@ -5,9 +5,10 @@ which the remote layout of DESIGN.md lives (payload/, cache/datasets/, jobs/<job
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 # progress(done_bytes, total_bytes_or_None)
 ProgressFn = Callable[[int, "int | None"], None]
@@ -40,7 +41,9 @@ class TransferStats:
 
 @runtime_checkable
 class Transport(Protocol):
-    root: str
+    @property
+    def root(self) -> str:
+        ...
 
     def run(self, command: str, *, timeout_s: float | None = None, check: bool = True,
             env: dict[str, str] | None = None) -> CommandResult:

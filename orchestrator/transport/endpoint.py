@@ -107,7 +107,7 @@ def is_this_machine(host: str) -> bool:
     except socket.gaierror:
         return False
     for family, _type, _proto, _canon, sockaddr in infos:
-        addr = sockaddr[0]
+        addr = str(sockaddr[0])
         ip = ipaddress.ip_address(addr.split("%")[0])
         if ip.is_loopback or ip.is_unspecified:
             return True

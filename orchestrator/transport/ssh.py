@@ -14,20 +14,20 @@ from __future__ import annotations
 import logging
 import posixpath
 import shlex
-import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
 from ..errors import CommandError, ConnectError, HostKeyMismatch, InstanceNotFound, OrchestratorError, TransportError
-from .endpoint import Endpoint
 from ..secrets import redact
 from . import tarstream
 from .base import CommandResult, ProgressFn, TransferStats
+from .endpoint import Endpoint
 
 if TYPE_CHECKING:
     from ..config import HostConfig
@@ -69,7 +69,7 @@ def _make_paramiko_transport(sock: Any, **kw: Any) -> paramiko.Transport:
 class _PinPolicy(paramiko.MissingHostKeyPolicy):
     """Checks the server's key against the instance's pin before any authentication."""
 
-    def __init__(self, owner: "SSHTransport", endpoint: Endpoint) -> None:
+    def __init__(self, owner: SSHTransport, endpoint: Endpoint) -> None:
         self.owner, self.endpoint = owner, endpoint
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
@@ -235,7 +235,7 @@ class SSHTransport:
         if self._client is not None:
             try:
                 self._client.close()
-            except Exception:  # closing a dead connection must not mask the real error
+            except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
                 pass
         self._client = None
         self._close_jump()
@@ -244,11 +244,11 @@ class SSHTransport:
         if self._jump_client is not None:
             try:
                 self._jump_client.close()
-            except Exception:  # as above
+            except Exception:  # noqa: BLE001 - as above
                 pass
         self._jump_client = None
 
-    def connect(self) -> "SSHTransport":
+    def connect(self) -> SSHTransport:
         self._paramiko()
         return self
 
@@ -256,7 +256,7 @@ class SSHTransport:
         with self._lock:
             self._drop()
 
-    def __enter__(self) -> "SSHTransport":
+    def __enter__(self) -> SSHTransport:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -435,5 +435,5 @@ def _refresh_ssh_config(ledger: Any) -> None:
     try:
         from .sshconfig import refresh_if_present
         refresh_if_present(ledger)
-    except Exception as exc:  # a stale editor config must never stop a paid job
+    except Exception as exc:  # noqa: BLE001 - a stale editor config must never stop a paid job
         log.warning("could not refresh the managed ssh config: %s", redact(str(exc)))

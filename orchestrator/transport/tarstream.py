@@ -19,9 +19,9 @@ import os
 import shlex
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 import paramiko
 
@@ -67,9 +67,11 @@ def _drain(chan: paramiko.Channel, timeout_s: float) -> tuple[int, bytes, bytes]
             raise TransportError(f"remote command timed out after {timeout_s:.0f} s")
         got = False
         while chan.recv_ready():
-            out += chan.recv(CHUNK_BYTES); got = True
+            out += chan.recv(CHUNK_BYTES)
+            got = True
         while chan.recv_stderr_ready():
-            err += chan.recv_stderr(CHUNK_BYTES); got = True
+            err += chan.recv_stderr(CHUNK_BYTES)
+            got = True
         if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
             break
         if not got:

@@ -15,8 +15,8 @@ import fcntl
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import BadData, StageError
 

@@ -19,8 +19,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import cache
 from .errors import BadData, NoMirror, StageError
@@ -37,7 +38,7 @@ def _emit_stdout(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _progress(emit: Emit, phase: str) -> Callable[[int, "int | None", float, str], None]:
+def _progress(emit: Emit, phase: str) -> Callable[[int, int | None, float, str], None]:
     def report(done: int, total: int | None, rate: float, mirror: str) -> None:
         eta = (total - done) / rate if total is not None and rate > 0 else None
         emit({"event": "progress", "phase": phase, "bytes": done, "total": total,
@@ -235,8 +236,8 @@ def _fetch(dest: Path, scene: str, mirrors: list[str], checksums: dict[str, str]
                 done_by = next((a.url for a in reversed(dl.attempts) if a.outcome == "complete"), None)
                 return dl, done_by
             if kind == "tree" and trees:
-                dl = _fetch_tree(trees, scene, dest / ".tree", policy, deadline, emit)
-                return dl, trees[0].display
+                tree_dl = _fetch_tree(trees, scene, dest / ".tree", policy, deadline, emit)
+                return tree_dl, trees[0].display
         except NoMirror as exc:
             last_error = exc
     assert last_error is not None

@@ -14,9 +14,10 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from .errors import NoMirror
 from .sources import Source
@@ -171,7 +172,7 @@ def _attempt(source: Source, part: Path, total: int | None, policy: FetchPolicy,
         while True:
             try:
                 chunk = read1(policy.chunk_bytes)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise _MirrorFailed("stall") from None
             except (OSError, http.client.HTTPException) as exc:
                 raise _MirrorFailed(f"error: {_describe(exc)}") from None
@@ -206,7 +207,7 @@ def download(sources: list[Source], dest: Path, *, total_bytes: int | None, poli
     t0 = time.monotonic()
     fetched = 0
     attempts: list[Attempt] = []
-    state = {"last": 0.0, "url": ""}
+    state: dict[str, Any] = {"last": 0.0, "url": ""}
 
     def on_chunk(n: int) -> None:
         nonlocal fetched

@@ -44,7 +44,7 @@ class Source:
     def archive_name(self) -> str:
         return urllib.parse.urlsplit(self.mirror).path.rstrip("/").rsplit("/", 1)[-1]
 
-    def file_source(self, relpath: str) -> "Source":
+    def file_source(self, relpath: str) -> Source:
         """For a tree: the source of one file under it."""
         quoted = urllib.parse.quote(relpath)
         return Source(self.mirror.rstrip("/") + "/" + relpath, self.url + quoted, "file", self.private_headers)
