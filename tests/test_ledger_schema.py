@@ -181,11 +181,17 @@ def test_opening_twice_is_idempotent(v0: Path) -> None:
         con.close()
 
 
-def test_adoption_only_added_the_version(v0: Path) -> None:
+def test_adoption_only_added_the_version_and_later_tables(v0: Path) -> None:
+    """Migration 1 adopts the old tables as they are; later migrations only add (job_costs)."""
     before = dump(v0)
     L.Ledger(v0).close()
-    assert dump(v0) == before                           # same tables, same rows, same DDL
-    assert raw_version(v0) == 1
+    after = dump(v0)
+    added = [entry for entry in after["__schema__"] if entry not in before["__schema__"]]
+    assert sorted(name for _kind, name, _sql in added) == ["job_costs", "sqlite_autoindex_job_costs_1"]
+    assert after.pop("job_costs") == []
+    after["__schema__"] = [entry for entry in after["__schema__"] if entry not in added]
+    assert after == before                              # same tables, same rows, same DDL
+    assert raw_version(v0) == schema.LATEST_VERSION == 2
 
 
 # -- new, future and foreign files --------------------------------------------------------------

@@ -231,9 +231,12 @@ def test_estimate_without_the_api_key_uses_the_catalog_and_shows_the_plan(tmp_pa
 def test_preempted_instance_resumes_the_job_on_a_new_one_from_the_snapshot_home(fake_cloud, tmp_path):
     """The provider takes the machine back mid-training: the job goes back in the queue and
     resumes on a new instance from the snapshot that came home; both instances are billed to it."""
-    h = _harness(tmp_path, fake_cloud, ["default"], steps=150)
+    h = _harness(tmp_path, fake_cloud, ["default"], steps=800)
     doc = json.loads(h.config.read_text())
     doc["hosts"]["cloud"].pop("root")       # each instance its own disk: the snapshot must come home
+    # snapshots every second, so one comes home while training is still far from its end
+    # (on a quiet machine the job trains ~100 steps/s; the snapshot home is rate-limited to ~15 s)
+    doc["experiments"][0]["train"] = {"snapshot_every_s": 1.0}
     h.config.write_text(json.dumps(doc))
     h.start_run()
     deadline = time.monotonic() + 600
@@ -265,8 +268,8 @@ def test_preempted_instance_resumes_the_job_on_a_new_one_from_the_snapshot_home(
         ledger.close()
     out = snap.parent
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 150
-    starts = re.findall(r"from step (\d+) to 150", (out / "log.txt").read_text())
+    assert summary["steps"] == 800
+    starts = re.findall(r"from step (\d+) to 800", (out / "log.txt").read_text())
     assert starts and int(starts[-1]) > 0        # resumed, not retrained from the start
 
 
@@ -348,8 +351,8 @@ def test_fake_cloud_preempts_at_the_given_time_and_stops_billing(fake_cloud):
     from orchestrator.providers._http import RetryPolicy
     from orchestrator.providers.base import InstanceSpec, InstanceState
     from orchestrator.providers.vastai import VastProvider
-    from orchestrator.testing.fakecloud import host_config
-    p = VastProvider(host_config(fake_cloud, "vastai"),
+    from orchestrator.testing.fakecloud import fake_host
+    p = VastProvider(fake_host(fake_cloud, "vastai"),
                      policy=RetryPolicy(deadline_s=5.0, attempt_timeout_s=2.0, backoff_s=0.02, max_backoff_s=0.1))
     fake_cloud.set_faults(preempt_after_s=0.8)
     iid = p.create(InstanceSpec(label="orch-p-1", gpu="RTX 4090"))

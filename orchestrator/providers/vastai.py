@@ -140,7 +140,8 @@ def parse_offer(d: dict[str, Any], disk_gb: float = 20.0) -> Offer | None:
                  gpu_count=int(num(d.get("num_gpus")) or 1),
                  storage_price_per_hour=storage_price_per_hour(disk_gb, storage) if storage is not None else None,
                  upload_price_per_gb=num(d.get("inet_down_cost")),
-                 download_price_per_gb=num(d.get("inet_up_cost")))
+                 download_price_per_gb=num(d.get("inet_up_cost")),
+                 inet_down_mbps=num(d.get("inet_down")), reliability=num(d.get("reliability2")))
 
 
 def is_offer_gone(status: int, reply: Any) -> bool:

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import InstanceNotFound, OrchestratorError, ProviderError, TransportError
@@ -34,6 +35,7 @@ from ..secrets import redact
 from ..staging import stage_dataset
 from ..transport import connect
 from ..transport.base import Transport
+from . import hostenv
 from . import payload as pl
 from .failover import FailoverState, provision_with_failover
 from .provisioning import Provisioned, release
@@ -402,9 +404,13 @@ class SessionRunner(Runner):
                 self.ledger.update_job(self.run_id, jid, status="pending")
                 if sess.queue.lost + 1 < MAX_LOST_INSTANCES:
                     return None
-            log.error("%s: %s", jid, redact(str(exc)))
+            message = str(exc)
+            if attempt.started:   # training began: what it made comes home before the next job
+                local = Path(attempt.out_dir) if attempt.out_dir else self._pull_partial(job, sess.transport, attempt)
+                message += hostenv.came_home(local, self.run_id, jid)
+            log.error("%s: %s", jid, redact(message))
             sess.failed_jobs += 1
-            return self._finish(job, "failed", sess.prov, str(exc))
+            return self._finish(job, "failed", sess.prov, message, out_dir=attempt.out_dir)
         except Exception as exc:   # a bug must still end in a clean outcome; the session goes on
             log.exception("%s: unexpected error", jid)
             sess.failed_jobs += 1
