@@ -222,6 +222,15 @@ def _setup_lines(r: Reader, m: YMap, path: str) -> tuple[str, ...]:
     return tuple(str(x) for x in items or ())
 
 
+def _check_scene_name(r: Reader, path: str, s: str, line: int) -> None:
+    """A scene name becomes a directory on the host: short, and plain characters only."""
+    problem = name_problem(s, "scene")
+    if problem:
+        fail(r.filename, line, f"{path}.scenes", problem)
+    if not c.NAME_RE.match(s):
+        fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
+
+
 def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
     path = f"datasets.{name}"
     r.keys(m, c.DATASET_KEYS, path)
@@ -262,11 +271,7 @@ def parse_dataset(r: Reader, parent: YMap, name: str, m: YMap) -> DatasetConfig:
             sums[k] = v.strip().lower()
 
     def check_scene(s: str, line: int) -> None:
-        problem = name_problem(s, "scene")
-        if problem:
-            fail(r.filename, line, f"{path}.scenes", problem)
-        if not c.NAME_RE.match(s):
-            fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
+        _check_scene_name(r, path, s, line)
 
     scenes = r.str_list(m, "scenes", path, check=check_scene)
     return c.DatasetConfig(name, layout, gen, mirrors, MappingProxyType(sums), scenes,
@@ -387,11 +392,7 @@ def parse_experiment(r: Reader, em: YMap, path: str, defaults: Defaults,
         if ds.generate is None and ds.scenes and s not in ds.scenes:
             fail(r.filename, line, f"{path}.scenes", f"dataset {ds.name!r} has no scene {s!r}; "
                  f"{did_you_mean(s, ds.scenes)}")
-        problem = name_problem(s, "scene")
-        if problem:
-            fail(r.filename, line, f"{path}.scenes", problem)
-        if not c.NAME_RE.match(s):
-            fail(r.filename, line, f"{path}.scenes", f"scene name {s!r} may use only letters, digits, '_', '-', '.'")
+        _check_scene_name(r, path, s, line)
 
     scenes = r.str_list(em, "scenes", path, check=check_scene)
     if not scenes:
