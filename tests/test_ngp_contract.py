@@ -79,3 +79,16 @@ def test_train_options_are_the_trainconfig_fields_with_their_kinds() -> None:
     for name, annotation in fields.items():
         base = str(annotation).split("|")[0].strip()
         assert TRAIN_OPTIONS[name][0] == want[base], name
+
+
+def test_the_controller_reads_every_status_key_the_payload_writes() -> None:
+    """The controller's reading of status.json (run.payload.RemoteStatus) and the payload's record
+    (remote_payload.status.Status) are the two sides of one contract: the same keys."""
+    from orchestrator.run.payload import RemoteStatus
+    from remote_payload.contract import STATUS_KEYS
+
+    assert set(RemoteStatus.__dataclass_fields__) == set(STATUS_KEYS)
+    written = '{"phase": "train", "step": 3, "total_steps": 9, "loss": 0.5, "psnr": 20.0, "eta_s": 4.0, ' \
+              '"updated_at": "2026-01-01T00:00:00Z", "pid": 42, "exit_code": null, "error": null}'
+    got = RemoteStatus.parse(written)
+    assert got is not None and (got.phase, got.step, got.total_steps, got.pid, got.exit_code) == ("train", 3, 9, 42, None)

@@ -98,6 +98,8 @@ class GuardedLedger:
 
     @contextmanager
     def phase(self, run_id: str, job_id: str, phase: str) -> Iterator[None]:
+        """As `Ledger.phase`, but the record goes through the guard (delegating would write
+        through the inner ledger and raise on a fault)."""
         t0 = time.time()
         try:
             yield
