@@ -310,6 +310,28 @@ def test_gpu_check_refuses_in_one_line_without_cuda() -> None:
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("gpu_check: no CUDA device")
 
 
+def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
+    """The check has never met a GPU: its own code (the loop, the probes, the two-background table, the
+    JSON line) runs here on the CPU so that the first GPU run does not fail on the script itself."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--size", "24",
+                          "--n-train", "6", "--n-test", "2", "--steps", "6", "--warmup", "2", "--probe-step", "4",
+                          "--backends", "torch,tcnn", "--scene-dir", str(tmp_path / "scene")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    (row,) = [r for r in out["results"] if r["backend"] == "torch"]
+    assert row["steps"] == 6 and row["n_test"] == 2 and row["steps_per_s"] > 0
+    assert row["psnr_1k_5views"] is not None and 5 < row["psnr_1k_5views"] < 60
+    # white and black differ on a scene with transparent background pixels
+    assert row["psnr_white"] != row["psnr_black"] and 0 < row["ssim_white"] <= 1
+    assert any(line.startswith("torch (fp32): 6 steps") for line in lines)
+
+
 @pytest.mark.gpu
 def test_gpu_check_runs_small(tmp_path: Path) -> None:
     import json
