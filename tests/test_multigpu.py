@@ -66,6 +66,24 @@ def test_plan_puts_n_lanes_on_an_n_gpu_instance() -> None:
     assert len(one) == 4 and all(p.gpus == 2 and len(p.lanes) == 1 for p in one)
 
 
+def test_a_lane_gets_its_gpu_and_on_this_machine_one_of_the_controllers_own(monkeypatch) -> None:
+    from orchestrator.run.session import SessionRunner, _Session
+    runner = SessionRunner.__new__(SessionRunner)        # only the hook's own state
+    sess = _Session("h", NS(), NS(), NS(), NS(), lanes=2)  # type: ignore[arg-type]
+    runner._sessions = {"a": sess, "b": sess}
+    sess.lane_of.update({"a": 0, "b": 1})
+    cloud, here = NS(transport_kind="ssh"), NS(transport_kind="local")
+    job = {j: NS(job_id=j) for j in "ab"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [runner._visible_devices(job[j], cloud) for j in "ab"] == ["0", "1"]   # the instance's own GPUs
+    assert [runner._visible_devices(job[j], here) for j in "ab"] == ["3", "5"]    # what this shell allows
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [runner._visible_devices(job[j], here) for j in "ab"] == ["0", "1"]
+    assert runner._cpu_share(job["a"], here) == 2            # the machine's cores split two ways
+    sess.lanes = 1                                           # one GPU: the host's own setting stands
+    assert runner._visible_devices(job["a"], cloud) is None
+
+
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ORCHESTRATE_HOME": str(tmp_path / "home")}
     env.pop("ORCHESTRATE_DEBUG", None)

@@ -231,6 +231,7 @@ class Runner:
                       setup_t0: float) -> tuple[str, str, hostenv.HostSetup | None]:
         """Environment (checked first on a rented host), bootstrap ║ staging, tiny-cuda-nn: the
         python to use, the staged scene's directory, and the host's set-up (None on this machine)."""
+        self._check_stop()   # a Ctrl-C while this job waited for the host lock
         jid = job.job_id
         python = host_python(job.host, provider)
         setup = None

@@ -384,7 +384,7 @@ class SessionRunner(Runner):
             self.ledger.record_phase(self.run_id, jid, "boot", t0, time.time())
         sess = _Session(first.host_name, provider, prov, _WatchedTransport(t, provider, prov.instance_id),  # type: ignore[arg-type]
                         queue, opened=t0, raw=t, host=host,
-                        lanes=max(1, min(gpus_of(host), self.opts.concurrency)))
+                        lanes=gpus_of(host))    # every GPU paid for runs a job (--concurrency counts instances)
         sess.ahead.append(first)
         threading.Thread(target=self._guard_beat, args=(sess,), name="guard-beat", daemon=True).start()
         self.ledger.add_event("session_opened", f"{provider.name} {prov.instance_id} for {first.host_name}",
