@@ -10,8 +10,9 @@ is released and the job goes back to the queue for a new instance.
 
 An instance with N GPUs (`gpus_per_instance`) runs N lanes: each lane takes the next job and
 starts it with `CUDA_VISIBLE_DEVICES=<its GPU>`, so up to N jobs of the queue run at once, and
-a lane whose job ended takes the next. Jobs starting together build the environment once: its
-set-up and bootstrap hold a lock per instance (their staging still overlaps).
+a lane whose job ended takes the next. Jobs starting together build the environment once: a
+job prepares the host (environment, bootstrap ║ staging, tiny-cuda-nn) under a lock per
+instance, so the next one finds it built (and only its own scene left to stage).
 
 Each job's cost is its own phases (from its first step on the host to the end of its pull) plus
 an even share of the instance's shared time (boot, environment, gaps, teardown); the ledger
@@ -279,7 +280,7 @@ class _Session:
     host: Any = None                              # the entry it was rented from (failover may change it)
     beat_stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    setup_lock: threading.Lock = field(default_factory=threading.Lock)   # environment + bootstrap, one job at a time
+    setup_lock: threading.Lock = field(default_factory=threading.Lock)   # host preparation, one job at a time
 
     def claim(self) -> JobPlan | None:
         """The next job for a free lane: one claimed (and staged) ahead, else the queue's next."""
