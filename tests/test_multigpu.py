@@ -203,3 +203,19 @@ def test_two_gpu_instance_runs_two_jobs_at_once_one_gpu_each(fake_cloud, tmp_pat
         assert [": built with" in m for m in envs] == [True, False, False, False], envs
     finally:
         ledger.close()
+
+
+def test_lambda_and_runpod_offers_are_for_exactly_n_gpus_priced_per_instance() -> None:
+    """Lambda prices an instance type (gpu_2x_a100 is two GPUs, one price); RunPod prices a GPU
+    type per GPU and rents `gpuCount` of them (its API docs, reference provider-apis.md)."""
+    from orchestrator.providers.lambdalabs import type_matches
+    from orchestrator.providers.runpod import Q_GPUS, parse_gpu_offer
+    two = {"name": "gpu_2x_a100", "description": "2x A100 (40 GB PCIe)", "specs": {"gpus": 2}}
+    one = {"name": "gpu_1x_a100", "description": "1x A100 (40 GB PCIe)", "specs": {"gpus": 1}}
+    assert [type_matches(t, "A100 PCIe", 2) for t in (one, two)] == [False, True]
+    assert [type_matches(t, "A100 PCIe") for t in (one, two)] == [True, False]
+    g = {"id": "NVIDIA A40", "displayName": "A40", "communityPrice": 0.39,
+         "lowestPrice": {"uninterruptablePrice": 0.40, "stockStatus": "High"}}
+    offer = parse_gpu_offer(g, 2)
+    assert (offer.price_per_hour, offer.gpu_count, offer.available) == (pytest.approx(0.80), 2, True)
+    assert "lowestPrice(input: {gpuCount: 2})" in Q_GPUS % 2
