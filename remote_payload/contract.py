@@ -19,7 +19,9 @@ EXIT_USAGE = 64                # bad command-line arguments
 # JOB_DIR/status.json
 STATUS_NAME = "status.json"
 STATUS_KEYS: tuple[str, ...] = ("phase", "step", "total_steps", "loss", "psnr", "eta_s", "updated_at", "pid",
-                                "exit_code", "error")
+                                "exit_code", "error", "cuda_visible_devices")
+# the GPU(s) the controller gave the job (one per job on a multi-GPU instance); also in summary.json
+VISIBLE_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 PHASES: tuple[str, ...] = ("check", "train", "render", "gt", "metrics", "summary", "videos", "done", "failed",
                            "interrupted")
 END_PHASES: tuple[str, ...] = ("done", "failed", "interrupted")

@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .contract import VISIBLE_DEVICES_ENV
 from .frames import has_frames, numeric_key, split_frames, write_gt_frames
 from .status import write_json_atomic
 
@@ -192,6 +193,7 @@ def summary_stage(out: Path, *, scene: str, train: dict[str, Any], n_test: int,
         "ssim_mean": sum(s.ssim for s in scores) / n,
         "device": train["device"],
         "device_name": train["device_name"],
+        "cuda_visible_devices": os.environ.get(VISIBLE_DEVICES_ENV),   # the GPU the controller gave it
         "backend": train["backend"],
         "final_loss": train.get("final_loss"),
         "resumed_from_step": train.get("resumed_from_step"),

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .contract import PHASES, STATUS_KEYS, STATUS_NAME
+from .contract import PHASES, STATUS_KEYS, STATUS_NAME, VISIBLE_DEVICES_ENV
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Status:
     pid: int = 0
     exit_code: int | None = None
     error: str | None = None
+    cuda_visible_devices: str | None = None   # as the pipeline found it in its environment
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +108,8 @@ class StatusWriter:
     def __init__(self, job_dir: Path, *, min_interval_s: float = 1.0) -> None:
         self.path = Path(job_dir) / STATUS_NAME
         self.min_interval_s = min_interval_s
-        self._status = Status(phase="check", pid=os.getpid())
+        self._status = Status(phase="check", pid=os.getpid(),
+                              cuda_visible_devices=os.environ.get(VISIBLE_DEVICES_ENV))
         self._last_write = 0.0
 
     @property

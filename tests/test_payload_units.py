@@ -213,7 +213,16 @@ def test_status_writer_is_atomic_throttled_and_readable(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
     assert set(json.loads((tmp_path / "status.json").read_text())) == {
         "phase", "step", "total_steps", "loss", "psnr", "eta_s", "updated_at", "pid",
-        "exit_code", "error"}
+        "exit_code", "error", "cuda_visible_devices"}
+
+
+def test_status_records_the_gpu_the_pipeline_was_given(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    StatusWriter(tmp_path).set_phase("check")
+    assert json.loads((tmp_path / "status.json").read_text())["cuda_visible_devices"] == "1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    StatusWriter(tmp_path).set_phase("check")
+    assert read_status(tmp_path).cuda_visible_devices is None
 
 
 def test_pid_checks() -> None:

@@ -18,6 +18,7 @@ def plan_json(loaded: Any, *, one_per_job: bool = False) -> dict[str, Any]:
     single = plan_instances(loaded.jobs, one_per_job=True)
     return {"mode": "one-per-job" if one_per_job else "sessions",
             "instances": [{"host": p.host_name, "index": p.index, "jobs": list(p.job_ids),
+                           "gpus": p.gpus, "lanes": [list(lane) for lane in p.lanes],
                            "seconds": p.seconds, "cost": p.cost} for p in sessions],
             "cost": sum(p.cost for p in sessions), "one_per_job_cost": sum(p.cost for p in single)}
 
@@ -34,10 +35,18 @@ def show_plan(loaded: Any, *, one_per_job: bool = False, out: Any = None) -> Non
         if not p.job_ids:
             continue
         first = by_id[p.job_ids[0]]
-        steps = [f"boot+environment+teardown {_fmt_s(shared_seconds_of(first))}"]
-        steps += [f"{jid} {_fmt_s(max(0.0, _own(by_id[jid], one_per_job)))}" for jid in p.job_ids]
-        out.write(f"  {p.host_name}#{p.index + 1}: {_fmt_s(p.seconds)}, {p.cost:.4f} {first.currency}: "
-                  + " → ".join(steps) + "\n")
+        gpus = f" ({p.gpus} GPUs)" if p.gpus > 1 else ""
+        lanes = [lane for lane in p.lanes if lane] or [p.job_ids]
+
+        def queue(ids: tuple[str, ...]) -> str:
+            return " → ".join(f"{jid} {_fmt_s(max(0.0, _own(by_id[jid], one_per_job)))}" for jid in ids)
+
+        head = f"boot+environment+teardown {_fmt_s(shared_seconds_of(first))}"
+        out.write(f"  {p.host_name}#{p.index + 1}{gpus}: {_fmt_s(p.seconds)}, {p.cost:.4f} {first.currency}: "
+                  + head + (" → " + queue(lanes[0]) if len(lanes) == 1 else ", then side by side:") + "\n")
+        if len(lanes) > 1:     # one line per GPU; the instance's time is its longest lane
+            for g, lane in enumerate(lanes):
+                out.write(f"      GPU {g}: {queue(lane)}\n")
     if not one_per_job:
         a, b = sum(p.cost for p in plans), sum(p.cost for p in single)
         sa, sb = sum(p.seconds for p in plans), sum(p.seconds for p in single)

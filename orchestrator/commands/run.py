@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refuse when the estimate exceeds X (overrides budget.max_cost)")
     p.add_argument("--dry-run", action="store_true", help="show the estimate; start nothing")
     p.add_argument("--concurrency", type=positive_int, default=4, metavar="N",
-                   help="jobs run at the same time (default 4)")
+                   help="jobs run at the same time (default 4); with sessions, instances at the same "
+                        "time, each running one job per GPU (gpus_per_instance)")
     p.add_argument("--one-per-job", action="store_true",
                    help="rent one instance per job (isolation; today's behaviour) instead of sessions "
                         "that run a host entry's jobs one after another on warm instances")

@@ -26,7 +26,7 @@ SETTINGS: tuple[str, ...] = ("steps", "backend", "device", "max_seconds", "downs
 
 TOP_KEYS = ("name", "budget", "defaults", "hosts", "datasets", "experiments")
 HOST_COMMON = ("provider", "gpu", "price_per_hour", "currency", "python", "root", "idle_timeout_s",
-               "deadline_s", "keep_on_failure", "torch", "setup", "tcnn_build_timeout_s")
+               "deadline_s", "keep_on_failure", "torch", "setup", "tcnn_build_timeout_s", "gpus_per_instance")
 HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_file", "password_env",
             "password_file", "stop_command", "shutdown_on_host", "proxy_jump")
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
@@ -42,7 +42,9 @@ HOST_KEYS: dict[str, tuple[str, ...]] = {
     "local": HOST_COMMON, "ssh": HOST_COMMON + HOST_SSH,
     **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS},
     # no bootstrap on a cluster's nodes (the site's modules are the environment): no torch/tcnn keys
-    "slurm": tuple(k for k in HOST_COMMON if k not in ("price_per_hour", "torch", "tcnn_build_timeout_s"))
+    # nor gpus_per_instance: a task's GPUs are its gres
+    "slurm": tuple(k for k in HOST_COMMON if k not in ("price_per_hour", "torch", "tcnn_build_timeout_s",
+                                                        "gpus_per_instance"))
     + HOST_SLURM}
 DATASET_KEYS = ("generate", "layout", "mirrors", "sha256", "scenes")
 GENERATE_KEYS = ("scene", "size", "seed")
@@ -118,6 +120,8 @@ class HostConfig:
     price_per_gpu_hour: float = 0.0          # slurm: internal chargeback per allocated GPU (or CPU)
     gpu_in_catalog: bool = True              # False: a GPU the catalog does not know (price given)
     max_instances: int = 1                   # instances one run rents of this entry (sessions)
+    gpus_per_instance: int = 1               # GPUs of one instance (clouds: offers with exactly this
+                                             # many; ssh/local: the machine's); sessions run one job per GPU
     max_offer_tries: int = 3                 # offers tried when a create finds no capacity
     retry_until_up_s: float | None = None    # keep trying (with backoff) this long
     line: int = 0                            # where the host is defined, for later messages

@@ -85,6 +85,8 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
         idle_timeout_s=r.get(m, "idle_timeout_s", path, "num", default=600.0, lo=0, lo_open=True),
         deadline_s=r.get(m, "deadline_s", path, "num", lo=0, lo_open=True),
         keep_on_failure=r.get(m, "keep_on_failure", path, "bool", default=False))
+    if "gpus_per_instance" in allowed:
+        fields["gpus_per_instance"] = r.get(m, "gpus_per_instance", path, "int", default=1, lo=1, hi=64)
     if local and fields["root"]:
         fields["root"] = str(Path(fields["root"]).expanduser())
     for key in ("host", "user", "ssh_alias", "endpoint_command", "stop_command", "image", "region",

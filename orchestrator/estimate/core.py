@@ -133,9 +133,12 @@ def _price(job: Job) -> tuple[float, str, str, str, float, str]:
                 f"hosts.{h.name}.max_price_per_hour (an upper bound: offers at or below it)",
                 granularity, gran_detail)
     if rows:
-        p = rows[0]
-        return (p.price_per_hour, p.currency, "catalog",
-                f"cheapest {p.provider} {p.gpu} in prices.csv: {p.offer}, {p.source}, {p.date}",
+        # the catalog prices one GPU; an instance with gpus_per_instance of them bills that many
+        # (a price the user gives, or an offer's, is already the whole instance's)
+        p, n = rows[0], int(getattr(h, "gpus_per_instance", 1) or 1)
+        return (p.price_per_hour * n, p.currency, "catalog",
+                f"cheapest {p.provider} {p.gpu} in prices.csv: {p.offer}, {p.source}, {p.date}"
+                + (f"; x {n} GPUs per instance" if n > 1 else ""),
                 granularity, gran_detail)
     raise ConfigError(f"hosts.{h.name}: no price for {h.gpu} at {h.provider} in the catalog",
                       hint="set price_per_hour (or max_price_per_hour) on the host")

@@ -59,10 +59,10 @@ def type_gpu_count(itype: dict[str, Any], name: str = "") -> int | None:
     return int(m.group(1)) if m else None
 
 
-def type_matches(itype: dict[str, Any], wanted: str) -> bool:
-    """'H100 PCIe' matches gpu_1x_h100_pcie / '1x H100 (80 GB PCIe)'; single-GPU types only
-    (a type whose GPU count cannot be told is not taken for a single GPU)."""
-    if type_gpu_count(itype) != 1:
+def type_matches(itype: dict[str, Any], wanted: str, gpus: int = 1) -> bool:
+    """'H100 PCIe' matches gpu_1x_h100_pcie / '1x H100 (80 GB PCIe)'; types with exactly `gpus`
+    GPUs only (a type whose GPU count cannot be told is not taken for any count)."""
+    if type_gpu_count(itype) != gpus:
         return False
     have = _words(" ".join(str(itype.get(k) or "") for k in ("name", "description", "gpu_description"))
                   .replace("_", " "))
@@ -100,6 +100,7 @@ class LambdaProvider(Provider):
                              policy=release_policy(host, policy))
         self.region = host.region
         self.max_price_per_hour = host.max_price_per_hour
+        self.gpus = int(host.gpus_per_instance or 1)   # an instance type's price is for all its GPUs
         self.ssh_key_name = str(host.ssh_key_name or "orchestrate")
         self.user = str(host.user or "ubuntu")
         self.billing = BillingRules(granularity_s=60.0, storage_price_per_hour=0.0)
@@ -142,7 +143,7 @@ class LambdaProvider(Provider):
             if not isinstance(itype, dict):
                 continue
             itype = {"name": name, **itype}
-            if not type_matches(itype, gpu):
+            if not type_matches(itype, gpu, self.gpus):
                 continue
             cents = num(itype.get("price_cents_per_hour"))
             if cents is None:
@@ -167,7 +168,7 @@ class LambdaProvider(Provider):
         if offer_id is None:
             region = spec.region or self.region
             avail = [o for o in self.offers(spec.gpu)
-                     if o.available and o.gpu_count == 1 and (not region or o.region == region)]
+                     if o.available and o.gpu_count == self.gpus and (not region or o.region == region)]
             if spec.max_price_per_hour is not None:
                 avail = [o for o in avail if o.price_per_hour <= spec.max_price_per_hour]
             if not avail:

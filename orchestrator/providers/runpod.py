@@ -44,8 +44,9 @@ POD_FIELDS = ("id name desiredStatus costPerHr adjustedCostPerHr gpuCount imageN
 # %-formatting: GraphQL braces would all need doubling in a format string
 Q_POD = "query Pod($input: PodFilter) { pod(input: $input) { %s } }" % POD_FIELDS  # noqa: UP031
 Q_PODS = "query Pods { myself { pods { %s } } }" % POD_FIELDS  # noqa: UP031
+# {gpus}: the pod's GPU count (stock is asked for that many); the prices are per GPU
 Q_GPUS = ("query GpuTypes { gpuTypes { id displayName memoryInGb securePrice communityPrice "
-          "lowestPrice(input: {gpuCount: 1}) { minimumBidPrice uninterruptablePrice stockStatus } } }")
+          "lowestPrice(input: {gpuCount: %d}) { minimumBidPrice uninterruptablePrice stockStatus } } }")
 M_CREATE = ("mutation Create($input: PodFindAndDeployOnDemandInput) { "
             "podFindAndDeployOnDemand(input: $input) { id desiredStatus costPerHr adjustedCostPerHr } }")
 M_STOP = "mutation Stop($input: PodStopInput!) { podStop(input: $input) { id desiredStatus } }"
@@ -155,16 +156,19 @@ def gpu_matches(gpu_type: dict[str, Any], wanted: str) -> bool:
     return any(n == w or n.endswith(" " + w) for n in names if n)
 
 
-def parse_gpu_offer(g: dict[str, Any]) -> Offer:
+def parse_gpu_offer(g: dict[str, Any], gpus: int = 1) -> Offer:
+    """A GPU type as an offer of a pod with `gpus` of them: RunPod prices a type per GPU, so
+    the offer's price (like every offer's) is for the whole pod."""
     lowest: dict[str, Any] = g["lowestPrice"] if isinstance(g.get("lowestPrice"), dict) else {}
-    price = (num(lowest.get("uninterruptablePrice")) or num(g.get("communityPrice"))
-             or num(g.get("securePrice")))
+    per_gpu = (num(lowest.get("uninterruptablePrice")) or num(g.get("communityPrice"))
+               or num(g.get("securePrice")))
+    price = per_gpu * gpus if per_gpu is not None else None
     # No stockStatus at all (not reported for this type): on sale at its on-demand price.
     # A stockStatus that is present but null/empty: none in stock.
     in_stock = bool(lowest.get("stockStatus")) if "stockStatus" in lowest else True
     return Offer(provider="runpod", gpu=str(g.get("displayName") or g.get("id") or ""),
                  price_per_hour=price if price is not None else float("nan"), currency="USD",
-                 available=price is not None and in_stock, offer_id=str(g.get("id") or ""))
+                 available=price is not None and in_stock, offer_id=str(g.get("id") or ""), gpu_count=gpus)
 
 
 class RunPodProvider(Provider):
@@ -179,6 +183,7 @@ class RunPodProvider(Provider):
         self.image = str(host.image or DEFAULT_IMAGE)
         self.disk_gb = float(host.disk_gb or 20.0)
         self.max_price_per_hour = host.max_price_per_hour
+        self.gpus = int(host.gpus_per_instance or 1)
         self.user = str(host.user or "root")
         self.billing = BillingRules(
             granularity_s=1.0,
@@ -207,8 +212,8 @@ class RunPodProvider(Provider):
         return data.get(field) if isinstance(data, dict) else None
 
     def offers(self, gpu: str) -> list[Offer]:
-        types = self._gql(Q_GPUS, None, "gpuTypes", idempotent=True) or []
-        found = [parse_gpu_offer(g) for g in types if isinstance(g, dict) and gpu_matches(g, gpu)]
+        types = self._gql(Q_GPUS % self.gpus, None, "gpuTypes", idempotent=True) or []
+        found = [parse_gpu_offer(g, self.gpus) for g in types if isinstance(g, dict) and gpu_matches(g, gpu)]
         if self.max_price_per_hour is not None:
             found = [o for o in found if o.available and o.price_per_hour <= float(self.max_price_per_hour)]
         return sorted(found, key=lambda o: (not o.available, o.price_per_hour if o.available else 0.0))
@@ -226,7 +231,7 @@ class RunPodProvider(Provider):
         env = [{"key": k, "value": v} for k, v in spec.env.items()]
         if spec.ssh_public_key:
             env.append({"key": "PUBLIC_KEY", "value": spec.ssh_public_key})
-        inp = {"cloudType": "ALL", "gpuCount": 1, "gpuTypeId": gpu_type_id, "name": spec.label,
+        inp = {"cloudType": "ALL", "gpuCount": self.gpus, "gpuTypeId": gpu_type_id, "name": spec.label,
                "imageName": spec.image or self.image, "containerDiskInGb": 10,
                "volumeInGb": int(round(spec.disk_gb)), "volumeMountPath": "/workspace",
                "ports": "22/tcp", "supportPublicIp": True, "startSsh": True, "env": env}
@@ -251,7 +256,7 @@ class RunPodProvider(Provider):
         return str(pod["id"])
 
     def start(self, instance_id: str) -> None:
-        self._gql(M_RESUME, {"input": {"podId": instance_id, "gpuCount": 1}}, "podResume",
+        self._gql(M_RESUME, {"input": {"podId": instance_id, "gpuCount": self.gpus}}, "podResume",
                   idempotent=True, instance_id=instance_id)
 
     def stop(self, instance_id: str) -> None:

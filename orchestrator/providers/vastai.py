@@ -169,6 +169,7 @@ class VastProvider(Provider):
         self.image = str(host.image or DEFAULT_IMAGE)
         self.disk_gb = float(host.disk_gb or 20.0)
         self.max_price_per_hour = host.max_price_per_hour
+        self.gpus = int(host.gpus_per_instance or 1)   # an offer's dph_total is for the whole machine
         self.user = str(host.user or "root")
         self.billing = BillingRules(granularity_s=1.0,
                                     storage_price_per_hour=storage_price_per_hour(self.disk_gb))
@@ -192,14 +193,15 @@ class VastProvider(Provider):
     # -- Provider -------------------------------------------------------------------------
     def offers(self, gpu: str) -> list[Offer]:
         # The official CLI's default filters, and the disk we rent so dph_total is priced for it.
-        query = {"gpu_name": {"eq": gpu}, "num_gpus": {"eq": 1},
+        query = {"gpu_name": {"eq": gpu}, "num_gpus": {"eq": self.gpus},
                  "verified": {"eq": True}, "external": {"eq": False}, "rentable": {"eq": True},
                  "rented": {"eq": False}, "allocated_storage": self.disk_gb,
                  "type": "on-demand", "order": [["dph_total", "asc"]], "limit": 64}
         resp = self.api.request("POST", "/api/v0/bundles/", json=query, idempotent=True)
         body = self._checked(json_body(resp, self.name), "search offers")
+        # the search asked for exactly `gpus`; a reply that ignored the filter is not taken
         found = [o for o in (parse_offer(x, self.disk_gb) for x in body.get("offers") or []
-                             if isinstance(x, dict)) if o is not None]
+                             if isinstance(x, dict)) if o is not None and o.gpu_count == self.gpus]
         if self.max_price_per_hour is not None:
             found = [o for o in found if o.price_per_hour <= float(self.max_price_per_hour)]
         return sorted(found, key=lambda o: o.price_per_hour)

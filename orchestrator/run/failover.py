@@ -18,7 +18,7 @@ from ..config import HostConfig
 from ..errors import CapacityError, OrchestratorError, ProviderError
 from ..providers.base import Provider
 from ..secrets import redact
-from .provisioning import PriceChoice, Provisioned, provision
+from .provisioning import PriceChoice, Provisioned, gpu_label, offer_fits, provision
 
 if TYPE_CHECKING:
     from .runner import JobPlan, Runner
@@ -46,12 +46,12 @@ def choose_offer(provider: Provider, host: HostConfig, state: FailoverState) -> 
         return PriceChoice(float(host.price_per_hour), host.currency or "USD", None)
     gpu = host.gpu or ""
     cap = host.max_price_per_hour
-    offers = [o for o in provider.offers(gpu) if o.available and (cap is None or o.price_per_hour <= cap)
-              and (provider.name, str(o.offer_id)) not in state.failed]
+    offers = [o for o in provider.offers(gpu)
+              if offer_fits(o, host) and (provider.name, str(o.offer_id)) not in state.failed]
     fresh = [o for o in offers if (provider.name, str(o.offer_id)) not in state.taken]
     pool = fresh or offers
     if not pool:
-        raise CapacityError(f"{provider.name}: no available offer for {gpu or 'the requested GPU'}"
+        raise CapacityError(f"{provider.name}: no available offer for {gpu_label(host)}"
                             + (f" at or below {cap}/h" if cap is not None else "")
                             + (" (offers that failed in this run are skipped)" if state.failed else ""),
                             provider=provider.name, hint="try another GPU type, or raise max_price_per_hour")

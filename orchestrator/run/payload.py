@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remote_payload.contract import EXIT_OK
+from remote_payload.contract import EXIT_OK, VISIBLE_DEVICES_ENV
 
 from ..transport.base import Transport
 
@@ -111,6 +111,7 @@ class RemoteStatus:
     exit_code: int | None = None
     error: str | None = None
     updated_at: str = ""     # ISO-8601 UTC, written by the pipeline
+    cuda_visible_devices: str | None = None   # the GPU the pipeline was given (multi-GPU sessions)
 
     @classmethod
     def parse(cls, text: str | None) -> RemoteStatus | None:
@@ -131,7 +132,9 @@ class RemoteStatus:
                    eta_s=num("eta_s"), pid=int(data.get("pid") or 0),
                    exit_code=data.get("exit_code") if isinstance(data.get("exit_code"), int) else None,
                    error=data.get("error") if isinstance(data.get("error"), str) else None,
-                   updated_at=str(data.get("updated_at") or ""))
+                   updated_at=str(data.get("updated_at") or ""),
+                   cuda_visible_devices=str(data["cuda_visible_devices"])
+                   if isinstance(data.get("cuda_visible_devices"), (str, int)) else None)
 
 
 def job_key(job_id: str, settings: dict[str, object]) -> str:
@@ -244,10 +247,12 @@ class Started:
 
 def attach_or_start(transport: Transport, *, job_dir: str, python: str, payload_dir: str, run_args: str,
                     instance_id: str, self_stop_command: str | None, idle_timeout_s: float,
-                    deadline_s: float, runs_dir: Path, job_id: str) -> Started:
+                    deadline_s: float, runs_dir: Path, job_id: str,
+                    visible_devices: str | None = None) -> Started:
     """Never a second pipeline: re-attach to a live one (pid in status.json); else clear a
     finished job dir (a new run must not reuse old results), keep an interrupted one (its
-    snapshot resumes), and start pipeline + watchdog detached, both marked with the instance."""
+    snapshot resumes), and start pipeline + watchdog detached, both marked with the instance.
+    `visible_devices` becomes the pipeline's CUDA_VISIBLE_DEVICES (its GPU on a multi-GPU host)."""
     q = shlex.quote
     current = RemoteStatus.parse(transport.read_text(f"{job_dir}/status.json"))
     if current is not None and current.exit_code is None and current.pid > 0 and \
@@ -263,8 +268,9 @@ def attach_or_start(transport: Transport, *, job_dir: str, python: str, payload_
     # the markers identify every process of this job (and its children) on the host: teardown
     # and the watchdog end them by marker, never by a PID that may have been reused
     env = {"ORCHESTRATE_INSTANCE": instance_id, "PYTHONUNBUFFERED": "1", JOB_DIR_ENV: job_dir}
+    gpu_env = {VISIBLE_DEVICES_ENV: visible_devices} if visible_devices is not None else {}
     pid = transport.start_detached(f"cd {q(transport.root)} && {payload_command(python, payload_dir, run_args)}",
-                                   log_path=f"{job_dir}/log.txt", env={**env, ROLE_ENV: "pipeline"})
+                                   log_path=f"{job_dir}/log.txt", env={**env, **gpu_env, ROLE_ENV: "pipeline"})
     stop_cmd = self_stop_command or stop_command(python, payload_dir, job_dir, "pipeline")
     wd_pid = transport.start_detached(
         payload_command(python, payload_dir, watchdog_args(job_dir=job_dir, idle_timeout_s=idle_timeout_s,

@@ -46,15 +46,28 @@ def choose_price(provider: Provider, host: HostConfig) -> PriceChoice:
         return PriceChoice(float(host.price_per_hour), host.currency or "USD", None)
     gpu = host.gpu or ""
     cap = host.max_price_per_hour
-    # One GPU per instance: a multi-GPU offer never stands in for it, whatever its name says.
-    offers = [o for o in provider.offers(gpu)
-              if o.available and o.gpu_count == 1 and (cap is None or o.price_per_hour <= cap)]
+    offers = [o for o in provider.offers(gpu) if offer_fits(o, host)]
     if not offers:
-        raise CapacityError(f"{provider.name}: no available offer for {gpu or 'the requested GPU'}"
+        raise CapacityError(f"{provider.name}: no available offer for {gpu_label(host)}"
                             + (f" at or below {cap}/h" if cap is not None else ""),
                             provider=provider.name, hint="try another GPU type, or raise max_price_per_hour")
     best = min(offers, key=lambda o: o.price_per_hour)
     return PriceChoice(best.price_per_hour, best.currency, best.offer_id, best)
+
+
+def gpu_label(host: HostConfig) -> str:
+    """`RTX 4090`, or `2x RTX 4090` for a host entry with gpus_per_instance: 2."""
+    n, gpu = int(host.gpus_per_instance or 1), host.gpu or "the requested GPU"
+    return f"{n}x {gpu}" if n > 1 else gpu
+
+
+def offer_fits(offer: Offer, host: HostConfig) -> bool:
+    """Available, under the host's price cap, and with exactly its `gpus_per_instance` GPUs: an
+    offer with more (or fewer) never stands in for it, whatever its name says (the price is the
+    whole instance's, and the runner runs one job per GPU)."""
+    cap = host.max_price_per_hour
+    return offer.available and offer.gpu_count == int(host.gpus_per_instance or 1) \
+        and (cap is None or offer.price_per_hour <= cap)
 
 
 DEFAULT_PUBLIC_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")

@@ -12,6 +12,7 @@ job id + settings hash (`payload.job_key`), so a rerun of the same file resumes 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import threading
@@ -206,14 +207,36 @@ class Runner:
     def _on_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                  attempt: _Attempt) -> dict[str, Any]:
         jid = job.job_id
-        python = host_python(job.host, provider)
         self.view.update(jid, phase="setup")
         setup_t0 = time.time()
         pushed = pl.push_payload(t)
         self._check_stop()
+        # jobs starting together on one instance (a multi-GPU session) prepare it one at a time:
+        # the first builds the environment (and tiny-cuda-nn), the others find it built
+        with self._host_lock(job) or contextlib.nullcontext():
+            python, data_dir, setup = self._prepare_host(job, provider, prov, t, pushed.remote_dir,
+                                                         attempt, setup_t0)
+        self._check_stop()
+
+        job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
+                                   self._run_is_live)
+        attempt.job_dir = job_dir
+        status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
+        self._watch(job, prov, t, attempt, status)
+        summary = self._pull(job, t, attempt)
+        return setup.annotate(summary, attempt.out_dir) if setup is not None else summary
+
+    def _prepare_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
+                      payload_dir: str, attempt: _Attempt,
+                      setup_t0: float) -> tuple[str, str, hostenv.HostSetup | None]:
+        """Environment (checked first on a rented host), bootstrap ║ staging, tiny-cuda-nn: the
+        python to use, the staged scene's directory, and the host's set-up (None on this machine)."""
+        self._check_stop()   # a Ctrl-C while this job waited for the host lock
+        jid = job.job_id
+        python = host_python(job.host, provider)
         setup = None
         if provider.transport_kind != "local":   # a rented host: its own environment, checked first
-            setup = hostenv.set_up_host(t, job, provider, prov, payload_dir=pushed.remote_dir,
+            setup = hostenv.set_up_host(t, job, provider, prov, payload_dir=payload_dir,
                                         ledger=self.ledger, run_id=self.run_id, view=self.view)
             python = setup.python
             self._check_stop()
@@ -224,26 +247,17 @@ class Runner:
             self.view.update(jid, phase="staging")
             with lock:
                 return stage_dataset(t, job.dataset, job.scene, python=python,
-                                     payload_dir=pushed.remote_dir, progress=None, stop=self.stop)
+                                     payload_dir=payload_dir, progress=None, stop=self.stop)
 
-        ready = pl.bootstrap_and_stage(t, python=python, payload_dir=pushed.remote_dir, stage=stage)
+        ready = pl.bootstrap_and_stage(t, python=python, payload_dir=payload_dir, stage=stage)
         self.ledger.record_phase(self.run_id, jid, "setup", setup_t0, ready.setup_ended)
         self.ledger.record_phase(self.run_id, jid, "staging", ready.staging_started, ready.staging_ended)
         attempt.env_data_s = ready.env_data_s
         if ready.error is not None:
             raise ready.error
-        data_dir = ready.data_dir
         if setup is not None:
             setup.finish(self.view, jid)   # a tiny-cuda-nn build started before staging
-        self._check_stop()
-
-        job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
-                                   self._run_is_live)
-        attempt.job_dir = job_dir
-        status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
-        self._watch(job, prov, t, attempt, status)
-        summary = self._pull(job, t, attempt)
-        return setup.annotate(summary, attempt.out_dir) if setup is not None else summary
+        return python, ready.data_dir, setup
 
     def _attach_or_start(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                          python: str, payload_dir: str, data_dir: str, attempt: _Attempt) -> pl.RemoteStatus | None:
@@ -257,13 +271,23 @@ class Runner:
                                  max_seconds=job.max_seconds, downscale=job.downscale, seed=job.seed,
                                  cpu_share=self._cpu_share(job, provider), train=job.train),
             instance_id=prov.instance_id, self_stop_command=provider.self_stop_command(prov.instance_id),
-            idle_timeout_s=idle_s, deadline_s=deadline_s, runs_dir=self.opts.runs_dir, job_id=job.job_id)
+            idle_timeout_s=idle_s, deadline_s=deadline_s, runs_dir=self.opts.runs_dir, job_id=job.job_id,
+            visible_devices=self._visible_devices(job, provider))
         attempt.started = time.time()
         attempt.pipeline_pid, attempt.watchdog_pid = started.pipeline_pid, started.watchdog_pid
         if started.attached is None:
             self.ledger.add_event("pipeline_started", f"pid {started.pipeline_pid} in {attempt.job_dir}",
                                   self.run_id, job.job_id)
         return started.attached
+
+    def _host_lock(self, job: JobPlan) -> threading.Lock | None:
+        """A lock held while `job` prepares its host (environment, bootstrap, staging, tcnn),
+        when several jobs may start on one instance together (a multi-GPU session)."""
+        return None
+
+    def _visible_devices(self, job: JobPlan, provider: Provider) -> str | None:
+        """The job's CUDA_VISIBLE_DEVICES; None leaves the host's own (one job per instance)."""
+        return None
 
     def _run_is_live(self, run_id: str) -> bool:
         """Whether the run holding a job directory may still be using it: a run this ledger

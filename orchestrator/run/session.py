@@ -8,9 +8,18 @@ released as soon as the queue is empty. A job that fails leaves the instance run
 next one unless the instance itself is the cause (it is gone, or it no longer answers); then it
 is released and the job goes back to the queue for a new instance.
 
+An instance with N GPUs (`gpus_per_instance`) runs N lanes: each lane takes the next job and
+starts it with `CUDA_VISIBLE_DEVICES=<its GPU>`, so up to N jobs of the queue run at once, and
+a lane whose job ended takes the next. Jobs starting together build the environment once: a
+job prepares the host (environment, bootstrap ║ staging, tiny-cuda-nn) under a lock per
+instance, so the next one finds it built (and only its own scene left to stage).
+
 Each job's cost is its own phases (from its first step on the host to the end of its pull) plus
 an even share of the instance's shared time (boot, environment, gaps, teardown); the ledger
-keeps both (`job_costs`), so per-scene costs compare with one-instance-per-job runs.
+keeps both (`job_costs`), so per-scene costs compare with one-instance-per-job runs. While k
+jobs run at once (k GPUs busy), each of them owns 1/k of that time (`split_overlaps`): the own
+seconds add up to the time any job ran, the shared rest is what no job ran, and the shares add
+up to the instance's bill.
 
 The per-job steps are `Runner`'s own (`_on_host`: push, bootstrap ║ stage, attach, watch,
 pull); this module only decides who provisions, which job runs where and when to release.
@@ -99,13 +108,20 @@ class _WatchedTransport:
             raise
 
 
+def gpus_of(host: Any) -> int:
+    """GPUs of one instance of a host entry (`gpus_per_instance`): the jobs it runs at once."""
+    return max(1, int(getattr(host, "gpus_per_instance", 1) or 1))
+
+
 def instances_for(host: Any, n_jobs: int) -> int:
-    """How many instances a host entry gets for `n_jobs` jobs."""
+    """How many instances a host entry gets for `n_jobs` jobs (an N-GPU instance runs N at once,
+    so no more instances than it takes to give each job a GPU)."""
     if n_jobs <= 0:
         return 0
     if host.provider in ONE_MACHINE_PROVIDERS:
         return 1
-    return max(1, min(int(getattr(host, "max_instances", 1) or 1), n_jobs))
+    wanted = -(-n_jobs // gpus_of(host))
+    return max(1, min(int(getattr(host, "max_instances", 1) or 1), wanted))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,31 +130,41 @@ class InstancePlan:
     host_name: str
     index: int
     job_ids: tuple[str, ...]
-    seconds: float             # planned billed seconds (shared + each job's own)
+    seconds: float             # planned billed seconds (shared + its longest lane)
     cost: float
+    gpus: int = 1
+    lanes: tuple[tuple[str, ...], ...] = ()   # per GPU, the jobs it is expected to run in order
 
 
 def plan_instances(jobs: list[JobPlan], *, one_per_job: bool = False) -> list[InstancePlan]:
-    """Jobs → instances × queues: the longest job first onto the least loaded instance of its
-    host entry (the runner balances at run time by taking from a shared queue; this is what
-    it expects). With `one_per_job`, every job is its own instance."""
+    """Jobs → instances × queues: the longest job first onto the least loaded lane (one per GPU
+    of each instance) of its host entry; an instance's planned time is the shared time plus its
+    longest lane. The runner balances at run time by taking from a shared queue; this is what
+    it expects. With `one_per_job`, every job is its own instance (all its GPUs, one lane)."""
     out: list[InstancePlan] = []
     groups: dict[str, list[JobPlan]] = {}
     for j in jobs:
         groups.setdefault(j.host_name, []).append(j)
     for host_name, group in groups.items():
+        gpus = gpus_of(group[0].host)
         n = len(group) if one_per_job else instances_for(group[0].host, len(group))
+        per = 1 if one_per_job else gpus          # lanes per instance
         shared = shared_seconds_of(group[0]) if group else 0.0
-        queues: list[list[JobPlan]] = [[] for _ in range(n)]
-        loads = [shared] * n
+        lanes: list[list[JobPlan]] = [[] for _ in range(n * per)]
+        loads = [0.0] * (n * per)
         for j in sorted(group, key=lambda j: -own_seconds_of(j)):
-            k = min(range(n), key=lambda i: loads[i])
-            queues[k].append(j)
+            k = min(range(n * per), key=lambda i: loads[i])
+            lanes[k].append(j)
             loads[k] += own_seconds_of(j)
-        for k, q in enumerate(queues):
-            q.sort(key=lambda j: group.index(j))
+        for k in range(n):
+            mine = lanes[k * per:(k + 1) * per]
+            for lane in mine:
+                lane.sort(key=lambda j: group.index(j))
+            q = sorted((j for lane in mine for j in lane), key=lambda j: group.index(j))
+            seconds = shared + max(loads[k * per:(k + 1) * per])
             price_s = _price_per_s(q[0]) if q else 0.0
-            out.append(InstancePlan(host_name, k, tuple(j.job_id for j in q), loads[k], loads[k] * price_s))
+            out.append(InstancePlan(host_name, k, tuple(j.job_id for j in q), seconds, seconds * price_s,
+                                    gpus, tuple(tuple(j.job_id for j in lane) for lane in mine)))
     return out
 
 
@@ -173,6 +199,20 @@ class JobShare:
     shared_seconds: float
     own_cost: float
     shared_cost: float
+
+
+def split_overlaps(intervals: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Each job's own seconds on an instance that ran jobs side by side (one per GPU): every
+    stretch of time during which k jobs ran counts 1/k to each of them, so the own seconds add
+    up to the time during which any job ran (never more than the instance was billed)."""
+    points = sorted({t for spans in intervals.values() for a, b in spans for t in (a, b)})
+    out = {j: 0.0 for j in intervals}
+    for lo, hi in zip(points, points[1:]):
+        mid = (lo + hi) / 2
+        on = [j for j, spans in intervals.items() if any(a < mid < b for a, b in spans)]
+        for j in on:
+            out[j] += (hi - lo) / len(on)
+    return out
 
 
 def share_costs(billed_cost: float, billed_s: float, own_s: dict[str, float]) -> dict[str, JobShare]:
@@ -225,19 +265,29 @@ class _Session:
     transport: Transport
     queue: _Queue
     opened: float = field(default_factory=time.time)
-    own_s: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # job id -> its time here
     job_ids: list[str] = field(default_factory=list)
-    next_job: JobPlan | None = None               # claimed from the queue, staged ahead
-    prestage: threading.Thread | None = None
+    ahead: deque[JobPlan] = field(default_factory=deque)   # claimed from the queue (the first, those staged ahead)
+    prestages: list[threading.Thread] = field(default_factory=list)
     guard_dir: str = ""                           # the finished job whose watchdog still guards
     guard_pid: int = 0
     lost: bool = False
     failed_jobs: int = 0
-    current: tuple[JobPlan, _Attempt] | None = None   # the job running now (its snapshots come home)
+    running: dict[str, tuple[JobPlan, _Attempt]] = field(default_factory=dict)  # now (their snapshots come home)
+    lanes: int = 1                                # jobs at once: one per GPU
+    lane_of: dict[str, int] = field(default_factory=dict)   # job id -> the GPU it was given
     raw: Transport | None = None
     host: Any = None                              # the entry it was rented from (failover may change it)
     beat_stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    setup_lock: threading.Lock = field(default_factory=threading.Lock)   # host preparation, one job at a time
+
+    def claim(self) -> JobPlan | None:
+        """The next job for a free lane: one claimed (and staged) ahead, else the queue's next."""
+        with self.lock:
+            if self.ahead:
+                return self.ahead.popleft()
+        return self.queue.take()
 
 
 class SessionRunner(Runner):
@@ -334,19 +384,40 @@ class SessionRunner(Runner):
         finally:
             self.ledger.record_phase(self.run_id, jid, "boot", t0, time.time())
         sess = _Session(first.host_name, provider, prov, _WatchedTransport(t, provider, prov.instance_id),  # type: ignore[arg-type]
-                        queue, opened=t0, raw=t, host=host)
-        sess.next_job = first
+                        queue, opened=t0, raw=t, host=host,
+                        lanes=gpus_of(host))    # every GPU paid for runs a job (--concurrency counts instances)
+        sess.ahead.append(first)
         threading.Thread(target=self._guard_beat, args=(sess,), name="guard-beat", daemon=True).start()
         self.ledger.add_event("session_opened", f"{provider.name} {prov.instance_id} for {first.host_name}",
                               self.run_id, jid)
         return sess
 
     def _run_queue(self, sess: _Session, first: JobPlan, outcomes: dict[str, JobOutcome]) -> None:
-        while True:
-            job = sess.next_job
-            sess.next_job = None
-            if job is None:
-                job = sess.queue.take()
+        """The session's lanes, one per GPU, take jobs until the queue is empty."""
+        if sess.lanes == 1:
+            self._lane(sess, 0, first, outcomes)
+            return
+        errors: list[BaseException] = []
+
+        def lane(gpu: int) -> None:
+            try:
+                self._lane(sess, gpu, first, outcomes)
+            except BaseException as exc:  # noqa: BLE001 - raised below, after every lane has ended
+                errors.append(exc)
+
+        threads = [threading.Thread(target=lane, args=(g,), name=f"lane-{sess.host_name}-{g}", daemon=True)
+                   for g in range(sess.lanes)]
+        for th in threads:
+            th.start()
+        for th in threads:     # each lane ends when the queue is empty, the instance lost or Ctrl-C
+            th.join()
+        if errors:
+            raise errors[0]
+
+    def _lane(self, sess: _Session, gpu: int, first: JobPlan, outcomes: dict[str, JobOutcome]) -> None:
+        """One GPU of the instance: its jobs one after another."""
+        while not sess.lost:
+            job = sess.claim()
             if job is None:
                 return
             if self.stop.is_set():
@@ -358,16 +429,13 @@ class SessionRunner(Runner):
                 continue
             if sess.host is not None and job.host.name != sess.host.name:   # failed over to another entry
                 job = replace(job, host_name=sess.host.name, host=sess.host)
+            with sess.lock:
+                sess.lane_of[job.job_id] = gpu
             outcome = self._session_job(sess, job)
             if outcome is None:        # the instance was the cause: the job goes back to the queue
                 sess.queue.put_back(job)
-                if sess.next_job is not None:
-                    sess.queue.put_back(sess.next_job)
-                    sess.next_job = None
                 return
             outcomes[job.job_id] = outcome
-            if sess.lost:
-                return
 
     def _session_job(self, sess: _Session, job: JobPlan) -> JobOutcome | None:
         """One job on the session's instance (mirrors `Runner._run_job` without provisioning or
@@ -375,13 +443,15 @@ class SessionRunner(Runner):
         jid = job.job_id
         with self._slock:
             self._sessions[jid] = sess
-        sess.job_ids.append(jid) if jid not in sess.job_ids else None
+        with sess.lock:
+            sess.job_ids.append(jid) if jid not in sess.job_ids else None
         self.ledger.update_job(self.run_id, jid, status="running", instance_row=sess.prov.row_id)
         self.view.update(jid, currency=sess.prov.currency)
         attempt = self.attempts[jid] = _Attempt()
         attempt.row_id = sess.prov.row_id
         attempt.host_ready = t0 = time.time()
-        sess.current = (job, attempt)
+        with sess.lock:
+            sess.running[jid] = (job, attempt)
         try:
             summary = self._on_host(job, sess.provider, sess.prov, sess.transport, attempt)
             out = self._result(job, sess.prov, summary, attempt)
@@ -416,8 +486,9 @@ class SessionRunner(Runner):
             sess.failed_jobs += 1
             return self._finish(job, "failed", sess.prov, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            sess.current = None
-            sess.own_s[jid] = sess.own_s.get(jid, 0.0) + (time.time() - t0)
+            with sess.lock:
+                sess.running.pop(jid, None)
+                sess.intervals.setdefault(jid, []).append((t0, time.time()))
             self._keep_as_guard(sess, attempt)
 
     def _instance_alive(self, sess: _Session) -> bool:
@@ -449,15 +520,41 @@ class SessionRunner(Runner):
         return status
 
     def _cpu_share(self, job: JobPlan, provider: Provider) -> int:
-        return 1    # one job at a time on a session's machine
+        sess = self._sessions.get(job.job_id)
+        return sess.lanes if sess is not None else 1    # the jobs at once on a session's machine
+
+    def _host_lock(self, job: JobPlan) -> threading.Lock | None:
+        sess = self._sessions.get(job.job_id)
+        return sess.setup_lock if sess is not None else None
+
+    def _visible_devices(self, job: JobPlan, provider: Provider) -> str | None:
+        """The GPU of the job's lane (only when the instance runs several jobs at once). On this
+        machine (local provider) an index into the controller's own CUDA_VISIBLE_DEVICES, if set."""
+        sess = self._sessions.get(job.job_id)
+        if sess is None or sess.lanes <= 1:
+            return None
+        with sess.lock:
+            gpu = sess.lane_of.get(job.job_id, 0)
+        if provider.transport_kind == "local":
+            import os
+            mine = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            if len(mine) > gpu:
+                return mine[gpu]
+        return str(gpu)
 
     # -- staging ahead ---------------------------------------------------------------------
     def _start_prestage(self, sess: _Session, python: str, payload_dir: str) -> None:
-        if sess.next_job is None and not self.stop.is_set():
-            sess.next_job = sess.queue.take()
-        nxt = sess.next_job
-        if nxt is None:
+        """Claim the queue's next job and stage its dataset while this one trains (at most one
+        claimed ahead per lane, so other instances of the queue are not starved)."""
+        if self.stop.is_set() or sess.lost:
             return
+        with sess.lock:
+            if len(sess.ahead) >= sess.lanes:
+                return
+            nxt = sess.queue.take()
+            if nxt is None:
+                return
+            sess.ahead.append(nxt)
         with self._plock:
             entry = sess.host.name if sess.host is not None else nxt.host_name
             lock = self._stage_locks.setdefault((entry, nxt.dataset_name, nxt.scene), threading.Lock())
@@ -473,8 +570,10 @@ class SessionRunner(Runner):
                 log.warning("%s: staging ahead failed (%s); it stages when it starts", nxt.job_id,
                             redact(str(exc)))
 
-        sess.prestage = threading.Thread(target=stage, name=f"prestage-{nxt.job_id}", daemon=True)
-        sess.prestage.start()
+        th = threading.Thread(target=stage, name=f"prestage-{nxt.job_id}", daemon=True)
+        with sess.lock:
+            sess.prestages.append(th)
+        th.start()
 
     # -- the guard between jobs ------------------------------------------------------------
     def _keep_as_guard(self, sess: _Session, attempt: _Attempt) -> None:
@@ -503,16 +602,19 @@ class SessionRunner(Runner):
         """Keep the guarding (finished) job's heartbeat fresh while the controller lives, and
         bring the running job's snapshot home when it changed (so a preempted job resumes)."""
         t = sess.raw or sess.transport
-        snap_state: dict[str, Any] = {"next": time.monotonic() + SNAPSHOT_EVERY_S, "mtime": None}
+        snap_states: dict[str, dict[str, Any]] = {}     # per running job
         while not sess.beat_stop.wait(GUARD_BEAT_S):
             with sess.lock:
                 d = sess.guard_dir
+                running = list(sess.running.values())
             try:
                 if d:
                     t.run(f"touch {shlex.quote(d)}/heartbeat", check=False, timeout_s=20)
-                cur = sess.current
-                if cur is not None and cur[1].job_dir and time.monotonic() >= snap_state["next"]:
-                    self._snapshot_home(t, cur[0], cur[1].job_dir, snap_state)
+                for job, attempt in running:
+                    st = snap_states.setdefault(job.job_id, {"next": time.monotonic() + SNAPSHOT_EVERY_S,
+                                                             "mtime": None})
+                    if attempt.job_dir and time.monotonic() >= st["next"]:
+                        self._snapshot_home(t, job, attempt.job_dir, st)
             except Exception as exc:  # noqa: BLE001 - a lost host shows in the job's own polls
                 log.debug("%s: guard beat: %s", sess.host_name, exc)
 
@@ -544,11 +646,14 @@ class SessionRunner(Runner):
         last = sess.job_ids[-1] if sess.job_ids else None
         t0 = time.time()
         sess.beat_stop.set()
-        if sess.next_job is not None:          # claimed but not run (Ctrl-C, a lost instance)
-            sess.queue.put_back(sess.next_job)
-            sess.next_job = None
-        if sess.prestage is not None:
-            sess.prestage.join(timeout=120)
+        with sess.lock:                         # claimed but not run (Ctrl-C, a lost instance)
+            claimed = list(sess.ahead)
+            sess.ahead.clear()
+            prestages = list(sess.prestages)
+        for job in reversed(claimed):
+            sess.queue.put_back(job)
+        for th in prestages:
+            th.join(timeout=120)
         try:
             self._end_guard(sess)
             keep = bool(sess.prov and self._host_of(sess).keep_on_failure) and sess.failed_jobs > 0 \
@@ -571,14 +676,15 @@ class SessionRunner(Runner):
         row = sess.prov.row_id
         billed_s = sum(_billed_seconds(b) for b in self.ledger.billing(row) if b.kind == "gpu")
         cost = self.ledger.instance_cost(row)
-        shares = share_costs(cost, billed_s, sess.own_s)
+        shares = share_costs(cost, billed_s, split_overlaps(sess.intervals))
         for s in shares.values():
             self.ledger.record_job_cost(self.run_id, s.job_id, row, own_seconds=s.own_seconds,
                                         shared_seconds=s.shared_seconds, own_cost=s.own_cost,
                                         shared_cost=s.shared_cost)
         self.instance_log.append({"host": sess.host_name, "instance_id": sess.prov.instance_id, "row_id": row,
                                   "jobs": list(sess.job_ids), "billed_s": billed_s, "cost": cost,
-                                  "lost": sess.lost})
+                                  "lost": sess.lost, "gpus": sess.lanes, "lane_of": dict(sess.lane_of),
+                                  "intervals": {j: list(v) for j, v in sess.intervals.items()}})
 
     def _with_share(self, outcome: JobOutcome) -> JobOutcome:
         shares = [c for c in self.ledger.job_costs(self.run_id) if c["job_id"] == outcome.job_id]

@@ -120,6 +120,8 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
         if not (m and m.group(1) == scoped.id and method == "PUT"):
             raise FakeCloudError("scoped key not allowed here", 401, "unauthorized")
     if path.rstrip("/") == "/api/v0/bundles" and method in ("POST", "GET"):
+        with world.lock:
+            world.searches = [*world.searches[-19:], dict(body)]
         wanted = ((body.get("gpu_name") or {}).get("eq") or "").lower()
         offers = [{"id": int(oid), "ask_contract_id": int(oid), "gpu_name": gpu, "num_gpus": 1,
                    "dph_total": price, "rentable": True, "rented": False, "verified": True,
@@ -127,6 +129,10 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
                    "gpu_ram": 24576, "cpu_ram": 65536, "storage_cost": 0.15, "reliability2": 0.99,
                    "inet_up_cost": 0.02, "inet_down_cost": 0.01, **world.offer_extra.get(oid, {})}
                   for oid, gpu, price in world.offers("vastai") if not wanted or gpu.lower() == wanted]
+        # the documented query filter on the machine's GPU count (`num_gpus: {"eq": N}`)
+        gpus = (body.get("num_gpus") or {}).get("eq") if isinstance(body.get("num_gpus"), dict) else None
+        if gpus is not None:
+            offers = [o for o in offers if o["num_gpus"] == gpus]
         return 200, {"offers": offers}
     ask = re.fullmatch(r"/api/v0/asks/(\d+)/?", path)
     if ask and method == "PUT":

@@ -158,7 +158,8 @@ class World:
         self.state_path = self.state_dir / "fakecloud.json"
         self.lock = threading.RLock()
         self.catalog = catalog or DEFAULT_CATALOG
-        self.offer_extra: dict[str, dict[str, Any]] = {}   # offer id -> extra API fields (inet_down, ...)
+        self.offer_extra: dict[str, dict[str, Any]] = {}   # offer id -> extra API fields (inet_down, num_gpus, ...)
+        self.searches: list[dict[str, Any]] = []          # the last offer searches' bodies (vast), newest last
         self.instances: dict[str, Instance] = {}
         self.faults = Faults()
         self.clock_offset_s = 0.0
