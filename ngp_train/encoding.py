@@ -175,8 +175,12 @@ class _GatherBlend(torch.autograd.Function):
         # product would cast element by element on TensorIterator's slow mixed-dtype path.
         w = weights.to(chans.dtype)
         grad = torch.zeros((chans.shape[2], P), dtype=chans.dtype, device=g.device)          # (K, P)
-        for k in range(chans.shape[2]):
-            grad[k].scatter_add_(0, flat, (w * chans[:, :, k].unsqueeze(1)).reshape(-1))
+        owned = w.dtype != weights.dtype                    # a fresh copy: the last channel reuses it in place
+        K = chans.shape[2]
+        for k in range(K):
+            gk = chans[:, :, k].unsqueeze(1)
+            src = w.mul_(gk) if owned and k == K - 1 else w * gk
+            grad[k].scatter_add_(0, flat, src.reshape(-1))
         grad = grad.T.contiguous()                                                         # (P, K)
         grad_table = (torch.view_as_real(grad) if pairs else grad).reshape(P, F_)
         grad_table = grad_table.to(ctx.table_dtype)
