@@ -153,7 +153,8 @@ class _GatherBlend(torch.autograd.Function):
     def forward(ctx, table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         L, C, N = rows.shape
         F_ = table.shape[1]
-        out = torch.nn.functional.embedding_bag(rows.transpose(1, 2).reshape(L * N, C), table, mode="sum",
+        # a detached table takes embedding_bag's forward-only path (no offset2bag/bag_size bookkeeping)
+        out = torch.nn.functional.embedding_bag(rows.transpose(1, 2).reshape(L * N, C), table.detach(), mode="sum",
                                                 per_sample_weights=weights.to(table.dtype).transpose(1, 2)
                                                 .reshape(L * N, C))
         ctx.save_for_backward(rows, weights)
