@@ -109,7 +109,7 @@ def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str
         torch.frac(pos, out=frac)
     else:
         frac.copy_(torch.frac(pos))
-    w2[:, :, 0].fill_(1.0).sub_(frac)
+    torch.sub(torch.ones((), dtype=weight_dtype, device=dev), frac, out=w2[:, :, 0])
     cell = pos.to(torch.int32)
     idt = buffers["offset"].dtype                                       # int32 unless the table needs 64 bits
     rows = torch.empty((L, 8, N), dtype=idt, device=dev)               # written in place, no cat
