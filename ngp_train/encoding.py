@@ -96,33 +96,45 @@ def corner_indices(x: torch.Tensor, levels: tuple[Level, ...], buffers: dict[str
     n_dense = nd if isinstance(nd, int) else int(nd)                # the module passes an int: no device read
     scale64 = buffers["scale"].to(torch.float64)                      # (L,) float32 values
     L, N = scale64.shape[0], x.shape[0]
+    dev = x.device
     xt = x.to(torch.float32).clamp(0.0, 1.0).T.to(torch.float64)      # positions are float32, as in tcnn
     # fmaf(scale, x, 0.5): the float32 product is exact in float64, the sum is rounded once.
-    pos = (xt.unsqueeze(1) * scale64.view(1, L, 1) + 0.5).to(torch.float32)      # (3, L, N)
-    cellf = torch.floor(pos)
-    frac = (pos - cellf).to(weight_dtype)                              # exact in float32
-    cell = cellf.to(torch.int32)
+    half = torch.full((1, 1, 1), 0.5, dtype=torch.float64, device=dev)
+    pos = torch.addcmul(half, xt.unsqueeze(1), scale64.view(1, L, 1)).to(torch.float32)   # (3, L, N)
+    # pos >= 0.5, so truncation is floor and frac() is pos - floor(pos) (exact in float32); the
+    # (1 - f, f) pairs are written in place rather than stacked (one pass fewer over 3·L·N).
+    w2 = torch.empty((3, L, 2, N), dtype=weight_dtype, device=dev)
+    frac = w2[:, :, 1]
+    if weight_dtype == torch.float32:
+        torch.frac(pos, out=frac)
+    else:
+        frac.copy_(torch.frac(pos))
+    torch.sub(torch.ones((), dtype=weight_dtype, device=dev), frac, out=w2[:, :, 0])
+    cell = pos.to(torch.int32)
     idt = buffers["offset"].dtype                                       # int32 unless the table needs 64 bits
-    rows = torch.empty((L, 8, N), dtype=idt, device=x.device)          # written in place, no cat
+    rows = torch.empty((L, 8, N), dtype=idt, device=dev)               # written in place, no cat
     if n_dense > 0:
         c = cell[:, :n_dense].to(idt)
         res = buffers["resolution"][:n_dense].view(-1, 1).to(idt)
         base = c[0] + c[1] * res + c[2] * (res * res)                                  # (D, N)
-        idx = base.unsqueeze(1) + buffers["dense_corner_offset"]                        # (D, 8, N)
+        off = buffers["offset"][:n_dense].view(-1, 1, 1)
         size = buffers["n_params"][:n_dense].view(-1, 1, 1).to(idt)
-        idx = torch.where(idx >= size, idx - size, idx)
-        torch.add(idx, buffers["offset"][:n_dense].view(-1, 1, 1), out=rows[:n_dense])
+        # the level's row offset is folded into the corner offsets; the wrap compares with offset + size
+        idx = base.unsqueeze(1) + (buffers["dense_corner_offset"] + off)                # (D, 8, N)
+        torch.where(idx >= size + off, idx - size, idx, out=rows[:n_dense])
     if n_dense < L:
         m = L - n_dense
         c = cell[:, n_dense:]
-        c2 = torch.stack([c, c + 1], dim=2)                                            # (3, M, 2, N) int32
+        c2 = torch.empty((3, m, 2, N), dtype=torch.int32, device=dev)                 # (cell, cell + 1)
+        c2[:, :, 0] = c
+        torch.add(c, 1, out=c2[:, :, 1])
         mask = (buffers["n_params"][n_dense:] - 1).view(-1, 1, 1)
         hx = (c2[0] & mask).to(idt)                                                     # prime 1
-        hy = ((c2[1] * _PRIMES_I32[1]) & mask).to(idt)                                  # uint32 bits, low part
-        hz = ((c2[2] * _PRIMES_I32[2]) & mask).to(idt) | buffers["offset"][n_dense:].view(-1, 1, 1)
+        hy = c2[1].mul_(_PRIMES_I32[1]).bitwise_and_(mask).to(idt)                     # uint32 bits, low part
+        hz = c2[2].mul_(_PRIMES_I32[2]).bitwise_and_(mask).to(idt)
+        hz = hz.bitwise_or_(buffers["offset"][n_dense:].view(-1, 1, 1))
         hzy = (hz.view(m, 2, 1, N) ^ hy.view(m, 1, 2, N)).view(m, 4, 1, N)              # (z, y)
         torch.bitwise_xor(hzy, hx.view(m, 1, 2, N), out=rows[n_dense:].view(m, 4, 2, N))
-    w2 = torch.stack([1 - frac, frac], dim=2)                                           # (3, L, 2, N)
     wyx = (w2[1].view(L, 2, 1, N) * w2[0].view(L, 1, 2, N)).view(L, 1, 4, N)
     weights = (w2[2].view(L, 2, 1, N) * wyx).view(L, 8, N)
     return rows, weights
@@ -141,7 +153,8 @@ class _GatherBlend(torch.autograd.Function):
     def forward(ctx, table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         L, C, N = rows.shape
         F_ = table.shape[1]
-        out = torch.nn.functional.embedding_bag(rows.transpose(1, 2).reshape(L * N, C), table, mode="sum",
+        # a detached table takes embedding_bag's forward-only path (no offset2bag/bag_size bookkeeping)
+        out = torch.nn.functional.embedding_bag(rows.transpose(1, 2).reshape(L * N, C), table.detach(), mode="sum",
                                                 per_sample_weights=weights.to(table.dtype).transpose(1, 2)
                                                 .reshape(L * N, C))
         ctx.save_for_backward(rows, weights)
@@ -156,13 +169,19 @@ class _GatherBlend(torch.autograd.Function):
         g = grad_out.reshape(N, L, F_).permute(1, 0, 2)                                # (L, N, F)
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
-        w = weights.to(g.dtype)
         flat = rows.reshape(-1).to(torch.int64)                                        # scatter_add_ wants int64
         pairs = F_ % 2 == 0 and g.device.type == "cpu"                                 # complex scatter: CPU-tested
         chans = torch.view_as_complex(g.contiguous().view(L, N, F_ // 2, 2)) if pairs else g   # (L, N, K)
+        # The weights are converted once to the channels' dtype (complex on CPU): a float × complex
+        # product would cast element by element on TensorIterator's slow mixed-dtype path.
+        w = weights.to(chans.dtype)
         grad = torch.zeros((chans.shape[2], P), dtype=chans.dtype, device=g.device)          # (K, P)
-        for k in range(chans.shape[2]):
-            grad[k].scatter_add_(0, flat, (w * chans[:, :, k].unsqueeze(1)).reshape(-1))
+        owned = w.dtype != weights.dtype                    # a fresh copy: the last channel reuses it in place
+        K = chans.shape[2]
+        for k in range(K):
+            gk = chans[:, :, k].unsqueeze(1)
+            src = w.mul_(gk) if owned and k == K - 1 else w * gk
+            grad[k].scatter_add_(0, flat, src.reshape(-1))
         grad = grad.T.contiguous()                                                         # (P, K)
         grad_table = (torch.view_as_real(grad) if pairs else grad).reshape(P, F_)
         grad_table = grad_table.to(ctx.table_dtype)

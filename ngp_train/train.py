@@ -255,7 +255,22 @@ class Trainer:
 
         read=False (the CUDA loop's non-logging steps): nothing is read back from the device and
         (None, -1) is returned; the batch size adapts on the next step that reads. On the
-        variable-size (CPU) path the loss is None also when no sample was marched."""
+        variable-size (CPU) path the loss is None also when no sample was marched.
+
+        On CPU the step runs with denormals flushed to zero: Adam's moments of rarely hit table
+        rows decay below float32's smallest normal number (1.2e-38), where x86 arithmetic
+        slows down many times per element, and a value that small changes nothing a step can
+        see. The flag is per thread (x86 MXCSR, set in the calling thread), set for the step only and
+        cleared after it (it is off by default; CUDA is unaffected)."""
+        if self.device.type != "cpu":
+            return self._train_step(read)
+        torch.set_flush_denormal(True)
+        try:
+            return self._train_step(read)
+        finally:
+            torch.set_flush_denormal(False)
+
+    def _train_step(self, read: bool) -> tuple[float | None, int]:
         self._update_grid()
         n, dev = self.n_rays, self.device
         img = torch.randint(0, self.images.shape[0], (n,), device=dev)

@@ -100,12 +100,16 @@ def candidates(origins: torch.Tensor, dirs: torch.Tensor, step_size: float, k_ma
     if occupancy is not None:
         mid = t0 + 0.5 * step_size                                                      # (R, K)
         # The same test on the (R, K) layout: per-axis broadcasts instead of gathering an
-        # (S, 3) point list (about 3x faster for ~10^5 candidates on CPU).
+        # (S, 3) point list (about 3x faster for ~10^5 candidates on CPU). The cell arithmetic
+        # is in place and int32 (res³ is far below 2^31): half the bytes of int64 per pass.
         res = occupancy.shape[0]
         flat = None
         for a in range(3):
-            c = ((origins[:, a:a + 1] + dirs[:, a:a + 1] * mid).clamp(0.0, 1.0) * res).long().clamp_(0, res - 1)
-            flat = c if flat is None else flat.add_(c * res ** a)
+            p = (origins[:, a:a + 1] + dirs[:, a:a + 1] * mid).clamp_(0.0, 1.0).mul_(res)
+            c = p.to(torch.int32).clamp_(max=res - 1)                  # p >= 0: truncation is floor
+            if a:
+                c.mul_(res ** a)
+            flat = c if flat is None else flat.add_(c)
         keep &= occupancy.reshape(-1)[flat]
     return t0, keep
 

@@ -177,3 +177,24 @@ def test_torch_backend_autocast_on_cuda(scene: Path, tmp_path: Path) -> None:
     res = train(scene, tmp_path, replace(FAST, device="cuda", backend="torch", steps=50, eval=True))
     assert res.device == "cuda" and res.psnr_mean is not None and res.psnr_mean > 12
     assert torch.cuda.is_available()
+
+
+def test_cpu_step_flushes_denormal_moments_and_restores_the_flag(scene: Path, tmp_path: Path) -> None:
+    # Adam's moments of rarely hit rows decay into float32's denormal range (slow on x86); the CPU
+    # step runs with flush-to-zero, so such a moment of a row with no gradient becomes 0 rather
+    # than 0.9 x a denormal, and the flag does not outlive the step.
+    tr = Trainer(scene, tmp_path, FAST)
+    tr.train_step()
+    table = tr.model.field.encoding.table
+    state = tr.optimizer.state[table]
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        state["exp_avg"].fill_(tiny / 4)                                   # denormal everywhere
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    torch.set_flush_denormal(False)
+    tr.train_step()
+    m = state["exp_avg"]
+    assert int(((m != 0) & (m.abs() < tiny)).sum()) == 0                  # none left denormal
+    assert bool((m == 0).any())                                           # rows without gradient went to 0
+    assert float(torch.tensor([tiny / 4]) * 1.0) > 0                      # denormals work again after the step
