@@ -1,5 +1,5 @@
 """Interruptible (bid) instances (issue 15 item 4): `interruptible: true` with `max_bid` on a vast.ai
-host, the bid placed at create, and an outbid instance's job resumed on a new instance.
+(or RunPod) host, the bid placed at create, and an outbid instance's job resumed on a new instance.
 
 vast.ai's documented API, as the fake cloud speaks it:
 - https://docs.vast.ai/cli/reference/create-instance: `vastai create instance ID --price PRICE`,
@@ -9,6 +9,9 @@ vast.ai's documented API, as the fake cloud speaks it:
 - https://docs.vast.ai/cli/reference/change-bid: the bid of a running instance can change; when
   another renter bids more, vast stops the instance (intended `running`, actual `exited`), its
   disk still billing, until the bid wins again.
+RunPod (GraphQL, runpod-python's `create_pod` for a spot pod): `gpuTypes.lowestPrice.minimumBidPrice`
+is the lowest bid per GPU, `podRentInterruptable(input: {bidPerGpu, gpuCount, gpuTypeId, ...})` rents a
+spot pod at the bid; an outbid spot pod reads `desiredStatus: EXITED`.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from orchestrator.config.model import INTERRUPTIBLE_PROVIDERS, PROVIDERS
 from orchestrator.errors import CapacityError, ConfigError
 from orchestrator.ledger import Ledger
 from orchestrator.providers import REGISTRY
+from orchestrator.providers._bid import choose_bid
 from orchestrator.providers._http import RetryPolicy
 from orchestrator.providers.base import InstanceSpec, InstanceState
-from orchestrator.providers.vastai import VastProvider, choose_bid
+from orchestrator.providers.vastai import VastProvider
 from orchestrator.testing.fakecloud import fake_cloud, fake_host  # noqa: F401 (fixture)
 
 FAST = RetryPolicy(deadline_s=5.0, attempt_timeout_s=2.0, backoff_s=0.02, max_backoff_s=0.1)
@@ -54,6 +58,10 @@ def _write(tmp_path: Path, provider: str, extra: str) -> Path:
     return p
 
 
+def test_only_lambda_and_the_hand_rented_have_no_bids() -> None:
+    assert sorted(p for p in PROVIDERS if p not in INTERRUPTIBLE_PROVIDERS) == ["lambda", "local", "slurm", "ssh"]
+
+
 def test_config_reads_interruptible_and_max_bid(tmp_path: Path) -> None:
     h = load_config(_write(tmp_path, "vastai", ", interruptible: true, max_bid: 0.3")).hosts["h"]
     assert (h.interruptible, h.max_bid) == (True, 0.3)
@@ -70,7 +78,7 @@ def test_config_refuses_interruptible_where_the_provider_has_none(tmp_path: Path
     msg = str(info.value)
     assert "\n" not in msg
     assert re.search(rf"e\.yaml:3: hosts\.h\.interruptible: provider {provider} has no interruptible offers; "
-                     r"interruptible instances are rented from vastai hosts only", msg), msg
+                     r"interruptible instances are rented from vastai, runpod hosts only", msg), msg
 
 
 @pytest.mark.parametrize("extra, wanted", [
@@ -211,9 +219,36 @@ def test_provisioning_records_the_bid_and_an_outbid_reads_stopped(fake_cloud, tm
         ledger.close()
 
 
+@pytest.mark.sshd
+def test_runpod_rents_a_spot_pod_at_its_bid_and_an_outbid_pod_is_gone(fake_cloud):
+    from orchestrator.providers.runpod import RunPodProvider
+    from orchestrator.run.session import instance_gone
+    fake_cloud.world.catalog = {**fake_cloud.world.catalog, "runpod": [
+        ("NVIDIA GeForce RTX 4090", "RTX 4090", 0.34), ("NVIDIA RTX 4090 Ti", "RTX 4090", 0.50)]}
+    fake_cloud.world.min_bids = {"NVIDIA GeForce RTX 4090": 0.16, "NVIDIA RTX 4090 Ti": 0.26}
+    p = RunPodProvider(fake_host(fake_cloud, "runpod", interruptible=True, max_bid=0.2), policy=FAST)
+    offers = p.offers("RTX 4090")
+    assert [(o.offer_id, o.price_per_hour, o.available) for o in offers if o.available] == [
+        ("NVIDIA GeForce RTX 4090", 0.168, True)]                # the Ti's minimum (0.26) is above max_bid
+    pod = p.create(InstanceSpec(label="orch-s-1", gpu="RTX 4090"))
+    assert fake_cloud.world.instances[pod].bid == 0.168          # podRentInterruptable with bidPerGpu
+    deadline = time.monotonic() + 10
+    while p.describe(pod).state != InstanceState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not instance_gone(p, pod, interruptible=True)
+    fake_cloud.world.outbid(pod)
+    assert p.describe(pod).state == InstanceState.STOPPED and instance_gone(p, pod, interruptible=True)
+    on_demand = RunPodProvider(fake_host(fake_cloud, "runpod"), policy=FAST)
+    other = on_demand.create(InstanceSpec(label="orch-s-2", gpu="RTX 4090", bid_per_hour=0.2))
+    assert (fake_cloud.world.instances[other].bid, fake_cloud.world.instances[other].price_per_hour) == (None, 0.34)
+    for i in (pod, other):
+        p.destroy(i)
+    assert fake_cloud.live_count() == 0
+
+
 # -- outbid mid-training ---------------------------------------------------------------------------
 @pytest.mark.sshd
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_outbid_instance_mid_training_resumes_on_a_new_one_from_the_snapshot(fake_cloud, tmp_path):
     """vast stops an interruptible instance when it is outbid: the job goes back in the queue and
     resumes on a new instance from the snapshot that came home; the stopped one is destroyed
@@ -240,7 +275,7 @@ def test_outbid_instance_mid_training_resumes_on_a_new_one_from_the_snapshot(fak
     assert snap is not None, (tmp_path / "run.log").read_text()[-3000:]
     [first] = [i for i in fake_cloud.world.instances.values() if i.status == "running"]
     fake_cloud.world.outbid(first.id)
-    assert h.proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert h.proc.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
     bill = fake_cloud.bill()
     assert bill["created"] == 2 and bill["live"] == 0                      # nothing leaked
     assert [i.bid for i in fake_cloud.world.instances.values()] == [0.21, 0.21]   # 0.20 + 5 %, ≤ 0.30

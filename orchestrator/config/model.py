@@ -22,7 +22,7 @@ PROVIDERS: tuple[str, ...] = ("local", "ssh", "vastai", "runpod", "lambda", "slu
 CLOUD_PROVIDERS: tuple[str, ...] = ("vastai", "runpod", "lambda")
 # Providers that rent interruptible (bid) instances: the providers' own `interruptible_offers`
 # capability says the same (a test holds the two together; config does not import providers).
-INTERRUPTIBLE_PROVIDERS: tuple[str, ...] = ("vastai",)
+INTERRUPTIBLE_PROVIDERS: tuple[str, ...] = ("vastai", "runpod")
 LAYOUTS: tuple[str, ...] = ("blender",)
 MIRROR_SCHEMES: tuple[str, ...] = ("https", "http", "s3", "hf", "file")
 SETTINGS: tuple[str, ...] = ("steps", "backend", "device", "max_seconds", "downscale", "seed")

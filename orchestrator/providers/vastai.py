@@ -30,13 +30,13 @@ while stopped; traffic per GB (`inet_down_cost` into, `inet_up_cost` out of the 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shlex
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
+from ._bid import choose_bid
 from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num, release_policy
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
@@ -55,9 +55,6 @@ DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-devel"
 STORAGE_USD_PER_GB_MONTH = 0.15
 HOURS_PER_MONTH = 730.0
 MAX_LIST_PAGES = 100
-# A bid exactly at `min_bid` is outbid by the next renter who matches it; a small margin above
-# the minimum (capped at max_bid) keeps the machine a little longer for little money.
-BID_MARGIN = 0.05
 
 
 # Words of a `status_msg` that reports a failure (the Docker daemon's "Error response from
@@ -69,17 +66,6 @@ FAILURE_MSG_RE = re.compile(r"\b(error|failed|failure|oci runtime)\b", re.IGNORE
 def storage_price_per_hour(disk_gb: float, usd_per_gb_month: float | None = None) -> float:
     rate = STORAGE_USD_PER_GB_MONTH if usd_per_gb_month is None else usd_per_gb_month
     return disk_gb * rate / HOURS_PER_MONTH
-
-
-def choose_bid(min_bid: float | None, max_bid: float | None) -> float | None:
-    """The bid for an offer: its minimum plus BID_MARGIN, rounded up to 0.0001 $/h and capped at
-    max_bid; None when the offer cannot be bid on (no minimum, or a minimum above max_bid)."""
-    if min_bid is None or min_bid <= 0:
-        return None
-    if max_bid is not None and min_bid > max_bid:
-        return None
-    bid = math.ceil(min_bid * (1.0 + BID_MARGIN) * 10_000 - 1e-6) / 10_000
-    return min(bid, max_bid) if max_bid is not None else bid
 
 
 def parse_state(d: dict[str, Any]) -> tuple[InstanceState, str]:

@@ -228,19 +228,25 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
         return 200, {"data": {"gpuTypes": [
             {"id": gid, "displayName": name, "memoryInGb": 80, "securePrice": None,
              "communityPrice": price,
-             "lowestPrice": {"minimumBidPrice": None, "uninterruptablePrice": price, "stockStatus": "High"}}
+             "lowestPrice": {"minimumBidPrice": world.min_bid("runpod", gid), "uninterruptablePrice": price,
+                             "stockStatus": "High"}}
             for gid, name, price in world.offers("runpod")]}}
-    if field == "podFindAndDeployOnDemand":
+    if field in ("podFindAndDeployOnDemand", "podRentInterruptable"):
         if world.find_offer("runpod", str(inp.get("gpuTypeId"))) is None or world.take_offer_lost():
             return 200, {"errors": [{"message": "There are no longer any instances available with the "
                                                 "requested specifications. Please refresh and try again."}],
-                         "data": {"podFindAndDeployOnDemand": None}}
+                         "data": {field: None}}
         env = {e["key"]: e["value"] for e in inp.get("env") or [] if isinstance(e, dict)}
         keys = [env.pop("PUBLIC_KEY")] if "PUBLIC_KEY" in env else []
         world.pause("create")
+        # a spot pod (podRentInterruptable) is rented at its bid per GPU, refused below the minimum
+        bid = float(inp["bidPerGpu"]) if field == "podRentInterruptable" and inp.get("bidPerGpu") is not None \
+            else None
+        if field == "podRentInterruptable" and bid is None:
+            raise FakeCloudError("bidPerGpu is required", 400, "invalid")
         inst = world.create("runpod", str(inp["gpuTypeId"]), str(inp.get("name") or ""),
                             disk_gb=float(inp.get("volumeInGb") or 0), env=env, extra_keys=keys,
-                            onstart=str(inp.get("dockerArgs") or ""))
+                            onstart=str(inp.get("dockerArgs") or ""), bid=bid)
         _maybe_lose(world)
         return 200, {"data": {field: {"id": inst.id, "desiredStatus": "RUNNING", "costPerHr": inst.price_per_hour,
                                       "adjustedCostPerHr": inst.price_per_hour}}}
