@@ -20,8 +20,7 @@ def plan_json(loaded: Any, *, one_per_job: bool = False) -> dict[str, Any]:
     return {"mode": "one-per-job" if one_per_job else "sessions",
             "instances": [{"host": p.host_name, "index": p.index, "jobs": list(p.job_ids),
                            "seconds": p.seconds, "cost": p.cost,
-                           "interruptible": bool(p.job_ids) and bool(getattr(by_id[p.job_ids[0]].host,
-                                                                             "interruptible", False))}
+                           "interruptible": any(_interruptible(by_id[j]) for j in p.job_ids[:1])}
                           for p in sessions],
             "cost": sum(p.cost for p in sessions), "one_per_job_cost": sum(p.cost for p in single)}
 
@@ -51,9 +50,13 @@ def show_plan(loaded: Any, *, one_per_job: bool = False, out: Any = None) -> Non
                       " (--one-per-job to rent one each)\n")
 
 
+def _interruptible(job: Any) -> bool:
+    return bool(getattr(job.host, "interruptible", False))
+
+
 def _bid_note(job: Any) -> str:
     """An interruptible entry is planned at its bid: say so, and what the bid is at most."""
-    if not getattr(job.host, "interruptible", False):
+    if not _interruptible(job):
         return ""
     price = (job.estimate or {}).get("price_per_hour")
     return f" (interruptible, bid ≤ {price:g} {job.currency}/h)" if isinstance(price, (int, float)) \
