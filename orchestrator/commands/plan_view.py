@@ -16,10 +16,13 @@ def _fmt_s(s: float) -> str:
 def plan_json(loaded: Any, *, one_per_job: bool = False) -> dict[str, Any]:
     sessions = plan_instances(loaded.jobs, one_per_job=one_per_job)
     single = plan_instances(loaded.jobs, one_per_job=True)
+    by_id = {j.job_id: j for j in loaded.jobs}
     return {"mode": "one-per-job" if one_per_job else "sessions",
             "instances": [{"host": p.host_name, "index": p.index, "jobs": list(p.job_ids),
                            "gpus": p.gpus, "lanes": [list(lane) for lane in p.lanes],
-                           "seconds": p.seconds, "cost": p.cost} for p in sessions],
+                           "seconds": p.seconds, "cost": p.cost,
+                           "interruptible": any(_interruptible(by_id[j]) for j in p.job_ids[:1])}
+                          for p in sessions],
             "cost": sum(p.cost for p in sessions), "one_per_job_cost": sum(p.cost for p in single)}
 
 
@@ -42,7 +45,8 @@ def show_plan(loaded: Any, *, one_per_job: bool = False, out: Any = None) -> Non
             return " → ".join(f"{jid} {_fmt_s(max(0.0, _own(by_id[jid], one_per_job)))}" for jid in ids)
 
         head = f"boot+environment+teardown {_fmt_s(shared_seconds_of(first))}"
-        out.write(f"  {p.host_name}#{p.index + 1}{gpus}: {_fmt_s(p.seconds)}, {p.cost:.4f} {first.currency}: "
+        out.write(f"  {p.host_name}#{p.index + 1}{gpus}: {_fmt_s(p.seconds)}, {p.cost:.4f} {first.currency}"
+                  f"{_bid_note(first)}: "
                   + head + (" → " + queue(lanes[0]) if len(lanes) == 1 else ", then side by side:") + "\n")
         if len(lanes) > 1:     # one line per GPU; the instance's time is its longest lane
             for g, lane in enumerate(lanes):
@@ -54,6 +58,19 @@ def show_plan(loaded: Any, *, one_per_job: bool = False, out: Any = None) -> Non
             out.write(f"  against one instance per job ({len(single)} instances, {_fmt_s(sb)}, {b:.4f}): "
                       f"saves {b - a:.4f} ({100 * (b - a) / b:.0f} %), {_fmt_s(max(0.0, sb - sa))} less billed"
                       " (--one-per-job to rent one each)\n")
+
+
+def _interruptible(job: Any) -> bool:
+    return bool(getattr(job.host, "interruptible", False))
+
+
+def _bid_note(job: Any) -> str:
+    """An interruptible entry is planned at its bid: say so, and what the bid is at most."""
+    if not _interruptible(job):
+        return ""
+    price = (job.estimate or {}).get("price_per_hour")
+    return f" (interruptible, bid ≤ {price:g} {job.currency}/h)" if isinstance(price, (int, float)) \
+        else " (interruptible)"
 
 
 def _own(job: Any, one_per_job: bool) -> float:

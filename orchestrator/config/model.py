@@ -20,6 +20,9 @@ from ngp_train.contract import SCENES
 GENERATOR_SCENES: tuple[str, ...] = SCENES          # the payload's own list (its contract module)
 PROVIDERS: tuple[str, ...] = ("local", "ssh", "vastai", "runpod", "lambda", "slurm")
 CLOUD_PROVIDERS: tuple[str, ...] = ("vastai", "runpod", "lambda")
+# Providers that rent interruptible (bid) instances: the providers' own `interruptible_offers`
+# capability says the same (a test holds the two together; config does not import providers).
+INTERRUPTIBLE_PROVIDERS: tuple[str, ...] = ("vastai", "runpod")
 LAYOUTS: tuple[str, ...] = ("blender",)
 MIRROR_SCHEMES: tuple[str, ...] = ("https", "http", "s3", "hf", "file")
 SETTINGS: tuple[str, ...] = ("steps", "backend", "device", "max_seconds", "downscale", "seed")
@@ -32,6 +35,7 @@ HOST_SSH = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity_f
 HOST_CLOUD = ("api_key_env", "api_key_file", "api_base", "max_price_per_hour", "image", "disk_gb",
               "region", "user", "identity_file", "ssh_key_name", "release_retry_s",
               "max_instances", "max_offer_tries", "retry_until_up")
+HOST_BID = ("interruptible", "max_bid")      # only where INTERRUPTIBLE_PROVIDERS says so
 # A Slurm host is its login node (the ssh fields that reach it) plus what sbatch is told; its
 # price is per allocated GPU (or CPU on a CPU partition), so price_per_hour is not among its keys.
 # Its `setup` (a common key) runs before every login-node command and at the top of every task.
@@ -40,7 +44,8 @@ HOST_SLURM = ("host", "port", "user", "ssh_alias", "endpoint_command", "identity
               "sbatch_lines", "price_per_gpu_hour", "proxy_jump")
 HOST_KEYS: dict[str, tuple[str, ...]] = {
     "local": HOST_COMMON, "ssh": HOST_COMMON + HOST_SSH,
-    **{p: HOST_COMMON + HOST_CLOUD for p in CLOUD_PROVIDERS},
+    **{p: HOST_COMMON + HOST_CLOUD + (HOST_BID if p in INTERRUPTIBLE_PROVIDERS else ())
+       for p in CLOUD_PROVIDERS},
     # no bootstrap on a cluster's nodes (the site's modules are the environment): no torch/tcnn keys
     # nor gpus_per_instance: a task's GPUs are its gres
     "slurm": tuple(k for k in HOST_COMMON if k not in ("price_per_hour", "torch", "tcnn_build_timeout_s",
@@ -124,6 +129,8 @@ class HostConfig:
                                              # many; ssh/local: the machine's); sessions run one job per GPU
     max_offer_tries: int = 3                 # offers tried when a create finds no capacity
     retry_until_up_s: float | None = None    # keep trying (with backoff) this long
+    interruptible: bool = False              # rent interruptible (bid) instances: cheaper, may be taken back
+    max_bid: float | None = None             # the highest bid per hour (None: the offer's minimum + a margin)
     line: int = 0                            # where the host is defined, for later messages
 
 

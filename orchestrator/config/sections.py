@@ -43,6 +43,9 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
     allowed = c.HOST_KEYS[provider]
 
     def elsewhere(key: str) -> str | None:
+        if key in c.HOST_BID:
+            return (f"provider {provider} has no interruptible offers; interruptible instances are "
+                    f"rented from {', '.join(c.INTERRUPTIBLE_PROVIDERS)} hosts only")
         owner = _provider_of(key)
         if owner:
             return f"not a key for provider {provider}: it is only for {owner} hosts"
@@ -112,6 +115,8 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
         fields["max_instances"] = r.get(m, "max_instances", path, "int", default=1, lo=1, hi=64)
         fields["max_offer_tries"] = r.get(m, "max_offer_tries", path, "int", default=3, lo=1, hi=50)
         fields["retry_until_up_s"] = parse_duration(r, m, "retry_until_up", path)
+    if "interruptible" in allowed:
+        fields.update(parse_bid(r, m, path))
     fields.update(slurm)
     if provider in ("ssh", "slurm"):
         ways = [k for k in ("host", "ssh_alias", "endpoint_command") if fields.get(k)]
@@ -151,6 +156,17 @@ def parse_host(r: Reader, parent: YMap, name: str, m: YMap) -> HostConfig:
                 r.fail(m, f"{kind}_file", f"{path}.{kind}_file", f"{reason}; the file must hold the {kind}")
         fields[f"{kind}_env"], fields[f"{kind}_file"] = env, file
     return c.HostConfig(**fields)
+
+
+def parse_bid(r: Reader, m: YMap, path: str) -> dict[str, Any]:
+    """`interruptible: true` and its `max_bid` (money per hour in the host's currency, as
+    max_price_per_hour is)."""
+    interruptible = r.get(m, "interruptible", path, "bool", default=False)
+    max_bid = r.get(m, "max_bid", path, "num", lo=0, lo_open=True, hi=MAX_PRICE_PER_HOUR)
+    if max_bid is not None and not interruptible:
+        r.fail(m, "max_bid", f"{path}.max_bid", "a bid is only for interruptible instances; "
+               "add interruptible: true, or remove max_bid")
+    return {"interruptible": interruptible, "max_bid": max_bid}
 
 
 def slurm_units(gres: str | None, cpus_per_task: int) -> int:

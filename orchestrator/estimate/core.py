@@ -128,6 +128,9 @@ def _price(job: Job) -> tuple[float, str, str, str, float, str]:
         what = ("local host: not billed unless price_per_hour is set" if h.provider == "local"
                 and h.price_per_hour == 0 else f"hosts.{h.name}.price_per_hour")
         return h.price_per_hour, h.currency, "config", what, granularity, gran_detail
+    if h.interruptible and h.max_bid is not None:
+        return (h.max_bid, h.currency, "config",
+                f"hosts.{h.name}.max_bid (interruptible: the bid is at most this)", granularity, gran_detail)
     if h.max_price_per_hour is not None and (h.provider in MARKETPLACES or not rows):
         return (h.max_price_per_hour, h.currency, "config",
                 f"hosts.{h.name}.max_price_per_hour (an upper bound: offers at or below it)",

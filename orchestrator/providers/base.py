@@ -4,7 +4,7 @@ Providers talk to their API only: they never open SSH and never write the ledger
 test enforces both). The SSH endpoint is never cached by callers: read it from `describe()`
 before every connect. Optional capabilities (sharing one machine, a boot guard, a self-stop
 command, a shutdown the controller runs over SSH, where the work root is, which keys to offer,
-whether create needs our public key)
+whether create needs our public key, interruptible offers)
 are declared on `Provider` with defaults, so callers never probe with getattr.
 """
 from __future__ import annotations
@@ -46,6 +46,10 @@ class Offer:
     download_price_per_gb: float | None = None    # out of the instance (results we pull)
     inet_down_mbps: float | None = None   # where the API reports it (vast `inet_down`)
     reliability: float | None = None      # 0..1 where the API reports it (vast `reliability2`)
+    # An interruptible (bid) offer: price_per_hour is the bid we would place, min_bid the
+    # provider's current minimum (vast `min_bid`); what bills is the bid.
+    interruptible: bool = False
+    min_bid: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,7 @@ class InstanceSpec:
     gpu: str
     offer_id: str | None = None
     max_price_per_hour: float | None = None
+    bid_per_hour: float | None = None    # set: rent it as an interruptible instance at this bid
     image: str | None = None
     disk_gb: float = 20.0
     region: str | None = None
@@ -98,6 +103,10 @@ class Provider(ABC):
     billing: BillingRules = BillingRules()     # per instance where the price list says so
     shares_machine: ClassVar[bool] = False   # every instance is one machine: concurrent jobs split it
     needs_ssh_public_key: bool = False       # create must carry the run's key, or nothing can connect
+    # rents interruptible (bid) instances: `offers` of an `interruptible: true` host are bid offers
+    # priced at the bid, and `create` places the spec's `bid_per_hour`; an instance the provider
+    # takes back (outbid) reads STOPPED though nobody stopped it
+    interruptible_offers: ClassVar[bool] = False
 
     @abstractmethod
     def offers(self, gpu: str) -> list[Offer]: ...

@@ -15,6 +15,10 @@ Facts this client is built on (runpod-python and the API docs; reference provide
   error naming the cause, not a pod that looks up with no endpoint.
 - `gpuTypes`: a type with prices but no `lowestPrice.stockStatus` is on sale at its price;
   the placed pod's price is `adjustedCostPerHr` (after discounts), else `costPerHr`.
+- Interruptible (spot) pods: `gpuTypes.lowestPrice.minimumBidPrice` is the lowest bid per GPU;
+  `podRentInterruptable(input: {bidPerGpu, gpuCount, gpuTypeId, ...})` rents a pod at that bid
+  (runpod-python `create_pod` for a spot pod); the bid is what bills. A spot pod that is outbid
+  is stopped by RunPod (`EXITED`, the volume kept and billed).
 Billing (reference provider-apis.md): per second; volume $0.20/GB-month while stopped.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
+from ._bid import choose_bid
 from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, json_body, num, release_policy
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
@@ -49,6 +54,8 @@ Q_GPUS = ("query GpuTypes { gpuTypes { id displayName memoryInGb securePrice com
           "lowestPrice(input: {gpuCount: %d}) { minimumBidPrice uninterruptablePrice stockStatus } } }")
 M_CREATE = ("mutation Create($input: PodFindAndDeployOnDemandInput) { "
             "podFindAndDeployOnDemand(input: $input) { id desiredStatus costPerHr adjustedCostPerHr } }")
+M_CREATE_SPOT = ("mutation Rent($input: PodRentInterruptableInput!) { "
+                 "podRentInterruptable(input: $input) { id desiredStatus costPerHr adjustedCostPerHr } }")
 M_STOP = "mutation Stop($input: PodStopInput!) { podStop(input: $input) { id desiredStatus } }"
 M_RESUME = "mutation Resume($input: PodResumeInput!) { podResume(input: $input) { id desiredStatus } }"
 M_TERMINATE = "mutation Terminate($input: PodTerminateInput!) { podTerminate(input: $input) }"
@@ -156,24 +163,31 @@ def gpu_matches(gpu_type: dict[str, Any], wanted: str) -> bool:
     return any(n == w or n.endswith(" " + w) for n in names if n)
 
 
-def parse_gpu_offer(g: dict[str, Any], gpus: int = 1) -> Offer:
+def parse_gpu_offer(g: dict[str, Any], gpus: int = 1, *, bid: bool = False, max_bid: float | None = None) -> Offer:
     """A GPU type as an offer of a pod with `gpus` of them: RunPod prices a type per GPU, so
-    the offer's price (like every offer's) is for the whole pod."""
+    the offer's price (like every offer's) is for the whole pod. With `bid`, an interruptible one
+    priced at the bid we would place on it (RunPod bids per GPU; `max_bid` is the whole pod's),
+    unavailable when its minimum bid is unknown or above `max_bid`."""
     lowest: dict[str, Any] = g["lowestPrice"] if isinstance(g.get("lowestPrice"), dict) else {}
     per_gpu = (num(lowest.get("uninterruptablePrice")) or num(g.get("communityPrice"))
                or num(g.get("securePrice")))
+    min_bid = num(lowest.get("minimumBidPrice"))
+    if bid:
+        per_gpu = choose_bid(min_bid, max_bid / gpus if max_bid is not None else None)
     price = per_gpu * gpus if per_gpu is not None else None
     # No stockStatus at all (not reported for this type): on sale at its on-demand price.
     # A stockStatus that is present but null/empty: none in stock.
     in_stock = bool(lowest.get("stockStatus")) if "stockStatus" in lowest else True
     return Offer(provider="runpod", gpu=str(g.get("displayName") or g.get("id") or ""),
                  price_per_hour=price if price is not None else float("nan"), currency="USD",
-                 available=price is not None and in_stock, offer_id=str(g.get("id") or ""), gpu_count=gpus)
+                 available=price is not None and in_stock, offer_id=str(g.get("id") or ""), gpu_count=gpus,
+                 interruptible=bid, min_bid=min_bid)
 
 
 class RunPodProvider(Provider):
     name = "runpod"
     transport_kind = "ssh"
+    interruptible_offers = True
 
     def __init__(self, host: HostConfig, *, policy: RetryPolicy | None = None) -> None:
         key = api_key_for(host, "RunPod", "RUNPOD_API_KEY")
@@ -184,6 +198,8 @@ class RunPodProvider(Provider):
         self.disk_gb = float(host.disk_gb or 20.0)
         self.max_price_per_hour = host.max_price_per_hour
         self.gpus = int(host.gpus_per_instance or 1)
+        self.interruptible = bool(host.interruptible)
+        self.max_bid = host.max_bid if self.interruptible else None
         self.user = str(host.user or "root")
         self.billing = BillingRules(
             granularity_s=1.0,
@@ -213,21 +229,28 @@ class RunPodProvider(Provider):
 
     def offers(self, gpu: str) -> list[Offer]:
         types = self._gql(Q_GPUS % self.gpus, None, "gpuTypes", idempotent=True) or []
-        found = [parse_gpu_offer(g, self.gpus) for g in types if isinstance(g, dict) and gpu_matches(g, gpu)]
+        found = [parse_gpu_offer(g, self.gpus, bid=self.interruptible, max_bid=self.max_bid)
+                 for g in types if isinstance(g, dict) and gpu_matches(g, gpu)]
         if self.max_price_per_hour is not None:
             found = [o for o in found if o.available and o.price_per_hour <= float(self.max_price_per_hour)]
         return sorted(found, key=lambda o: (not o.available, o.price_per_hour if o.available else 0.0))
 
     def create(self, spec: InstanceSpec) -> str:
-        gpu_type_id = spec.offer_id
-        if gpu_type_id is None:
-            avail = [o for o in self.offers(spec.gpu) if o.available]
+        # a host that is not interruptible never bids, whatever the spec says
+        gpu_type_id, bid = spec.offer_id, (spec.bid_per_hour if self.interruptible else None)
+        if gpu_type_id is None or (self.interruptible and bid is None):
+            avail = [o for o in self.offers(spec.gpu) if o.available
+                     and (spec.offer_id is None or o.offer_id == spec.offer_id)]
             if spec.max_price_per_hour is not None:
                 avail = [o for o in avail if o.price_per_hour <= spec.max_price_per_hour]
             if not avail:
-                raise CapacityError(f"runpod: no {spec.gpu} available", provider=self.name,
-                                    hint="raise max_price_per_hour or pick another GPU")
+                raise CapacityError(f"runpod: no {spec.gpu} available"
+                                    + (f" with a minimum bid at or under {self.max_bid:g}/h"
+                                       if self.max_bid is not None else ""), provider=self.name,
+                                    hint="raise max_price_per_hour (or max_bid) or pick another GPU")
             gpu_type_id = avail[0].offer_id
+            if self.interruptible:
+                bid = avail[0].price_per_hour
         env = [{"key": k, "value": v} for k, v in spec.env.items()]
         if spec.ssh_public_key:
             env.append({"key": "PUBLIC_KEY", "value": spec.ssh_public_key})
@@ -237,8 +260,13 @@ class RunPodProvider(Provider):
                "ports": "22/tcp", "supportPublicIp": True, "startSsh": True, "env": env}
         if spec.onstart:
             inp["dockerArgs"] = spec.onstart
+        if bid is not None:    # the offer's price is the pod's bid; RunPod takes it per GPU
+            inp["bidPerGpu"] = round(float(bid) / self.gpus, 6)
         # Never retried: the pod may exist even when the reply was lost.
-        pod = self._gql(M_CREATE, {"input": inp}, "podFindAndDeployOnDemand", idempotent=False)
+        if bid is not None:
+            pod = self._gql(M_CREATE_SPOT, {"input": inp}, "podRentInterruptable", idempotent=False)
+        else:
+            pod = self._gql(M_CREATE, {"input": inp}, "podFindAndDeployOnDemand", idempotent=False)
         if not isinstance(pod, dict) or not pod.get("id"):
             raise CapacityError(f"runpod: no pod was created for {spec.gpu} (empty reply)",
                                 provider=self.name)

@@ -18,6 +18,12 @@ Facts this client is built on (vast-cli and the API docs; see docs reference pro
   for); create sends `cancel_unavail` so an offer gone meanwhile is refused, not queued.
 - SSH keys: an instance gets the account's keys; a run's own key is attached with
   `POST /api/v0/instances/{id}/ssh/` `{"ssh_key": ...}`.
+- Interruptible (bid) instances (https://docs.vast.ai/cli/reference/create-instance, `--price`:
+  "per machine bid price in $/hour"; https://docs.vast.ai/cli/reference/change-bid): a search
+  with `"type": "bid"` returns interruptible offers, each with its current `min_bid` ($/h); a
+  create whose body carries `"price"` rents the machine at that bid, and the bid is what bills.
+  Outbid, the instance is stopped by vast (intended still running, actual exited): storage keeps
+  billing and it may resume when the bid wins again. Instances say `is_bid`.
 Billing: per second while running; storage (disk GB × the offer's `storage_cost` $/GB-month)
 while stopped; traffic per GB (`inet_down_cost` into, `inet_up_cost` out of the instance).
 """
@@ -30,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, InstanceNotFound, ProviderError
 from ..secrets import redact
+from ._bid import choose_bid
 from ._bootguard import boot_guard_script
 from ._http import ApiClient, RetryPolicy, api_key_for, error_detail, json_body, num, release_policy
 from .base import BillingRules, Endpoint, InstanceInfo, InstanceSpec, InstanceState, Offer, Provider
@@ -72,6 +79,9 @@ def parse_state(d: dict[str, Any]) -> tuple[InstanceState, str]:
     if intended != "stopped" and actual in (None, "created", "loading", "scheduling") \
             and FAILURE_MSG_RE.search(msg):
         return InstanceState.ERROR, f"failed to start: {msg} ({raw})"
+    if d.get("is_bid") is True and intended == "running" and actual in ("stopped", "exited"):
+        # outbid: vast stopped it (storage still bills); it is not ours to wait for
+        return InstanceState.STOPPED, f"outbid: stopped by the provider while it should run ({raw})"
     if intended == "running" and actual in ("stopped", "exited", "offline"):
         return InstanceState.ERROR, (f"{actual} while it should be running"
                                      + (f": {msg}" if msg else "") + f" ({raw})")
@@ -125,10 +135,18 @@ def parse_instance(d: dict[str, Any], user: str = "root") -> InstanceInfo:
                         price_per_hour=price, currency="USD", raw_state=raw)
 
 
-def parse_offer(d: dict[str, Any], disk_gb: float = 20.0) -> Offer | None:
+def parse_offer(d: dict[str, Any], disk_gb: float = 20.0, *, bid: bool = False,
+                max_bid: float | None = None) -> Offer | None:
+    """One offer; with `bid`, an interruptible one priced at the bid we would place (None when
+    its minimum bid is above `max_bid`)."""
     price = num(d.get("dph_total"))
     if price is None or d.get("id") is None:
         return None
+    min_bid = num(d.get("min_bid"))
+    if bid:
+        price = choose_bid(min_bid, max_bid)
+        if price is None:
+            return None
     storage = num(d.get("storage_cost"))
     # Not rentable, already rented, or not verified: the search asked for none of these, so
     # one in the reply is not ours to rent (an older server, a filter ignored).
@@ -141,7 +159,8 @@ def parse_offer(d: dict[str, Any], disk_gb: float = 20.0) -> Offer | None:
                  storage_price_per_hour=storage_price_per_hour(disk_gb, storage) if storage is not None else None,
                  upload_price_per_gb=num(d.get("inet_down_cost")),
                  download_price_per_gb=num(d.get("inet_up_cost")),
-                 inet_down_mbps=num(d.get("inet_down")), reliability=num(d.get("reliability2")))
+                 inet_down_mbps=num(d.get("inet_down")), reliability=num(d.get("reliability2")),
+                 interruptible=bid, min_bid=min_bid)
 
 
 def is_offer_gone(status: int, reply: Any) -> bool:
@@ -159,6 +178,7 @@ def is_offer_gone(status: int, reply: Any) -> bool:
 class VastProvider(Provider):
     name = "vastai"
     transport_kind = "ssh"
+    interruptible_offers = True
 
     def __init__(self, host: HostConfig, *, policy: RetryPolicy | None = None) -> None:
         key = api_key_for(host, "vast.ai", "VAST_API_KEY")
@@ -170,6 +190,8 @@ class VastProvider(Provider):
         self.disk_gb = float(host.disk_gb or 20.0)
         self.max_price_per_hour = host.max_price_per_hour
         self.gpus = int(host.gpus_per_instance or 1)   # an offer's dph_total is for the whole machine
+        self.interruptible = bool(host.interruptible)
+        self.max_bid = host.max_bid if self.interruptible else None
         self.user = str(host.user or "root")
         self.billing = BillingRules(granularity_s=1.0,
                                     storage_price_per_hour=storage_price_per_hour(self.disk_gb))
@@ -196,34 +218,45 @@ class VastProvider(Provider):
         query = {"gpu_name": {"eq": gpu}, "num_gpus": {"eq": self.gpus},
                  "verified": {"eq": True}, "external": {"eq": False}, "rentable": {"eq": True},
                  "rented": {"eq": False}, "allocated_storage": self.disk_gb,
-                 "type": "on-demand", "order": [["dph_total", "asc"]], "limit": 64}
+                 "type": "bid" if self.interruptible else "on-demand",
+                 "order": [["dph_total", "asc"]], "limit": 64}
         resp = self.api.request("POST", "/api/v0/bundles/", json=query, idempotent=True)
         body = self._checked(json_body(resp, self.name), "search offers")
         # the search asked for exactly `gpus`; a reply that ignored the filter is not taken
-        found = [o for o in (parse_offer(x, self.disk_gb) for x in body.get("offers") or []
-                             if isinstance(x, dict)) if o is not None and o.gpu_count == self.gpus]
+        found = [o for o in (parse_offer(x, self.disk_gb, bid=self.interruptible, max_bid=self.max_bid)
+                             for x in body.get("offers") or [] if isinstance(x, dict))
+                 if o is not None and o.gpu_count == self.gpus]
         if self.max_price_per_hour is not None:
             found = [o for o in found if o.price_per_hour <= float(self.max_price_per_hour)]
         return sorted(found, key=lambda o: o.price_per_hour)
 
     def create(self, spec: InstanceSpec) -> str:
-        offer_id = spec.offer_id
-        if offer_id is None:
-            offers = [o for o in self.offers(spec.gpu) if o.available]
+        # a host that is not interruptible never bids, whatever the spec says
+        offer_id, bid = spec.offer_id, (spec.bid_per_hour if self.interruptible else None)
+        if offer_id is None or (self.interruptible and bid is None):
+            offers = [o for o in self.offers(spec.gpu) if o.available
+                      and (spec.offer_id is None or o.offer_id == spec.offer_id)]
             if spec.max_price_per_hour is not None:
                 offers = [o for o in offers if o.price_per_hour <= spec.max_price_per_hour]
             if not offers:
-                raise CapacityError(f"vastai: no rentable {spec.gpu} offer"
+                raise CapacityError(f"vastai: no rentable {spec.gpu} {'bid ' if self.interruptible else ''}offer"
                                     + (f" at or under {spec.max_price_per_hour}/h"
-                                       if spec.max_price_per_hour is not None else ""),
-                                    provider=self.name, hint="raise max_price_per_hour or pick another GPU")
+                                       if spec.max_price_per_hour is not None else "")
+                                    + (f" with a minimum bid at or under {self.max_bid:g}/h"
+                                       if self.max_bid is not None else ""),
+                                    provider=self.name, hint="raise max_price_per_hour (or max_bid) or pick another GPU")
             offer_id = offers[0].offer_id
+            if self.interruptible:
+                bid = offers[0].price_per_hour
         body = {"client_id": "me", "image": spec.image or self.image, "disk": spec.disk_gb,
                 "label": spec.label, "runtype": "ssh_direct", "env": dict(spec.env),
                 # refuse at once when the offer is gone, rather than queue for the machine
                 "cancel_unavail": True}
         if spec.onstart:
             body["onstart"] = spec.onstart
+        if bid is not None:
+            # the bid in $/h: the instance is interruptible, billed at this price
+            body["price"] = round(float(bid), 6)
         # Never retried: a create whose reply was lost may still have rented the machine.
         resp = self.api.request("PUT", f"/api/v0/asks/{offer_id}/", json=body, idempotent=False,
                                 accept_statuses=(400, 404, 410))
@@ -237,6 +270,12 @@ class VastProvider(Provider):
             raise CapacityError(redact(f"vastai: offer {offer_id} is gone (rented since the search): "
                                        f"{error_detail(resp)}"), provider=self.name,
                                 status=resp.status_code, hint="another offer can be tried")
+        if refused and bid is not None and isinstance(reply, dict) \
+                and "bid" in f"{reply.get('error') or ''} {reply.get('msg') or ''}".lower():
+            # the minimum bid rose past ours since the search: like an offer gone, try another
+            raise CapacityError(redact(f"vastai: bid {bid:g}/h on offer {offer_id} refused: {error_detail(resp)}"),
+                                provider=self.name, status=resp.status_code,
+                                hint="another offer can be tried, or raise max_bid")
         if resp.status_code >= 300:
             raise self.api.error_for(resp, "PUT", f"/api/v0/asks/{offer_id}/", None)
         reply = self._checked(json_body(resp, self.name), f"create from offer {offer_id}")

@@ -110,8 +110,11 @@ def provision(provider: Provider, host: HostConfig, *, ledger: Ledger, run_id: s
         raise ConfigError(f"{provider.name}: no SSH public key to put on the instance: none at {looked_at}",
                           hint="set identity_file to a private key whose .pub lies next to it")
     price = choice if choice is not None else choose_price(provider, host)
+    # an interruptible entry bids what its chosen offer was priced at (min_bid + margin ≤ max_bid)
+    bid = (price.price_per_hour if host.interruptible and provider.interruptible_offers
+           and price.offer_id is not None else None)
     spec = InstanceSpec(label=label, gpu=host.gpu or "", offer_id=price.offer_id,
-                        max_price_per_hour=host.max_price_per_hour, image=host.image,
+                        max_price_per_hour=host.max_price_per_hour, bid_per_hour=bid, image=host.image,
                         disk_gb=float(host.disk_gb or 20.0), region=host.region,
                         onstart=provider.boot_guard(root=host.root or "~/orchestrate",
                                                     idle_timeout_s=float(host.idle_timeout_s or 600.0)),
@@ -202,7 +205,9 @@ def wait_running(provider: Provider, instance_id: str, *, timeout_s: float,
             raise ProviderError(f"{provider.name}: instance {instance_id} failed at boot: "
                                 f"{info.raw_state or info.state.value}", provider=provider.name,
                                 instance_id=instance_id)
-        if info.state == InstanceState.TERMINATED:
+        if info.state in (InstanceState.TERMINATED, InstanceState.STOPPED):
+            # nobody here asked for a stop: an interruptible instance outbid at boot (or a guard
+            # that gave up on us) does not come back by waiting
             raise ProviderError(f"{provider.name}: instance {instance_id} is {info.raw_state or info.state.value}",
                                 provider=provider.name, instance_id=instance_id)
         if stop is not None and stop.is_set():
@@ -237,6 +242,22 @@ def release(provider: Provider, instance_id: str, row_id: int, *, ledger: Ledger
     ledger.set_instance_state(row_id, DESTROYED if destroy else STOPPED)
     ledger.add_event(f"instance_{'destroyed' if destroy else 'stopped'}", f"{provider.name} {instance_id}",
                      run_id, job_id)
+    return True
+
+
+def note_stopped_by_provider(provider: Provider, prov: Provisioned, ledger: Ledger, *,
+                             run_id: str | None = None, job_id: str | None = None) -> bool:
+    """A lost instance that the provider lists as stopped (an interruptible one outbid): its GPU
+    stopped billing, its disk did not; the ledger says so until the release destroys it."""
+    try:
+        info = provider.describe(prov.instance_id)
+    except Exception:  # noqa: BLE001 - gone or unreachable: the release settles the row
+        return False
+    if info.state != InstanceState.STOPPED:
+        return False
+    ledger.set_instance_state(prov.row_id, STOPPED, note=info.raw_state or None)
+    ledger.add_event("instance_stopped_by_provider", f"{provider.name} {prov.instance_id}: "
+                     f"{info.raw_state or 'stopped'}", run_id, job_id)
     return True
 
 

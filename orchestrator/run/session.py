@@ -47,7 +47,7 @@ from ..transport.base import Transport
 from . import hostenv
 from . import payload as pl
 from .failover import FailoverState, provision_with_failover
-from .provisioning import Provisioned, release
+from .provisioning import Provisioned, note_stopped_by_provider, release
 from .runner import JobInterrupted, JobOutcome, JobPlan, Runner, _Attempt
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,15 @@ class InstanceLost(ProviderError):
     """The provider no longer lists the instance (preempted, or destroyed by someone else)."""
 
 
-def instance_gone(provider: Provider, instance_id: str) -> bool:
+def instance_gone(provider: Provider, instance_id: str, interruptible: bool = False) -> bool:
     try:
         info = provider.describe(instance_id)
     except InstanceNotFound:
         return True
     except Exception:  # noqa: BLE001 - the API is unreachable: that says nothing about the instance
         return False
+    if interruptible and info.state in (InstanceState.STOPPED, InstanceState.STOPPING):
+        return True   # we stop nothing while a job runs: the provider took it back (outbid)
     return info.state in (InstanceState.TERMINATED, InstanceState.ERROR)
 
 
@@ -80,15 +82,17 @@ class _WatchedTransport:
     says the instance is gone, the job ends at once (InstanceLost) instead of retrying the
     connection until its deadline; the session then puts the job back in the queue."""
 
-    def __init__(self, inner: Transport, provider: Provider, instance_id: str) -> None:
+    def __init__(self, inner: Transport, provider: Provider, instance_id: str,
+                 interruptible: bool = False) -> None:
         self._inner, self._provider, self._iid = inner, provider, instance_id
+        self._interruptible = interruptible
         self.gone = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def _check(self) -> None:
-        if self.gone or instance_gone(self._provider, self._iid):
+        if self.gone or instance_gone(self._provider, self._iid, self._interruptible):
             self.gone = True
             raise InstanceLost(f"{self._provider.name}: instance {self._iid} is gone (preempted?)",
                                provider=self._provider.name, instance_id=self._iid)
@@ -383,7 +387,8 @@ class SessionRunner(Runner):
             return None
         finally:
             self.ledger.record_phase(self.run_id, jid, "boot", t0, time.time())
-        sess = _Session(first.host_name, provider, prov, _WatchedTransport(t, provider, prov.instance_id),  # type: ignore[arg-type]
+        watched = _WatchedTransport(t, provider, prov.instance_id, bool(getattr(host, "interruptible", False)))
+        sess = _Session(first.host_name, provider, prov, watched,  # type: ignore[arg-type]
                         queue, opened=t0, raw=t, host=host,
                         lanes=gpus_of(host))    # every GPU paid for runs a job (--concurrency counts instances)
         sess.ahead.append(first)
@@ -471,6 +476,7 @@ class SessionRunner(Runner):
                           sess.prov.instance_id, redact(str(exc)))
                 self.ledger.add_event("instance_lost", f"{sess.provider.name} {sess.prov.instance_id}: "
                                       f"{redact(str(exc))[:300]}", self.run_id, jid)
+                note_stopped_by_provider(sess.provider, sess.prov, self.ledger, run_id=self.run_id, job_id=jid)
                 self.ledger.update_job(self.run_id, jid, status="pending")
                 if sess.queue.lost + 1 < MAX_LOST_INSTANCES:
                     return None

@@ -18,7 +18,11 @@ that fails at boot with a `status_msg` (`boot_fail_next`), an offer rented betwe
 create (`offer_lost_next`), RunPod errors with HTTP 200 (`gql_errors_next`), a private-only SSH
 port (`private_ssh_next`), a 429 burst with Retry-After (`fail_next` + `fail_status: 429` +
 `fail_retry_after_s`), Lambda's older instance-type list (`lambda_old_types`,
-`lambda_no_capacity`), and vast instances that accept only attached keys (`vast_no_account_keys`).
+`lambda_no_capacity`), vast instances that accept only attached keys (`vast_no_account_keys`),
+preemption (`preempt_after_s`, `World.preempt`: the instance is gone) and interruptible
+instances: vast offers carry `min_bid` (RunPod `minimumBidPrice`), a create with a `"price"`
+(RunPod `podRentInterruptable` `bidPerGpu`) below it is refused, and an outbid (`outbid_after_s`,
+`World.outbid`) stops the instance while it is intended running.
 Self-stop: each instance's sessions see CONTAINER_ID/CONTAINER_API_KEY (vast) and
 RUNPOD_POD_ID/RUNPOD_API_KEY (RunPod); that scoped key may stop that instance and nothing else.
 """

@@ -92,10 +92,13 @@ def _scoped_instance(world: World, token: str) -> Instance | None:
 # -- vast.ai ------------------------------------------------------------------------------
 def _vast_instance(i: Instance) -> dict[str, Any]:
     # A container that failed to start stays `created` with the daemon's error in status_msg.
+    # An outbid interruptible instance: stopped by vast while we still intend it running.
     actual, intended, cur = {"booting": ("loading", "running", "running"),
                              "running": ("running", "running", "running"),
                              "failed": ("created", "running", "running"),
                              "stopped": ("exited", "stopped", "stopped")}[i.status]
+    if i.outbid and i.status == "stopped":
+        intended = "running"
     msg = {"booting": "Pulling image", "running": "success, running", "failed": i.boot_fail_msg,
            "stopped": ""}[i.status]
     d: dict[str, Any] = {"id": int(i.id), "label": i.label, "gpu_name": i.gpu, "num_gpus": 1,
@@ -103,7 +106,7 @@ def _vast_instance(i: Instance) -> dict[str, Any]:
                          "intended_status": intended, "cur_state": cur, "status_msg": msg, "ports": None,
                          "public_ipaddr": None, "ssh_host": None, "ssh_port": None,
                          "disk_space": 20, "storage_cost": 0.15, "inet_down": -1,
-                         "start_date": i.created_at}
+                         "start_date": i.created_at, "is_bid": i.bid is not None}
     if i.status == "running" and i.port:
         if int(i.id) % 2:   # odd ids: direct port mapping (IP with the real API's stray whitespace)
             d["public_ipaddr"] = "127.0.0.1\n"
@@ -123,8 +126,10 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
         with world.lock:
             world.searches = [*world.searches[-19:], dict(body)]
         wanted = ((body.get("gpu_name") or {}).get("eq") or "").lower()
+        # every offer carries its current minimum bid (`"type": "bid"` searches rent by it)
         offers = [{"id": int(oid), "ask_contract_id": int(oid), "gpu_name": gpu, "num_gpus": 1,
-                   "dph_total": price, "rentable": True, "rented": False, "verified": True,
+                   "dph_total": price, "min_bid": world.min_bid("vastai", oid),
+                   "rentable": True, "rented": False, "verified": True,
                    "external": False, "geolocation": " Fakeland, FK",
                    "gpu_ram": 24576, "cpu_ram": 65536, "storage_cost": 0.15, "reliability2": 0.99,
                    "inet_up_cost": 0.02, "inet_down_cost": 0.01, **world.offer_extra.get(oid, {})}
@@ -143,7 +148,8 @@ def _vast(world: World, method: str, path: str, query: dict[str, str], body: dic
         world.pause("create")
         inst = world.create("vastai", ask.group(1), str(body.get("label") or ""),
                             disk_gb=float(body.get("disk") or 20), env=body.get("env") or {},
-                            onstart=str(body.get("onstart") or ""))
+                            onstart=str(body.get("onstart") or ""),
+                            bid=float(body["price"]) if body.get("price") is not None else None)
         _maybe_lose(world)
         return 200, {"success": True, "new_contract": int(inst.id)}
     key = re.fullmatch(r"/api/v0/instances/(\d+)/ssh/?", path)
@@ -228,19 +234,25 @@ def _runpod(world: World, body: dict[str, Any], token: str) -> tuple[int, Any]:
         return 200, {"data": {"gpuTypes": [
             {"id": gid, "displayName": name, "memoryInGb": 80, "securePrice": None,
              "communityPrice": price,
-             "lowestPrice": {"minimumBidPrice": None, "uninterruptablePrice": price, "stockStatus": "High"}}
+             "lowestPrice": {"minimumBidPrice": world.min_bid("runpod", gid), "uninterruptablePrice": price,
+                             "stockStatus": "High"}}
             for gid, name, price in world.offers("runpod")]}}
-    if field == "podFindAndDeployOnDemand":
+    if field in ("podFindAndDeployOnDemand", "podRentInterruptable"):
         if world.find_offer("runpod", str(inp.get("gpuTypeId"))) is None or world.take_offer_lost():
             return 200, {"errors": [{"message": "There are no longer any instances available with the "
                                                 "requested specifications. Please refresh and try again."}],
-                         "data": {"podFindAndDeployOnDemand": None}}
+                         "data": {field: None}}
         env = {e["key"]: e["value"] for e in inp.get("env") or [] if isinstance(e, dict)}
         keys = [env.pop("PUBLIC_KEY")] if "PUBLIC_KEY" in env else []
         world.pause("create")
+        # a spot pod (podRentInterruptable) is rented at its bid per GPU, refused below the minimum
+        bid = float(inp["bidPerGpu"]) if field == "podRentInterruptable" and inp.get("bidPerGpu") is not None \
+            else None
+        if field == "podRentInterruptable" and bid is None:
+            raise FakeCloudError("bidPerGpu is required", 400, "invalid")
         inst = world.create("runpod", str(inp["gpuTypeId"]), str(inp.get("name") or ""),
                             disk_gb=float(inp.get("volumeInGb") or 0), env=env, extra_keys=keys,
-                            onstart=str(inp.get("dockerArgs") or ""))
+                            onstart=str(inp.get("dockerArgs") or ""), bid=bid)
         _maybe_lose(world)
         return 200, {"data": {field: {"id": inst.id, "desiredStatus": "RUNNING", "costPerHr": inst.price_per_hour,
                                       "adjustedCostPerHr": inst.price_per_hour}}}

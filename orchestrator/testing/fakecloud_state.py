@@ -30,6 +30,9 @@ GRANULARITY_S = {"vastai": 1.0, "runpod": 1.0, "lambda": 60.0}
 HOURS_PER_MONTH = 730.0
 STORAGE_USD_PER_GB_MONTH = {"vastai": 0.15, "runpod": 0.20, "lambda": 0.0}
 
+# An interruptible offer's minimum bid, as a share of its on-demand price (unless `min_bids` says).
+MIN_BID_SHARE = 0.5
+
 # What the fake rents out: provider -> list of (offer id / gpu type id, display GPU name, USD/h).
 DEFAULT_CATALOG: dict[str, list[tuple[str, str, float]]] = {
     "vastai": [("7001", "RTX 4090", 0.44), ("7002", "H100 SXM", 2.13), ("7003", "RTX 3090", 0.40)],
@@ -96,6 +99,7 @@ class Faults:
     vast_no_account_keys: bool = False   # vast instances accept only keys attached to them
     vanish_offers: int = 0            # next N creates find their offer rented away since the search
     preempt_after_s: float = 0.0      # the next created instance is preempted this long after boot
+    outbid_after_s: float = 0.0       # the next interruptible (bid) instance is outbid this long after boot
 
 
 @dataclass
@@ -123,6 +127,9 @@ class Instance:
     intervals: list[list[Any]] = field(default_factory=list)   # [kind, start, end|None]
     ended_at: float | None = None
     preempt_at: float | None = None   # fake clock: the provider takes the machine back then
+    bid: float | None = None          # an interruptible instance's bid ($/h, what bills); None: on-demand
+    outbid_at: float | None = None    # fake clock: a higher bid takes the machine then
+    outbid: bool = False              # stopped by the provider (outbid), though intended running
 
     def open_interval(self, kind: str, t: float) -> None:
         if not any(i[0] == kind and i[2] is None for i in self.intervals):
@@ -160,6 +167,7 @@ class World:
         self.catalog = catalog or DEFAULT_CATALOG
         self.offer_extra: dict[str, dict[str, Any]] = {}   # offer id -> extra API fields (inet_down, num_gpus, ...)
         self.searches: list[dict[str, Any]] = []          # the last offer searches' bodies (vast), newest last
+        self.min_bids: dict[str, float] = {}   # offer id -> its minimum bid (default: MIN_BID_SHARE of its price)
         self.instances: dict[str, Instance] = {}
         self.faults = Faults()
         self.clock_offset_s = 0.0
@@ -239,6 +247,12 @@ class World:
             self.catalog = {**self.catalog, provider: [o for o in self.catalog[provider] if o[0] != offer_id]}
             log.info("fakecloud: offer %s %s was rented away", provider, offer_id)
 
+    def min_bid(self, provider: str, offer_id: str) -> float | None:
+        offer = next((o for o in self.catalog.get(provider, []) if o[0] == offer_id), None)
+        if offer is None:
+            return None
+        return self.min_bids.get(offer_id, round(offer[2] * MIN_BID_SHARE, 4))
+
     # -- lifecycle ------------------------------------------------------------------------
     def new_id(self, provider: str) -> str:
         n = self.next_serial
@@ -251,11 +265,16 @@ class World:
 
     def create(self, provider: str, offer_id: str, label: str, *, disk_gb: float = 20.0,
                env: dict[str, str] | None = None, extra_keys: list[str] | None = None,
-               onstart: str = "") -> Instance:
+               onstart: str = "", bid: float | None = None) -> Instance:
         with self.lock:
             offer = self.find_offer(provider, offer_id)
             if offer is None:
                 raise FakeCloudError(f"no capacity for {offer_id!r}", 400, "insufficient-capacity")
+            if bid is not None:
+                floor = self.min_bid(provider, offer_id) or 0.0
+                if bid < floor:
+                    raise FakeCloudError(f"Bid price {bid:g} is below the minimum bid {floor:g} for this "
+                                         "machine.", 400, "invalid_bid")
             t = self.now()
             never = self.faults.never_ssh > 0
             if never:
@@ -268,7 +287,7 @@ class World:
             if private:
                 self.faults.private_ssh_next -= 1
             inst = Instance(id=self.new_id(provider), provider=provider, label=label, gpu=offer[1],
-                            offer_id=offer_id, price_per_hour=offer[2],
+                            offer_id=offer_id, price_per_hour=offer[2] if bid is None else bid, bid=bid,
                             storage_price_per_hour=disk_gb * STORAGE_USD_PER_GB_MONTH.get(provider, 0.0)
                             / HOURS_PER_MONTH,
                             status="booting", created_at=t, ready_at=t + self.faults.boot_s,
@@ -279,6 +298,9 @@ class World:
             if self.faults.preempt_after_s > 0:
                 inst.preempt_at = t + self.faults.boot_s + self.faults.preempt_after_s
                 self.faults.preempt_after_s = 0.0
+            if bid is not None and self.faults.outbid_after_s > 0:
+                inst.outbid_at = t + self.faults.boot_s + self.faults.outbid_after_s
+                self.faults.outbid_after_s = 0.0
             inst.open_interval("gpu", t)
             self.instances[inst.id] = inst
             self.save()
@@ -327,10 +349,13 @@ class World:
             if inst.status in ("booting", "running", "failed"):
                 self._kill_sshd(inst)
                 t = self.now()
-                inst.status, inst.ready_at = "stopped", None
+                inst.status, inst.ready_at, inst.outbid = "stopped", None, False
                 inst.close_intervals(t, "gpu")
                 if inst.storage_price_per_hour > 0:
                     inst.open_interval("storage", t)
+                self.save()
+            elif inst.outbid:      # stopped by the provider; now we intend it stopped too
+                inst.outbid = False
                 self.save()
             return inst
 
@@ -339,7 +364,7 @@ class World:
             inst = self.get(provider, instance_id)
             if inst.status == "stopped":
                 t = self.now()
-                inst.status, inst.ready_at = "booting", t + self.faults.boot_s
+                inst.status, inst.ready_at, inst.outbid = "booting", t + self.faults.boot_s, False
                 inst.close_intervals(t, "storage")
                 inst.open_interval("gpu", t)
                 self.save()
@@ -378,6 +403,7 @@ class World:
                         log.warning("fakecloud: instance %s did not start cleanly: %s", inst.id, exc)
                     changed = True
             changed = self._preempt_due(now) or changed
+            changed = self._outbid_due(now) or changed
             if changed:
                 self.save()
 
@@ -397,6 +423,30 @@ class World:
                 inst.status, inst.ended_at, inst.preempt_at = "terminated", now, None
                 inst.close_intervals(now)
                 log.info("fakecloud: instance %s preempted", inst.id)
+                changed = True
+        return changed
+
+    def outbid(self, instance_id: str, at: float | None = None) -> None:
+        """Outbid an interruptible instance at fake-clock time `at` (now when None)."""
+        with self.lock:
+            inst = self.instances[instance_id]
+            if inst.bid is None:
+                raise FakeCloudError(f"instance {instance_id} is not interruptible", 400, "invalid")
+            inst.outbid_at = self.now() if at is None else at
+        self.tick()
+
+    def _outbid_due(self, now: float) -> bool:
+        """A higher bid takes the machine: the provider stops the instance (its processes die
+        with it); the GPU stops billing, the disk does not, and the instance stays listed."""
+        changed = False
+        for inst in self.instances.values():
+            if inst.outbid_at is not None and now >= inst.outbid_at and inst.status in ("booting", "running"):
+                self._kill_sshd(inst)
+                inst.status, inst.ready_at, inst.outbid_at, inst.outbid = "stopped", None, None, True
+                inst.close_intervals(now, "gpu")
+                if inst.storage_price_per_hour > 0:
+                    inst.open_interval("storage", now)
+                log.info("fakecloud: instance %s outbid", inst.id)
                 changed = True
         return changed
 

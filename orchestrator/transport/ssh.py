@@ -409,6 +409,12 @@ def connect_ssh(provider: Provider, instance_id: str, host_cfg: HostConfig, *, l
 
     def resolve() -> Endpoint:
         info = provider.describe(instance_id)
+        if getattr(host_cfg, "interruptible", False) and info.state in ("stopped", "stopping"):
+            # nobody here stopped it: the provider took an interruptible instance back (outbid);
+            # it would return only when its bid wins again, so no reconnecting to it
+            raise InstanceNotFound(f"{name}: instance {instance_id} was taken back by the provider "
+                                   f"({info.raw_state or info.state.value})", provider=provider.name,
+                                   instance_id=instance_id)
         if info.endpoint is None:
             raise ConnectError(f"{name}: the provider reports no SSH endpoint yet "
                                f"(state {info.raw_state or info.state.value})")
