@@ -246,6 +246,18 @@ def test_runpod_rents_a_spot_pod_at_its_bid_and_an_outbid_pod_is_gone(fake_cloud
     assert fake_cloud.live_count() == 0
 
 
+def test_a_two_gpu_runpod_spot_pod_is_bid_per_gpu_within_the_machine_s_max_bid() -> None:
+    """`max_bid`, like every price of an entry, is the whole instance's; RunPod bids per GPU."""
+    from orchestrator.providers.runpod import parse_gpu_offer
+    g = {"id": "NVIDIA GeForce RTX 4090", "displayName": "RTX 4090",
+         "lowestPrice": {"minimumBidPrice": 0.16, "uninterruptablePrice": 0.34, "stockStatus": "High"}}
+    two = parse_gpu_offer(g, 2, bid=True, max_bid=0.4)          # 0.2 per GPU at most
+    assert (two.gpu_count, two.interruptible, two.available) == (2, True, True)
+    assert two.price_per_hour == pytest.approx(2 * 0.168)       # (min bid + 5 %) per GPU, × 2
+    assert not parse_gpu_offer(g, 2, bid=True, max_bid=0.3).available   # 0.15 per GPU < the 0.16 minimum
+    assert parse_gpu_offer(g, 2).price_per_hour == pytest.approx(0.68)   # on demand: the per-GPU price × 2
+
+
 # -- outbid mid-training ---------------------------------------------------------------------------
 @pytest.mark.sshd
 @pytest.mark.timeout(1200)
