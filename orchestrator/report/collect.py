@@ -234,7 +234,17 @@ def _find_out_dir(job: JobRow, result: dict[str, Any] | None, runs_root: Path | 
 
 
 def _job_cost(ledger: Ledger, job: JobRow, now: datetime) -> tuple[float, str, float | None]:
-    """(billed cost, currency, billed wall seconds before rounding or None without instances)."""
+    """(billed cost, currency, billed wall seconds before rounding or None without instances).
+
+    A job that shared an instance with others (a session) is charged its own seconds plus its
+    share of the instance's shared time (`job_costs`), not the instance's whole bill: that is
+    what its estimate predicts, and the jobs of one run then add up to the run's cost."""
+    shares = [c for c in ledger.job_costs(job.run_id) if c["job_id"] == job.job_id]
+    if shares:
+        inst = ledger.instance(int(shares[0]["instance_row"]))
+        return (sum(float(c["own_cost"]) + float(c["shared_cost"]) for c in shares),
+                inst.currency if inst is not None else "",
+                sum(float(c["own_seconds"]) + float(c["shared_seconds"]) for c in shares))
     rows = {r.row_id: r for r in ledger.instances(run_id=job.run_id) if r.job_id == job.job_id}
     if job.instance_row is not None and job.instance_row not in rows:
         inst = ledger.instance(job.instance_row)

@@ -156,9 +156,14 @@ def shared_seconds_of(job: JobPlan) -> float:
 
 
 def own_seconds_of(job: JobPlan) -> float:
-    """What one job adds on a warm instance (its staging overlaps the previous training)."""
+    """What one job adds on a warm instance (its staging overlaps the previous training): the
+    total less the shared phases and less what staging added beyond set-up (its billed part)."""
     total = float(job.estimate_seconds or 0.0)
-    return max(0.0, total - shared_seconds_of(job) - _phase(job, "staging")) or total
+    phases = (job.estimate or {}).get("phases") or {}
+    staging = phases.get("staging")
+    billed = staging.get("billed_seconds") if isinstance(staging, dict) else None
+    staging_s = float(billed) if isinstance(billed, (int, float)) else _phase(job, "staging")
+    return max(0.0, total - shared_seconds_of(job) - staging_s) or total
 
 
 def _price_per_s(job: JobPlan) -> float:
