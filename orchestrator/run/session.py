@@ -8,8 +8,9 @@ released as soon as the queue is empty. A job that fails leaves the instance run
 next one unless the instance itself is the cause (it is gone, or it no longer answers); then it
 is released and the job goes back to the queue for a new instance.
 
-Each job's cost is its own phases (from its first step on the host to the end of its pull) plus
-an even share of the instance's shared time (boot, environment, gaps, teardown); the ledger
+Each job's cost is its own phases (from the end of its set-up and staging to the end of its pull)
+plus an even share of the instance's shared time (boot, environment and data set-up, gaps,
+teardown); the ledger
 keeps both (`job_costs`), so per-scene costs compare with one-instance-per-job runs.
 
 The per-job steps are `Runner`'s own (`_on_host`: push, bootstrap ║ stage, attach, watch,
@@ -422,7 +423,9 @@ class SessionRunner(Runner):
             return self._finish(job, "failed", sess.prov, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             sess.current = None
-            sess.own_s[jid] = sess.own_s.get(jid, 0.0) + (time.time() - t0)
+            # Set-up and staging (the environment, the data) are the instance's shared time, as
+            # the plan counts them: a job's own time starts when they are done.
+            sess.own_s[jid] = sess.own_s.get(jid, 0.0) + (time.time() - max(t0, attempt.set_up))
             self._keep_as_guard(sess, attempt)
 
     def _instance_alive(self, sess: _Session) -> bool:
