@@ -22,10 +22,11 @@ from .occupancy import should_update
 from .synth import generate_scene
 from .train import TrainConfig, Trainer, device_name
 
-# A probe's view set: a few views to sample rays from, one test view to time rendering; no
+# A probe's view set: a few views to sample rays from (rendering is not timed: one tiny view
+# took from 0.03 to 2 s on this shared machine, too noisy to scale to a test split); no
 # supersampling (image quality does not change what a step costs, and at 800 px it would take
 # several seconds per view).
-PROBE_VIEWS = {"n_train": 4, "n_val": 1, "n_test": 1}
+PROBE_VIEWS = {"n_train": 4, "n_val": 1, "n_test": 1}      # synth needs one view per split
 LARGE_VIEWS = {"n_train": 1, "n_val": 1, "n_test": 1}     # above 128 px
 MIN_STEPS = 6                 # below this the quantiles mean little: allowed up to twice the budget
 
@@ -43,8 +44,6 @@ class ProbeResult:
     full_update_s: float      # a grid update over every cell (the warm-up steps')
     partial_update_s: float   # a later update (a sample of the cells); measured or scaled
     partial_measured: bool
-    render_setup_s: float     # the first rendered view's extra cost
-    render_s_per_megapixel: float
     steps_timed: int
     seconds_timed: float
     uses_grid: bool           # the schedule the prediction replays
@@ -127,19 +126,6 @@ def probe(cfg: TrainConfig, *, size: int, scene: str = "default", seed: int = 0,
         full_s = _low(full) if full else max(0.0, first - step_s)
         frac = 2 * getattr(grid, "sample_fraction", 1.0)        # uniform + occupied samples
         partial_s = _low(partial) if partial else full_s * min(1.0, frac)
-        # The test view rendered again and again: the first pays its one-off set-up, the
-        # fastest of the others gives the rate (three at small sizes, two above 128 px).
-        render = []
-        with torch.no_grad():
-            for _ in range(3 if size <= 128 else 2):
-                a = time.perf_counter()
-                mpx = 0.0
-                for _name, pred, _gt in tr.iter_views("test", 1):
-                    _sync(tr.device)
-                    mpx += pred.shape[0] * pred.shape[1] / 1e6
-                render.append(time.perf_counter() - a)
-        rate = min(render[1:]) / mpx if mpx else 0.0
-        render_setup = max(0.0, render[0] - min(render[1:]))
         return ProbeResult(tr.device.type, device_name(tr.device), tr.backend, torch.get_num_threads(),
-                           import_s, init_s, first, step_s, full_s, partial_s, bool(partial), render_setup, rate,
+                           import_s, init_s, first, step_s, full_s, partial_s, bool(partial),
                            tr.step, timed, bool(cfg.use_occupancy), warmup, every)

@@ -272,15 +272,9 @@ def _videos(job: Job, mpx: float) -> tuple[float, str]:
     return fixed + per_mpx * mpx, f"{fixed:g} s + {per_mpx:g} s/MP videos ({src}; {psrc})"
 
 
-def _eval(job: Job, probe: LocalProbe | None) -> tuple[float, str, str]:
+def _eval(job: Job) -> tuple[float, str, str]:
     mpx, what = _eval_megapixels(job)
     videos, vdetail = _videos(job, mpx)
-    got = probe.result(job) if probe is not None else None
-    if got is not None and float(got.get("render_s_per_megapixel", 0)) > 0:
-        rate, setup = float(got["render_s_per_megapixel"]), float(got.get("render_setup_s", 0.0))
-        secs = setup + mpx * rate + videos
-        return secs, "timed here", (f"{what} at {rate:.3g} s/MP + {setup:.2g} s first view (one view "
-                                    f"rendered here, {got.get('device_name')}) + {vdetail}")
     row, _source, _d = _runtime(job)
     secs = mpx / row.eval_megapixels_per_second + videos
     return secs, "runtime table", (f"{what} at {row.eval_megapixels_per_second:g} MP/s "
@@ -299,7 +293,7 @@ def _phase_seconds(job: Job, phase: str, history: History | None,
     if phase == "staging":
         return _staging(job, probe_mirrors)
     if phase == "eval":
-        return _eval(job, probe)
+        return _eval(job)
     if phase == "setup":
         from .env import setup_seconds
         return setup_seconds(job, _default)
