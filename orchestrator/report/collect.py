@@ -335,7 +335,9 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
         train_s = points[-1].seconds if points else None
     cost, currency, billed_s = _job_cost(ledger, job, now)
     est_s, est_cost, est_phases, source = _estimate_parts(job.estimate)
-    est_s = _session_estimate(ledger, job, est_s)
+    standalone_s, est_s = est_s, _session_estimate(ledger, job, est_s)
+    if est_cost is not None and standalone_s and est_s is not None:
+        est_cost *= est_s / standalone_s            # the same share of the planned cost
     recorded = ledger.phases(job.run_id, job.job_id)
     actual_phases: dict[str, float] = {}
     for p in recorded:
