@@ -1,4 +1,4 @@
-"""The payload's own subcommands: check-data, run, bootstrap, watchdog.
+"""The payload's own subcommands: check-data, run, probe (time a few training steps), bootstrap, watchdog.
 
 Each `add_*` registers a subparser whose `func(args) -> int` is the handler; handlers import
 their heavy modules lazily so `--help` and argument errors stay instant.
