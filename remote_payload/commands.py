@@ -1,4 +1,4 @@
-"""The payload's own subcommands: check-data, run, bootstrap, watchdog.
+"""The payload's own subcommands: check-data, run, probe (time a few training steps), bootstrap, watchdog.
 
 Each `add_*` registers a subparser whose `func(args) -> int` is the handler; handlers import
 their heavy modules lazily so `--help` and argument errors stay instant.
@@ -134,6 +134,31 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Time a few training steps with the job's settings; one JSON line: the measurements and
+    the predicted training-loop seconds for each `--steps` (the controller's first estimate of a
+    job on this machine, before any job has finished here)."""
+    import time
+    t0 = time.perf_counter()
+    from ngp_train.probe import probe
+
+    from .pipeline import RunOptions, build_train_config, share_cpus
+
+    import_s = time.perf_counter() - t0
+    steps = sorted(set(args.steps or [300]))
+    opts = RunOptions(data_dir=Path("."), job_dir=Path("."), steps=max(steps), backend=args.backend,
+                      device=args.device, seed=args.seed, train_options=tuple(args.train_option))
+    cfg = build_train_config(opts)
+    if args.cpu_share > 1:
+        share_cpus(args.cpu_share)
+    res = probe(cfg, size=args.size, scene=args.scene, seed=args.seed, budget_s=args.budget_s,
+                import_s=import_s)
+    out = asdict(res)
+    out["predict"] = {str(n): round(res.train_seconds(n), 4) for n in steps}
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="validate a NeRF-synthetic scene (exit 2 when unusable)")
     p.add_argument("dir", help="scene directory holding transforms_{train,test}.json")
@@ -156,6 +181,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-share", type=_positive_int, default=1, metavar="N",
                    help="N jobs share this machine's CPUs: torch uses cpu_count // N threads")
     p.set_defaults(func=cmd_run, log_level=logging.INFO)
+
+    p = sub.add_parser("probe", help="time a few training steps on a tiny generated scene; predict "
+                                     "the training time of --steps (JSON)")
+    p.add_argument("--size", type=_positive_int, required=True, help="image size of the job's scene (px)")
+    p.add_argument("--steps", type=_positive_int, action="append", default=[],
+                   help="step counts to predict (repeatable)")
+    p.add_argument("--budget-s", type=_positive_float, default=3.0, help="seconds of steps to time")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--scene", default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
+    p.add_argument("--cpu-share", type=_positive_int, default=1, metavar="N")
+    p.set_defaults(func=cmd_probe, log_level=logging.WARNING)
 
     p = sub.add_parser("bootstrap", help="detect CUDA/GPU/torch/tcnn, write env.json")
     p.add_argument("--out", default="env.json", help="where to write the record (default ./env.json)")

@@ -6,9 +6,15 @@ A `gpu` test is skipped unless CUDA is really there, checked by calling
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+
+# A `local` host's first estimate times training steps on this machine (estimate/local.py), a
+# few seconds per fresh ORCHESTRATE_HOME; the tests that run jobs through the CLI would each pay
+# it and see machine-dependent estimates. The probe's own tests turn it back on.
+os.environ.setdefault("ORCHESTRATE_LOCAL_PROBE", "0")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

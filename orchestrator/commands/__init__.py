@@ -116,8 +116,11 @@ def load_and_plan(path: Path, *, require_secrets: bool = True) -> LoadedPlan:
     except LedgerError as exc:   # history only sharpens the estimate; the run itself reports it
         logging.getLogger(__name__).debug("estimating without the ledger's history: %s", exc.message)
         ledger = None
+    from ..estimate import local as local_estimate
+    from ..home import default_home
+    probe = local_estimate.LocalProbe(default_home()) if local_estimate.enabled() else None
     try:
-        est = estimate_plan(jobs, ledger)
+        est = estimate_plan(jobs, ledger, local_probe=probe)
     finally:
         if ledger is not None:
             ledger.close()

@@ -2,8 +2,13 @@
 
 Phases: boot, setup, staging, train, eval, pull, teardown. Each `PhaseEstimate` names its
 source: "config" (the user's own figure), "catalog" (prices.csv), "runtime table"
-(runtimes.csv), "assumption" (phases.csv defaults) or "history (median of N)" (this user's
-finished jobs in the ledger, which replace the tables as soon as they exist).
+(runtimes.csv), "assumption" (phases.csv defaults), "timed here" (a `local` host before any
+history: a few training steps timed on this machine, `local.py`) or "history (median of N)"
+(this user's finished jobs in the ledger, which replace the tables as soon as they exist).
+
+Training is a start-up (interpreter, imports, model, data to the device, the first full
+occupancy-grid pass) plus a time per step: short jobs are mostly start-up, so a speed alone
+(steps/s) over-predicts long jobs from short ones and under-predicts short ones from long ones.
 
 Billed time = boot + max(setup, staging) + train + eval + pull + teardown: staging runs while
 the environment is set up (DESIGN.md), so only the part of staging longer than set-up adds
@@ -27,6 +32,7 @@ from .history import History
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
+    from .local import LocalProbe
 
 log = logging.getLogger(__name__)
 
@@ -175,26 +181,71 @@ def _eval_megapixels(job: Job) -> tuple[float, str]:
     return BLENDER_TEST_VIEWS * side * side / 1e6, f"{BLENDER_TEST_VIEWS} test views at {side}x{side}"
 
 
-def _train(job: Job, history: History | None) -> tuple[float, str, str]:
+def _capped(job: Job, secs: float, source: str, detail: str) -> tuple[float, str, str]:
+    if job.max_seconds is not None and job.max_seconds < secs:
+        return job.max_seconds, "config", f"max_seconds caps {detail}"
+    return secs, source, detail
+
+
+def _probe_train(job: Job, got: dict[str, Any]) -> tuple[float, str, str]:
+    loop = float(got["predict"][str(int(job.steps))])
+    start = float(got.get("import_s", 0.0)) + float(got.get("init_s", 0.0))
+    extra, extra_src = _default(job.host.provider, "train_overhead")
+    detail = (f"{job.steps} steps: {loop:.3g} s of steps ({1e3 * float(got['step_s']):.3g} ms a step, "
+              f"{float(got['first_step_s']):.2g} s the first, grid updates {1e3 * float(got['partial_update_s']):.3g} ms) "
+              f"+ {start:.2g} s start (imports, model) + {extra:g} s ({extra_src}); timed here: "
+              f"{got.get('steps_timed')} steps at {got.get('key', {}).get('size')} px on {got.get('device_name')}, "
+              f"{got.get('at', '')}")
+    return _capped(job, loop + start + extra, "timed here", detail)
+
+
+def _fit_train(job: Job, points: list[tuple[int, float, int]]) -> tuple[float, float, str]:
+    """(start-up s, s per step, how) from (steps, median training s, count) of finished jobs of
+    other step counts: a least-squares line through them when there are two step counts or
+    more; with one, the start-up is the table's and the rest is per step."""
+    xs = [float(s) for s, _t, _c in points]
+    ys = [t for _s, t, _c in points]
+    if len(points) >= 2:
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+        if slope > 0:
+            start = max(0.0, my - slope * mx)
+            per_step = (my - start) / mx if start == 0.0 else slope
+            return start, per_step, f"a line through finished jobs at {', '.join(str(int(x)) for x in xs)} steps"
+    start, src = _default(job.host.provider, "train_startup")
+    s0, t0 = xs[0], ys[0]
+    start = min(start, 0.5 * t0)          # never more than half of what a whole job took
+    return start, (t0 - start) / s0, f"finished jobs at {int(s0)} steps less the table's start-up ({src})"
+
+
+def _train_known(job: Job, history: History) -> bool:
+    return history.phase_seconds(job, "train") is not None or bool(history.train_points(job))
+
+
+def _train(job: Job, history: History | None, probe: LocalProbe | None = None) -> tuple[float, str, str]:
     if history is not None:
         got = history.phase_seconds(job, "train")
         if got is not None:
             secs, n, scope = got
             return secs, f"history (median of {n})", scope
-        rate = history.steps_per_second(job)
-        if rate is not None:
-            sps, n = rate
-            secs = job.steps / sps
-            detail = f"{job.steps} steps / {sps:.3g} steps/s ({job.host.gpu}, other step counts)"
-            if job.max_seconds is not None and job.max_seconds < secs:
-                return job.max_seconds, "config", f"max_seconds caps {detail}"
-            return secs, f"history (median of {n})", detail
+        points = history.train_points(job)
+        if points:
+            start, per_step, how = _fit_train(job, points)
+            n = sum(c for _s, _t, c in points)
+            detail = (f"{start:.3g} s start + {job.steps} steps x {1e3 * per_step:.3g} ms "
+                      f"({job.host.gpu}; {how})")
+            return _capped(job, start + job.steps * per_step, f"history (median of {n})", detail)
+    if probe is not None:
+        got_probe = probe.result(job)
+        if got_probe is not None:
+            return _probe_train(job, got_probe)
     row, source, detail = _runtime(job)
-    secs = job.steps / row.steps_per_second
-    detail = f"{job.steps} steps / {row.steps_per_second:g} steps/s ({detail})"
-    if job.max_seconds is not None and job.max_seconds < secs:
-        return job.max_seconds, "config", f"max_seconds caps {detail}"
-    return secs, source, detail
+    start, start_src = _default(job.host.provider, "train_startup")
+    secs = start + job.steps / row.steps_per_second
+    detail = (f"{start:g} s start ({start_src}) + {job.steps} steps / {row.steps_per_second:g} steps/s "
+              f"({detail})")
+    return _capped(job, secs, source, detail)
 
 
 def _staging(job: Job, probe_mirrors: bool) -> tuple[float, str, str]:
@@ -221,24 +272,34 @@ def _staging(job: Job, probe_mirrors: bool) -> tuple[float, str, str]:
     return secs, "assumption", src
 
 
+def _videos(job: Job, mpx: float) -> tuple[float, str]:
+    fixed, src = _default(job.host.provider, "videos")
+    per_mpx, psrc = _default(job.host.provider, "videos_per_megapixel")
+    return fixed + per_mpx * mpx, f"{fixed:g} s + {per_mpx:g} s/MP videos ({src}; {psrc})"
+
+
+def _eval(job: Job) -> tuple[float, str, str]:
+    mpx, what = _eval_megapixels(job)
+    videos, vdetail = _videos(job, mpx)
+    row, _source, _d = _runtime(job)
+    secs = mpx / row.eval_megapixels_per_second + videos
+    return secs, "runtime table", (f"{what} at {row.eval_megapixels_per_second:g} MP/s "
+                                   f"({row.eval_source}) + {vdetail}")
+
+
 def _phase_seconds(job: Job, phase: str, history: History | None,
-                   probe_mirrors: bool = False) -> tuple[float, str, str]:
+                   probe_mirrors: bool = False, probe: LocalProbe | None = None) -> tuple[float, str, str]:
     if history is not None and phase != "train":
         got = history.phase_seconds(job, phase)
         if got is not None:
             secs, n, scope = got
             return secs, f"history (median of {n})", scope
     if phase == "train":
-        return _train(job, history)
+        return _train(job, history, probe)
     if phase == "staging":
         return _staging(job, probe_mirrors)
     if phase == "eval":
-        row, _source, _d = _runtime(job)
-        mpx, what = _eval_megapixels(job)
-        videos, vsrc = _default(job.host.provider, "videos")
-        secs = mpx / row.eval_megapixels_per_second + videos
-        return secs, "runtime table", (f"{what} at {row.eval_megapixels_per_second:g} MP/s "
-                                       f"({row.eval_source}) + {videos:g} s videos ({vsrc})")
+        return _eval(job)
     if phase == "setup":
         from .env import setup_seconds
         return setup_seconds(job, _default)
@@ -247,13 +308,14 @@ def _phase_seconds(job: Job, phase: str, history: History | None,
 
 
 def estimate_job(job: Job, ledger: Ledger | None = None, *, history: History | None = None,
-                 probe_mirrors: bool = True) -> JobEstimate:
+                 probe_mirrors: bool = True, local_probe: LocalProbe | None = None) -> JobEstimate:
     """Per-phase seconds and cost of one job; history from `ledger` refines the tables.
-    `probe_mirrors=False` keeps the estimate offline (no HEAD request to a dataset mirror)."""
+    `probe_mirrors=False` keeps the estimate offline (no HEAD request to a dataset mirror);
+    `local_probe` times training steps on this machine for a `local` job without history."""
     if history is None and ledger is not None:
         history = History.from_ledger(ledger)
     price, currency, price_source, price_detail, granularity, _gd = _price(job)
-    raw = {p: _phase_seconds(job, p, history, probe_mirrors) for p in PHASES}
+    raw = {p: _phase_seconds(job, p, history, probe_mirrors, local_probe) for p in PHASES}
     setup_s, staging_s = raw["setup"][0], raw["staging"][0]
     phases = []
     for p in PHASES:
@@ -271,10 +333,16 @@ def estimate_job(job: Job, ledger: Ledger | None = None, *, history: History | N
 
 
 def estimate_plan(jobs: Iterable[Job], ledger: Ledger | None = None, *,
-                  probe_mirrors: bool = True) -> PlanEstimate:
-    """Every job's estimate, with totals per currency (never silently mixed)."""
+                  probe_mirrors: bool = True, local_probe: LocalProbe | None = None) -> PlanEstimate:
+    """Every job's estimate, with totals per currency (never silently mixed). With
+    `local_probe`, the `local` jobs that history cannot estimate are timed here, once per
+    training setting for all their step counts."""
+    jobs = list(jobs)
     history = History.from_ledger(ledger) if ledger is not None else None
-    ests = tuple(estimate_job(j, history=history, probe_mirrors=probe_mirrors) for j in jobs)
+    if local_probe is not None:
+        local_probe.prepare(j for j in jobs if history is None or not _train_known(j, history))
+    ests = tuple(estimate_job(j, history=history, probe_mirrors=probe_mirrors, local_probe=local_probe)
+                 for j in jobs)
     totals: dict[str, float] = {}
     for e in ests:
         totals[e.currency] = totals.get(e.currency, 0.0) + e.total_cost

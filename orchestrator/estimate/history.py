@@ -3,7 +3,8 @@
 A job's recorded phases (ledger `phases` rows) are summed per estimate phase, then the median
 over matching succeeded jobs is used. Matching goes from the closest to the broadest scope:
 same provider, GPU, steps and dataset first; then, for phases that do not depend on the job's
-size, the same provider (and GPU); training falls back to the median steps/s of the same GPU.
+size, the same provider (and GPU); training falls back to a start-up + per-step line through the same
+GPU's finished jobs of other step counts.
 """
 from __future__ import annotations
 
@@ -85,10 +86,11 @@ class History:
                 return got[0], got[1], f"finished jobs on {scope}"
         return None
 
-    def steps_per_second(self, job: Job) -> tuple[float, int] | None:
-        """Median training speed of succeeded jobs on the same GPU (any step count)."""
-        rates = [p.steps / p.phases["train"] for p in self.past
-                 if p.gpu == job.host.gpu and p.steps > 0 and p.phases.get("train", 0) > 0]
-        if not rates:
-            return None
-        return statistics.median(rates), len(rates)
+    def train_points(self, job: Job) -> list[tuple[int, float, int]]:
+        """(steps, median training seconds, count) per step count of succeeded jobs on the same
+        GPU and device: what a start-up + per-step line is fitted to."""
+        by_steps: dict[int, list[float]] = defaultdict(list)
+        for p in self.past:
+            if p.gpu == job.host.gpu and p.steps > 0 and p.phases.get("train", 0) > 0:
+                by_steps[p.steps].append(p.phases["train"])
+        return [(s, statistics.median(v), len(v)) for s, v in sorted(by_steps.items())]

@@ -234,7 +234,17 @@ def _find_out_dir(job: JobRow, result: dict[str, Any] | None, runs_root: Path | 
 
 
 def _job_cost(ledger: Ledger, job: JobRow, now: datetime) -> tuple[float, str, float | None]:
-    """(billed cost, currency, billed wall seconds before rounding or None without instances)."""
+    """(billed cost, currency, billed wall seconds before rounding or None without instances).
+
+    A job that shared an instance with others (a session) is charged its own seconds plus its
+    share of the instance's shared time (`job_costs`), not the instance's whole bill: that is
+    what its estimate predicts, and the jobs of one run then add up to the run's cost."""
+    shares = [c for c in ledger.job_costs(job.run_id) if c["job_id"] == job.job_id]
+    if shares:
+        inst = ledger.instance(int(shares[0]["instance_row"]))
+        return (sum(float(c["own_cost"]) + float(c["shared_cost"]) for c in shares),
+                inst.currency if inst is not None else "",
+                sum(float(c["own_seconds"]) + float(c["shared_seconds"]) for c in shares))
     rows = {r.row_id: r for r in ledger.instances(run_id=job.run_id) if r.job_id == job.job_id}
     if job.instance_row is not None and job.instance_row not in rows:
         inst = ledger.instance(job.instance_row)
@@ -249,6 +259,34 @@ def _job_cost(ledger: Ledger, job: JobRow, now: datetime) -> tuple[float, str, f
                 end = parse_iso(b.ended_at) if b.ended_at else now
                 seconds += max(0.0, (end - parse_iso(b.started_at)).total_seconds())
     return cost, currency, seconds if rows else None
+
+
+def _session_estimate(ledger: Ledger, job: JobRow, est_s: float | None) -> float | None:
+    """The estimate to set beside a session job's charged seconds: its own time (the standalone
+    estimate less boot, set-up, staging beyond set-up and teardown) plus an even share of what
+    the plan expected the instance to pay once (the first job's boot, set-up and teardown), as
+    `run.session.plan_instances` counts it. A job alone on its instance keeps its estimate."""
+    shares = [c for c in ledger.job_costs(job.run_id) if c["job_id"] == job.job_id]
+    if est_s is None or not job.estimate or len(shares) != 1:
+        return est_s
+    row = shares[0]["instance_row"]
+    mates = {c["job_id"] for c in ledger.job_costs(job.run_id) if c["instance_row"] == row}
+    if len(mates) < 2:
+        return est_s
+    from types import SimpleNamespace
+
+    from ..run.session import own_seconds_of, shared_seconds_of
+
+    rows = sorted((j for j in ledger.jobs(job.run_id) if j.job_id in mates and j.estimate),
+                  key=lambda j: (j.started_at or "", j.job_id))
+    if not rows:
+        return est_s
+
+    def plan(j: JobRow) -> Any:
+        est = j.estimate or {}
+        return SimpleNamespace(estimate=est, estimate_seconds=_estimate_parts(est)[0] or 0.0)
+
+    return own_seconds_of(plan(job)) + shared_seconds_of(plan(rows[0])) / len(mates)
 
 
 def _phase_wall_seconds(phases: list[dict[str, Any]]) -> float | None:
@@ -297,6 +335,9 @@ def _job_report(ledger: Ledger, job: JobRow, result: dict[str, Any] | None,
         train_s = points[-1].seconds if points else None
     cost, currency, billed_s = _job_cost(ledger, job, now)
     est_s, est_cost, est_phases, source = _estimate_parts(job.estimate)
+    standalone_s, est_s = est_s, _session_estimate(ledger, job, est_s)
+    if est_cost is not None and standalone_s and est_s is not None:
+        est_cost *= est_s / standalone_s            # the same share of the planned cost
     recorded = ledger.phases(job.run_id, job.job_id)
     actual_phases: dict[str, float] = {}
     for p in recorded:

@@ -42,6 +42,7 @@ from .provisioning import Provisioned, provision, release
 
 log = logging.getLogger(__name__)
 
+LOCAL_POLL_S = 0.25          # seconds between status polls of a local host (see Runner._poll_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,7 @@ class Runner:
             python, data_dir, setup = self._prepare_host(job, provider, prov, t, pushed.remote_dir,
                                                          attempt, setup_t0)
         self._check_stop()
+        attempt.set_up = time.time()    # environment and data ready: the job's own time starts
 
         job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
                                    self._run_is_live)
@@ -297,6 +299,14 @@ class Runner:
             return True
         return run_is_live(self.ledger, run_id)
 
+    def _poll_s(self, job: JobPlan) -> float:
+        """A local poll is a process spawn, not a network round trip: poll a local host more
+        often, so the end of a job is seen within LOCAL_POLL_S instead of up to poll_s later (on
+        a 10 s job a 1 s poll alone made the measured time wander by ~5%)."""
+        if str(getattr(job.host, "provider", "")) == "local":
+            return min(self.opts.poll_s, LOCAL_POLL_S)
+        return self.opts.poll_s
+
     def _cpu_share(self, job: JobPlan, provider: Provider) -> int:
         """How many jobs may run at once on the machine behind `job`'s host: every instance of a
         provider with `shares_machine` (this machine, an SSH host) is the same computer."""
@@ -364,7 +374,7 @@ class Runner:
                 interrupt_deadline = time.monotonic() + self.opts.interrupt_grace_s
             if interrupt_deadline is not None and time.monotonic() > interrupt_deadline:
                 raise JobInterrupted(f"the pipeline did not stop within {self.opts.interrupt_grace_s:g} s")
-            time.sleep(self.opts.poll_s)
+            time.sleep(self._poll_s(job))
         end = time.time()
         attempt.exit_seen = time.time()
         attempt.final_status = status
@@ -476,6 +486,7 @@ class _Attempt:
     # wall-clock instants (time.time()), read by bench/bench_overhead.py
     host_ready: float = 0.0          # instance RUNNING and transport connected
     env_data_s: float = 0.0          # bootstrap ║ staging wall time (environment and data work)
+    set_up: float = 0.0              # environment and data ready: the job's own time starts here
     started: float = 0.0             # pipeline + watchdog started (detached)
     exit_seen: float = 0.0           # the controller saw the pipeline's exit code
     teardown_started: float = 0.0

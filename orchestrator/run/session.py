@@ -14,9 +14,10 @@ a lane whose job ended takes the next. Jobs starting together build the environm
 job prepares the host (environment, bootstrap ║ staging, tiny-cuda-nn) under a lock per
 instance, so the next one finds it built (and only its own scene left to stage).
 
-Each job's cost is its own phases (from its first step on the host to the end of its pull) plus
-an even share of the instance's shared time (boot, environment, gaps, teardown); the ledger
-keeps both (`job_costs`), so per-scene costs compare with one-instance-per-job runs. While k
+Each job's cost is its own phases (from the end of its set-up and staging to the end of its pull)
+plus an even share of the instance's shared time (boot, environment and data set-up, gaps,
+teardown); the ledger keeps both (`job_costs`), so per-scene costs compare with
+one-instance-per-job runs. While k
 jobs run at once (k GPUs busy), each of them owns 1/k of that time (`split_overlaps`): the own
 seconds add up to the time any job ran, the shared rest is what no job ran, and the shares add
 up to the instance's bill.
@@ -186,9 +187,14 @@ def shared_seconds_of(job: JobPlan) -> float:
 
 
 def own_seconds_of(job: JobPlan) -> float:
-    """What one job adds on a warm instance (its staging overlaps the previous training)."""
+    """What one job adds on a warm instance (its staging overlaps the previous training): the
+    total less the shared phases and less what staging added beyond set-up (its billed part)."""
     total = float(job.estimate_seconds or 0.0)
-    return max(0.0, total - shared_seconds_of(job) - _phase(job, "staging")) or total
+    phases = (job.estimate or {}).get("phases") or {}
+    staging = phases.get("staging")
+    billed = staging.get("billed_seconds") if isinstance(staging, dict) else None
+    staging_s = float(billed) if isinstance(billed, (int, float)) else _phase(job, "staging")
+    return max(0.0, total - shared_seconds_of(job) - staging_s) or total
 
 
 def _price_per_s(job: JobPlan) -> float:
@@ -494,7 +500,9 @@ class SessionRunner(Runner):
         finally:
             with sess.lock:
                 sess.running.pop(jid, None)
-                sess.intervals.setdefault(jid, []).append((t0, time.time()))
+                # Set-up and staging (the environment, the data) are the instance's shared time, as
+                # the plan counts them: a job's own time starts when they are done.
+                sess.intervals.setdefault(jid, []).append((max(t0, attempt.set_up), time.time()))
             self._keep_as_guard(sess, attempt)
 
     def _instance_alive(self, sess: _Session) -> bool:
