@@ -144,7 +144,9 @@ def main() -> int:
             leaked = fc.live_count()
     s, o = results["sessions"], results["one-per-job"]
     per_job_useful = s["useful_s"] / 8
-    catalog_train_s = 30000 / 194.1 + 200 * 0.64 / 11 + 5
+    from orchestrator.catalog import runtimes
+    rtx = runtimes()["RTX 4090"]     # the catalog's own figures for this payload on the sweep's GPU
+    catalog_train_s = 30000 / rtx.steps_per_second + 200 * 0.64 / rtx.eval_megapixels_per_second + 5
     report = {"delays_s": delays, "scale": args.scale, "steps": args.steps, "size": args.size,
               "train_eval_per_job_s": per_job_useful,
               "catalog_equivalent_scale": per_job_useful / catalog_train_s,
