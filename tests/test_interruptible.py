@@ -265,7 +265,7 @@ def test_outbid_instance_mid_training_resumes_on_a_new_one_from_the_snapshot(fak
     """vast stops an interruptible instance when it is outbid: the job goes back in the queue and
     resumes on a new instance from the snapshot that came home; the stopped one is destroyed
     (its disk would bill on), both are billed to the job at the bid, nothing is left running."""
-    from orchestrator.testing.faultmatrix import Harness
+    from orchestrator.testing.faultmatrix import Harness, assert_resumed
     fake_cloud.world.catalog = {**fake_cloud.world.catalog, "vastai": [("7001", "RTX 4090", 0.44)]}
     fake_cloud.world.min_bids = {"7001": 0.20}
     h = Harness(tmp_path, fake_cloud, "vastai", idle_timeout_s=120, steps=800)
@@ -276,18 +276,11 @@ def test_outbid_instance_mid_training_resumes_on_a_new_one_from_the_snapshot(fak
     doc["experiments"][0]["train"] = {"snapshot_every_s": 1.0}
     h.config.write_text(json.dumps(doc))
     h.start_run()
-    deadline = time.monotonic() + 600
-    snap = None
-    while time.monotonic() < deadline and h.proc.poll() is None:
-        found = list((tmp_path / "runs").glob("*/f-default-cloud/snapshot.pt"))
-        if found:
-            snap = found[0]
-            break
-        time.sleep(0.2)
-    assert snap is not None, (tmp_path / "run.log").read_text()[-3000:]
+    snap = h.wait_for_pull("*/f-default-cloud/snapshot.pt")
+    assert snap is not None, h.run_log()
     [first] = [i for i in fake_cloud.world.instances.values() if i.status == "running"]
     fake_cloud.world.outbid(first.id)
-    assert h.proc.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert h.proc.wait(timeout=900) == 0, h.run_log()
     bill = fake_cloud.bill()
     assert bill["created"] == 2 and bill["live"] == 0                      # nothing leaked
     assert [i.bid for i in fake_cloud.world.instances.values()] == [0.21, 0.21]   # 0.20 + 5 %, ≤ 0.30
@@ -312,8 +305,4 @@ def test_outbid_instance_mid_training_resumes_on_a_new_one_from_the_snapshot(fak
         assert "instance_lost" in kinds and "instance_stopped_by_provider" in kinds
     finally:
         ledger.close()
-    out = snap.parent
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 800
-    starts = re.findall(r"from step (\d+) to 800", (out / "log.txt").read_text())
-    assert starts and int(starts[-1]) > 0        # resumed, not retrained from the start
+    assert_resumed(snap.parent, 800)

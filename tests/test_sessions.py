@@ -22,7 +22,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.ledger import Ledger
 from orchestrator.run.session import instances_for, plan_instances, share_costs
 from orchestrator.testing.fakecloud import fake_cloud  # noqa: F401 (fixture)
-from orchestrator.testing.faultmatrix import Harness
+from orchestrator.testing.faultmatrix import Harness, assert_resumed
 from orchestrator.testing.hosts import make_host
 
 
@@ -239,18 +239,11 @@ def test_preempted_instance_resumes_the_job_on_a_new_one_from_the_snapshot_home(
     doc["experiments"][0]["train"] = {"snapshot_every_s": 1.0}
     h.config.write_text(json.dumps(doc))
     h.start_run()
-    deadline = time.monotonic() + 600
-    snap = None
-    while time.monotonic() < deadline and h.proc.poll() is None:
-        found = list((tmp_path / "runs").glob("*/f-default-cloud/snapshot.pt"))
-        if found:
-            snap = found[0]
-            break
-        time.sleep(0.2)
-    assert snap is not None, (tmp_path / "run.log").read_text()[-3000:]
+    snap = h.wait_for_pull("*/f-default-cloud/snapshot.pt")
+    assert snap is not None, h.run_log()
     [iid] = [i.id for i in fake_cloud.world.instances.values() if i.status == "running"]
     fake_cloud.world.preempt(iid)
-    assert h.proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert h.proc.wait(timeout=600) == 0, h.run_log()
     bill = fake_cloud.bill()
     assert bill["created"] == 2 and bill["live"] == 0
     ledger = Ledger(h.home / "ledger.sqlite")
@@ -266,11 +259,7 @@ def test_preempted_instance_resumes_the_job_on_a_new_one_from_the_snapshot_home(
         assert any(e["kind"] == "instance_lost" for e in ledger.events(run["run_id"]))
     finally:
         ledger.close()
-    out = snap.parent
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 800
-    starts = re.findall(r"from step (\d+) to 800", (out / "log.txt").read_text())
-    assert starts and int(starts[-1]) > 0        # resumed, not retrained from the start
+    assert_resumed(snap.parent, 800)
 
 
 def test_useful_time_per_run_is_train_plus_eval_over_billed(tmp_path: Path) -> None:

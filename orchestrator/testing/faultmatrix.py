@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -92,6 +93,21 @@ class Harness:
                                       "--runs-dir", str(self.dir / "runs")], env=self.env, cwd=self.dir,
                                      stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
         return self.proc
+
+    def wait_for_pull(self, pattern: str, timeout_s: float = 600.0) -> Path | None:
+        """The first file under the run's results matching `pattern` (e.g. a snapshot that came
+        home), waiting while the run lives; None when none appeared."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+            found = sorted((self.dir / "runs").glob(pattern))
+            if found:
+                return found[0]
+            time.sleep(0.2)
+        return None
+
+    def run_log(self) -> str:
+        path = self.dir / "run.log"
+        return path.read_text()[-3000:] if path.exists() else ""
 
     # -- observations ---------------------------------------------------------------------
     def ledger_rows(self) -> list[dict]:
@@ -219,3 +235,12 @@ def table(results: list[PointResult]) -> str:
         lines.append(f"{r.point:<17} {r.provider:<8} {r.mode:<9} {str(r.killed):<6} {r.created:>7} "
                      f"{r.leaked:>6} {stop:>7}  {r.note}")
     return "\n".join(lines)
+
+
+def assert_resumed(out: Path, steps: int) -> None:
+    """The job's pulled results: all `steps` trained, the last start resumed from a snapshot
+    (not retrained from step 0)."""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps
+    starts = re.findall(rf"from step (\d+) to {steps}", (out / "log.txt").read_text())
+    assert starts and int(starts[-1]) > 0, starts
