@@ -208,7 +208,24 @@ class Runner:
     def _on_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                  attempt: _Attempt) -> dict[str, Any]:
         jid = job.job_id
-        self.view.update(jid, phase="setup")
+        ready = self._ready_host(job, provider, prov, t, attempt)
+        self._check_stop()
+        attempt.set_up = time.time()    # environment and data ready: the job's own time starts
+
+        job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
+                                   self._run_is_live)
+        attempt.job_dir = job_dir
+        status = self._attach_or_start(job, provider, prov, t, ready.python, ready.payload_dir, ready.data_dir,
+                                       attempt)
+        self._watch(job, prov, t, attempt, status)
+        summary = self._pull(job, t, attempt)
+        return ready.setup.annotate(summary, attempt.out_dir) if ready.setup is not None else summary
+
+    def _ready_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
+                    attempt: _Attempt) -> HostReady:
+        """The payload pushed, the environment and the job's data ready (what a job needs before
+        its pipeline can start; nothing of it uses the GPU)."""
+        self.view.update(job.job_id, phase="setup")
         setup_t0 = time.time()
         pushed = pl.push_payload(t)
         self._check_stop()
@@ -217,16 +234,7 @@ class Runner:
         with self._host_lock(job) or contextlib.nullcontext():
             python, data_dir, setup = self._prepare_host(job, provider, prov, t, pushed.remote_dir,
                                                          attempt, setup_t0)
-        self._check_stop()
-        attempt.set_up = time.time()    # environment and data ready: the job's own time starts
-
-        job_dir = pl.claim_job_dir(t, f"{t.root}/jobs/{pl.job_key(jid, job.settings())}", self.run_id,
-                                   self._run_is_live)
-        attempt.job_dir = job_dir
-        status = self._attach_or_start(job, provider, prov, t, python, pushed.remote_dir, data_dir, attempt)
-        self._watch(job, prov, t, attempt, status)
-        summary = self._pull(job, t, attempt)
-        return setup.annotate(summary, attempt.out_dir) if setup is not None else summary
+        return HostReady(pushed.remote_dir, python, data_dir, setup)
 
     def _prepare_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
                       payload_dir: str, attempt: _Attempt,
@@ -470,6 +478,15 @@ class Runner:
     def _check_stop(self) -> None:
         if self.stop.is_set():
             raise JobInterrupted("interrupted before training started")
+
+
+@dataclass(frozen=True, slots=True)
+class HostReady:
+    """What `Runner._ready_host` made ready for a job on its host."""
+    payload_dir: str
+    python: str
+    data_dir: str
+    setup: hostenv.HostSetup | None
 
 
 @dataclass(slots=True)

@@ -3,7 +3,9 @@
 Per host entry the runner rents up to `max_instances` instances (clouds; an ssh or local host is
 one machine, so one) and each instance takes jobs from the entry's queue one after another. An
 instance boots once, gets its environment once (bootstrap finds it on the second job), stages
-each dataset once, and while one job trains the next job's dataset is staged beside it. It is
+each dataset once, and while one job trains the next job is made ready beside it (payload,
+environment check, its dataset staged), so between two jobs there is only the pull and the
+start. It is
 released as soon as the queue is empty. A job that fails leaves the instance running for the
 next one unless the instance itself is the cause (it is gone, or it no longer answers); then it
 is released and the job goes back to the queue for a new instance.
@@ -29,6 +31,7 @@ next job's watchdog runs, so a controller that dies in the gap still leaves a gu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import threading
@@ -42,14 +45,13 @@ from typing import Any
 from ..errors import InstanceNotFound, OrchestratorError, ProviderError, TransportError
 from ..providers.base import InstanceState, Provider, make_label
 from ..secrets import redact
-from ..staging import stage_dataset
 from ..transport import connect
 from ..transport.base import Transport
 from . import hostenv
 from . import payload as pl
 from .failover import FailoverState, provision_with_failover
 from .provisioning import Provisioned, note_stopped_by_provider, release
-from .runner import JobInterrupted, JobOutcome, JobPlan, Runner, _Attempt
+from .runner import HostReady, JobInterrupted, JobOutcome, JobPlan, Runner, _Attempt
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +269,14 @@ class _Queue:
 
 
 @dataclass(slots=True)
+class _Ahead:
+    """A job's host preparation done while the job before it trained (`Runner._ready_host`)."""
+    thread: threading.Thread | None = None
+    ready: HostReady | None = None        # None: it failed (the job prepares again when it starts)
+    env_data_s: float = 0.0
+
+
+@dataclass(slots=True)
 class _Session:
     """One rented instance and what runs on it."""
     host_name: str
@@ -279,6 +289,7 @@ class _Session:
     job_ids: list[str] = field(default_factory=list)
     ahead: deque[JobPlan] = field(default_factory=deque)   # claimed from the queue (the first, those staged ahead)
     prestages: list[threading.Thread] = field(default_factory=list)
+    prepared: dict[str, _Ahead] = field(default_factory=dict)   # job id -> its host made ready ahead
     guard_dir: str = ""                           # the finished job whose watchdog still guards
     guard_pid: int = 0
     lost: bool = False
@@ -556,10 +567,12 @@ class SessionRunner(Runner):
                 return mine[gpu]
         return str(gpu)
 
-    # -- staging ahead ---------------------------------------------------------------------
+    # -- preparing ahead -------------------------------------------------------------------
     def _start_prestage(self, sess: _Session, python: str, payload_dir: str) -> None:
-        """Claim the queue's next job and stage its dataset while this one trains (at most one
-        claimed ahead per lane, so other instances of the queue are not starved)."""
+        """Claim the queue's next job and make its host ready (payload, environment check, its
+        dataset staged) while this one trains, so the gap between the two is the pull and the
+        start (at most one claimed ahead per lane, so other instances of the queue are not
+        starved)."""
         if self.stop.is_set() or sess.lost:
             return
         with sess.lock:
@@ -568,26 +581,47 @@ class SessionRunner(Runner):
             nxt = sess.queue.take()
             if nxt is None:
                 return
+            if sess.host is not None and nxt.host.name != sess.host.name:   # failed over to another entry
+                nxt = replace(nxt, host_name=sess.host.name, host=sess.host)
             sess.ahead.append(nxt)
-        with self._plock:
-            entry = sess.host.name if sess.host is not None else nxt.host_name
-            lock = self._stage_locks.setdefault((entry, nxt.dataset_name, nxt.scene), threading.Lock())
+            slot = sess.prepared[nxt.job_id] = _Ahead()
+        with self._slock:
+            self._sessions[nxt.job_id] = sess     # its host lock is the session's
 
-        def stage() -> None:
+        def prepare() -> None:
             t0 = time.time()
+            scratch = _Attempt()
             try:
-                with lock:
-                    stage_dataset(sess.transport, nxt.dataset, nxt.scene, python=python,
-                                  payload_dir=payload_dir, progress=None, stop=self.stop)
+                slot.ready = Runner._ready_host(self, nxt, sess.provider, sess.prov, sess.transport, scratch)
+                slot.env_data_s = scratch.env_data_s
                 self.ledger.record_phase(self.run_id, nxt.job_id, "prestage", t0, time.time())
-            except Exception as exc:  # noqa: BLE001 - the job stages again itself and reports a real failure
-                log.warning("%s: staging ahead failed (%s); it stages when it starts", nxt.job_id,
+                self.view.update(nxt.job_id, phase="pending", note="ready")
+            except Exception as exc:  # noqa: BLE001 - the job prepares again itself and reports a real failure
+                if self.stop.is_set():
+                    return
+                log.warning("%s: preparing ahead failed (%s); it prepares when it starts", nxt.job_id,
                             redact(str(exc)))
 
-        th = threading.Thread(target=stage, name=f"prestage-{nxt.job_id}", daemon=True)
+        th = slot.thread = threading.Thread(target=prepare, name=f"prestage-{nxt.job_id}", daemon=True)
         with sess.lock:
             sess.prestages.append(th)
         th.start()
+
+    def _ready_host(self, job: JobPlan, provider: Provider, prov: Provisioned, t: Transport,
+                    attempt: _Attempt) -> HostReady:
+        """What was made ready ahead for this job (waiting for it if it is still under way),
+        else the preparation now."""
+        sess = self._sessions.get(job.job_id)
+        with sess.lock if sess is not None else contextlib.nullcontext():
+            slot = sess.prepared.pop(job.job_id, None) if sess is not None else None
+        if slot is not None:
+            if slot.thread is not None:
+                slot.thread.join()
+            if slot.ready is not None:
+                attempt.env_data_s = slot.env_data_s
+                self.view.update(job.job_id, phase="setup", note="")
+                return slot.ready
+        return super()._ready_host(job, provider, prov, t, attempt)
 
     # -- the guard between jobs ------------------------------------------------------------
     def _keep_as_guard(self, sess: _Session, attempt: _Attempt) -> None:
@@ -663,6 +697,7 @@ class SessionRunner(Runner):
         with sess.lock:                         # claimed but not run (Ctrl-C, a lost instance)
             claimed = list(sess.ahead)
             sess.ahead.clear()
+            sess.prepared.clear()
             prestages = list(sess.prestages)
         for job in reversed(claimed):
             sess.queue.put_back(job)
