@@ -176,3 +176,37 @@ def test_read_write_text_atomic(sshd_server: SSHServer, tmp_path: Path) -> None:
     assert tr.read_text("jobs/a/status.json") == '{"phase": "tr\u00e4in"}\n'
     assert os.listdir(tmp_path / "jobs/a") == ["status.json"]   # no temp file left behind
     tr.close()
+
+
+def test_output_is_complete_when_the_exit_status_comes_first(sshd_server: SSHServer, tmp_path: Path) -> None:
+    """sshd can send a command's exit status before its last output; reading stopped at the exit
+    status lost `echo $!` now and then (a session's next job then failed with "could not read the
+    pid"). Detached starts while other channels of the connection are busy all return their pid."""
+    import threading
+    tr = make_transport(sshd_server, tmp_path / "root")
+    stop = threading.Event()
+    failures: list[str] = []
+    pids: list[int] = []
+
+    def busy() -> None:       # other channels at work, as a pull beside a start is
+        while not stop.is_set():
+            tr.run("head -c 2000000 /dev/zero | md5sum >/dev/null")
+
+    def starter() -> None:
+        for _ in range(75):
+            try:
+                pids.append(tr.start_detached("sleep 0.2", log_path=str(tmp_path / "root" / "log.txt")))
+            except Exception as exc:  # noqa: BLE001 - counted and shown below
+                failures.append(str(exc))
+
+    others = [threading.Thread(target=busy) for _ in range(2)]
+    starters = [threading.Thread(target=starter) for _ in range(4)]
+    for th in others + starters:
+        th.start()
+    for th in starters:
+        th.join(timeout=120)
+    stop.set()
+    for th in others:
+        th.join(timeout=60)
+    assert failures == []
+    assert len(pids) == 300 and all(p > 1 for p in pids)

@@ -30,6 +30,7 @@ from ..secrets import redact
 from .base import ProgressFn, TransferStats
 
 CHUNK_BYTES = 1 << 20
+EOF_GRACE_S = 2.0      # after a command's exit status, how long its output's EOF is waited for
 _SHA_CHUNK = 1 << 20
 
 
@@ -62,6 +63,7 @@ def exec_capture(t: paramiko.Transport, command: str, *, stdin: bytes | None = N
 def _drain(chan: paramiko.Channel, timeout_s: float) -> tuple[int, bytes, bytes]:
     deadline = time.monotonic() + timeout_s
     out, err = bytearray(), bytearray()
+    exited_at: float | None = None
     while True:
         if time.monotonic() > deadline:
             raise TransportError(f"remote command timed out after {timeout_s:.0f} s")
@@ -73,9 +75,19 @@ def _drain(chan: paramiko.Channel, timeout_s: float) -> tuple[int, bytes, bytes]
             err += chan.recv_stderr(CHUNK_BYTES)
             got = True
         if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-            break
+            # sshd may send the exit status before the last output: the output is complete at
+            # EOF. A command that left a background child holding its stdout never sends EOF,
+            # so after the exit status EOF is waited for only briefly.
+            if chan.eof_received:
+                break
+            exited_at = exited_at or time.monotonic()
+            if time.monotonic() - exited_at > EOF_GRACE_S:
+                break
         if not got:
-            chan.status_event.wait(0.02)
+            if exited_at is None:
+                chan.status_event.wait(0.02)
+            else:    # the status event stays set from here on: do not spin on it
+                time.sleep(0.01)
             if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready() \
                     and not chan.exit_status_ready():
                 raise LinkLost("connection lost during a remote command")
