@@ -248,7 +248,14 @@ class Trainer:
                                 enabled=self.amp_dtype is not None):
                 return self.model.density_unit(x).float()
 
-        self.model.grid.update(self.step, density)
+        # On CPU the density pass runs in chunks of the training batch's size: one 2^15-point
+        # chunk (a partial update) or 2^16 (the first full pass) spills the encoding's lookup
+        # arrays out of the caches and costs more per point than the same points in batch-sized
+        # chunks (bench/bench_grid_update.py). CUDA keeps the grid's default.
+        if self.device.type == "cpu":
+            self.model.grid.update(self.step, density, chunk=self.target_samples)
+        else:
+            self.model.grid.update(self.step, density)
 
     def train_step(self, read: bool = True) -> tuple[float | None, int]:
         """One optimisation step; returns (loss, samples the field trained on).
