@@ -105,16 +105,17 @@ class NerfModel(nn.Module):
             if background.dim() == 2:
                 background = background[:cut]
 
-        def positions(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
-            return (o[ri] + dirs[ri] * (0.5 * (ts + te)).unsqueeze(1)).clamp(0.0, 1.0)
+        def positions(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            return (o.index_select(0, ri) + d * (0.5 * (ts + te)).unsqueeze(1)).clamp(0.0, 1.0)
 
         def sigma_fn(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
             with torch.autocast(o.device.type, **amp):
-                return self.field.density(positions(ts, te, ri))[0].float()
+                return self.field.density(positions(ts, te, ri, dirs.index_select(0, ri)))[0].float()
 
         def rgb_sigma_fn(ts: torch.Tensor, te: torch.Tensor, ri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            d = dirs.index_select(0, ri)                  # gathered once, for the positions and the colour
             with torch.autocast(o.device.type, **amp):
-                rgb, sigma = self.field(positions(ts, te, ri), dirs[ri])
+                rgb, sigma = self.field(positions(ts, te, ri, d), d)
             return rgb.float(), sigma.float()
 
         out = volume_render(samples, o.shape[0], rgb_sigma_fn, background=background,

@@ -168,7 +168,7 @@ class Trainer:
         self.scaler = make_grad_scaler(self.device.type, self.precision)
         train = load_split(self.data_dir, "train", cfg.downscale)
         self.width, self.height, self.focal = train.width, train.height, train.focal
-        self.images = torch.from_numpy(train.images).to(self.device)                 # (N,H,W,4) uint8
+        self.images = torch.from_numpy(train.images).to(self.device).contiguous()    # (N,H,W,4) uint8
         self.c2w = torch.from_numpy(train.c2w).to(self.device)                       # (N,4,4)
         self.defaults = device_defaults(self.device.type, max(self.width, self.height))
         pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -248,7 +248,14 @@ class Trainer:
                                 enabled=self.amp_dtype is not None):
                 return self.model.density_unit(x).float()
 
-        self.model.grid.update(self.step, density)
+        # On CPU the density pass runs in chunks of the training batch's size: one 2^15-point
+        # chunk (a partial update) or 2^16 (the first full pass) spills the encoding's lookup
+        # arrays out of the caches and costs more per point than the same points in batch-sized
+        # chunks (bench/bench_grid_update.py). CUDA keeps the grid's default.
+        if self.device.type == "cpu":
+            self.model.grid.update(self.step, density, chunk=self.target_samples)
+        else:
+            self.model.grid.update(self.step, density)
 
     def train_step(self, read: bool = True) -> tuple[float | None, int]:
         """One optimisation step; returns (loss, samples the field trained on).
@@ -270,14 +277,20 @@ class Trainer:
         finally:
             torch.set_flush_denormal(False)
 
+    def pixels(self, img: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
+        """images[img, py, px] (R, 4) uint8, as one index_select of flat pixel rows (cheaper than
+        advanced indexing on CPU)."""
+        flat = (img * self.height + py) * self.width + px
+        return self.images.view(-1, self.images.shape[-1]).index_select(0, flat)
+
     def _train_step(self, read: bool) -> tuple[float | None, int]:
         self._update_grid()
         n, dev = self.n_rays, self.device
         img = torch.randint(0, self.images.shape[0], (n,), device=dev)
         px = torch.randint(0, self.width, (n,), device=dev)
         py = torch.randint(0, self.height, (n,), device=dev)
-        o, d = camera_rays(self.c2w[img], px, py, self.focal, self.width, self.height)
-        rgba = self.images[img, py, px].float() * (1.0 / 255.0)                  # uint8 in memory, per batch
+        o, d = camera_rays(self.c2w.index_select(0, img), px, py, self.focal, self.width, self.height)
+        rgba = self.pixels(img, py, px).float() * (1.0 / 255.0)                  # uint8 in memory, per batch
         bg = torch.rand((n, 3), device=dev)                      # random background while training
         gt = rgba[:, :3] * rgba[:, 3:] + bg * (1.0 - rgba[:, 3:])
         for g in self.optimizer.param_groups:

@@ -75,7 +75,12 @@ def march(origins: torch.Tensor, dirs: torch.Tensor, step_size: float, occupied_
     else:
         t0, keep = candidates(origins, dirs, step_size, k_max, jitter=jitter, box=box, occupancy=occupancy,
                               t_near=t_near, t_far=t_far, hit=hit)
-        rr, kk = torch.nonzero(keep, as_tuple=True)
+        # flat positions of the kept steps: one gather of t0 by index_select (t0[rr, kk] takes
+        # advanced indexing's slower general path); row-major, so still sorted by ray
+        flat = torch.nonzero(keep.view(-1)).squeeze(1)
+        ts = t0.reshape(-1).index_select(0, flat)
+        rr = torch.div(flat, k_max, rounding_mode="floor")
+        return Samples(rr, ts, ts + step_size)
     ts = t0[rr, kk]
     return Samples(rr, ts, ts + step_size)
 
@@ -103,14 +108,17 @@ def candidates(origins: torch.Tensor, dirs: torch.Tensor, step_size: float, k_ma
         # (S, 3) point list (about 3x faster for ~10^5 candidates on CPU). The cell arithmetic
         # is in place and int32 (res³ is far below 2^31): half the bytes of int64 per pass.
         res = occupancy.shape[0]
-        flat = None
-        for a in range(3):
+
+        def cell(a: int) -> torch.Tensor:
             p = (origins[:, a:a + 1] + dirs[:, a:a + 1] * mid).clamp_(0.0, 1.0).mul_(res)
-            c = p.to(torch.int32).clamp_(max=res - 1)                  # p >= 0: truncation is floor
-            if a:
-                c.mul_(res ** a)
-            flat = c if flat is None else flat.add_(c)
-        keep &= occupancy.reshape(-1)[flat]
+            return p.to(torch.int32).clamp_(max=res - 1)                # p >= 0: truncation is floor
+
+        flat = cell(0)
+        for a in (1, 2):
+            flat.add_(cell(a).mul_(res ** a))
+        # index_select, not flags[flat]: the same gather without advanced indexing's
+        # general machinery (several times cheaper on CPU for ~10^5 int32 indices)
+        keep &= occupancy.reshape(-1).index_select(0, flat.view(-1)).view_as(flat)
     return t0, keep
 
 
@@ -130,7 +138,7 @@ def transmittance(sigmas: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Te
     base = torch.zeros(n_rays, dtype=excl.dtype, device=excl.device)
     has = counts > 0
     base[has] = excl[starts[has]]
-    trans = torch.exp(-(excl - base[ray_indices])).to(sigmas.dtype)
+    trans = torch.exp(-(excl - base.index_select(0, ray_indices))).to(sigmas.dtype)
     alpha = 1.0 - torch.exp(-tau)
     return trans, alpha
 

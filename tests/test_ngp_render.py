@@ -133,3 +133,23 @@ def test_cached_bounds_follow_every_change_of_the_grid() -> None:
     torch.testing.assert_close(grid.bounds()[0], torch.tensor([7, 6, 5]) / 8)
     grid.update(0, lambda x: torch.zeros(x.shape[0]))                # decays to nothing: empty grid
     assert grid.flags() is None and torch.equal(grid.bounds()[1], torch.ones(3))
+
+
+@pytest.mark.parametrize("step", [0, 300])                          # the full pass and a partial one
+def test_grid_update_does_not_depend_on_the_chunk_size(step: int) -> None:
+    # The CPU trainer runs the update's density pass in batch-sized chunks (cheaper per point
+    # there); the cells, their jitter and so the values must be those of one large chunk.
+    from ngp_train.encoding import HashGridConfig
+    from ngp_train.field import FieldConfig, NgpField
+
+    field = NgpField(FieldConfig(grid=HashGridConfig(log2_hashmap_size=12, max_resolution=64)), seed=3)
+    grids = []
+    for chunk in (65536, 1000):
+        grid = OccupancyGrid(16, min_step_size=0.05, warmup_steps=256, sample_fraction=0.25)
+        grid.occupied[::3] = True                                  # some occupied cells to draw from
+        with torch.no_grad():
+            grid.update(step, lambda x: field.density(x)[0], chunk=chunk, generator=torch.Generator().manual_seed(5))
+        grids.append(grid)
+    assert float(grids[0].values.max()) > 0
+    torch.testing.assert_close(grids[1].values, grids[0].values, rtol=1e-6, atol=0)
+    assert torch.equal(grids[1].occupied, grids[0].occupied)

@@ -198,3 +198,18 @@ def test_cpu_step_flushes_denormal_moments_and_restores_the_flag(scene: Path, tm
     assert int(((m != 0) & (m.abs() < tiny)).sum()) == 0                  # none left denormal
     assert bool((m == 0).any())                                           # rows without gradient went to 0
     assert float(torch.tensor([tiny / 4]) * 1.0) > 0                      # denormals work again after the step
+
+
+def test_pixel_gather_equals_advanced_indexing(scene: Path, tmp_path: Path) -> None:
+    # The step gathers its rays' pixels with one index_select over flat pixel rows; it must pick
+    # exactly images[img, py, px], corners of the images included.
+    tr = Trainer(scene, tmp_path, FAST)
+    g = torch.Generator().manual_seed(2)
+    n_img = tr.images.shape[0]
+    img = torch.cat([torch.randint(0, n_img, (500,), generator=g), torch.tensor([0, n_img - 1])])
+    py = torch.cat([torch.randint(0, tr.height, (500,), generator=g), torch.tensor([0, tr.height - 1])])
+    px = torch.cat([torch.randint(0, tr.width, (500,), generator=g), torch.tensor([tr.width - 1, 0])])
+    got = tr.pixels(img, py, px)
+    assert got.dtype == torch.uint8 and got.shape == (502, 4)
+    assert torch.equal(got, tr.images[img, py, px])
+    assert int(got[:, 3].max()) > 0                                # real image content, not zeros
