@@ -404,3 +404,41 @@ def test_no_offer_on_one_entry_fails_over_to_another_entry_with_the_same_gpu(fak
         assert {r.host_name for r in ledger.instances(run_id=out["run_id"])} == {"pod"}
     finally:
         ledger.close()
+
+
+def test_the_next_job_starts_while_the_last_one_is_pulled(tmp_path: Path, monkeypatch) -> None:
+    """Between two jobs of a session the GPU waits only for the start: the finished job's pull
+    runs beside the next job (here a pull made slow on purpose), and both results come home."""
+    from orchestrator import cli
+    from orchestrator.run import payload as pl
+    real_pull = pl.pull_results
+    PULL_S = 4.0
+
+    def slow_pull(*args, **kwargs):  # noqa: ANN002, ANN003
+        time.sleep(PULL_S)
+        return real_pull(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "pull_results", slow_pull)
+    monkeypatch.setenv("ORCHESTRATE_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(json.dumps({
+        "name": "overlap", "hosts": {"here": {"provider": "local", "root": str(tmp_path / "host")}},
+        "datasets": {"d": {"generate": {"size": 16, "seed": 0}}},
+        "experiments": [{"name": "e", "dataset": "d", "scenes": ["default", "spheres"], "hosts": ["here"],
+                         "steps": 5, "device": "cpu", "backend": "torch"}]}))
+    assert cli.main(["run", str(cfg), "--yes", "--runs-dir", str(tmp_path / "runs")]) == 0
+    ledger = Ledger(tmp_path / "home" / "ledger.sqlite")
+    try:
+        [run_id] = [r["run_id"] for r in ledger.runs()]
+        jobs = sorted(ledger.jobs(run_id), key=lambda j: j.started_at or "")
+        assert [j.status for j in jobs] == ["succeeded"] * 2
+        ph = {(p["job_id"], p["phase"]): p for p in ledger.phases(run_id)}
+        for before, after in zip(jobs, jobs[1:]):
+            pull = ph[(before.job_id, "pull")]
+            assert pull["seconds"] >= PULL_S
+            # the next job trained while this one was still being pulled
+            assert ph[(after.job_id, "train")]["started_at"] < pull["ended_at"], (before.job_id, after.job_id)
+        for j in jobs:
+            assert (Path(j.out_dir) / "summary.json").is_file()
+    finally:
+        ledger.close()

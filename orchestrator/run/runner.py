@@ -500,6 +500,7 @@ class _Attempt:
     out_dir: str | None = None
     stop_status: str | None = None
     succeeded: bool = False
+    guard_kept: bool = False         # a session kept its watchdog as the instance's guard
     # wall-clock instants (time.time()), read by bench/bench_overhead.py
     host_ready: float = 0.0          # instance RUNNING and transport connected
     env_data_s: float = 0.0          # bootstrap ║ staging wall time (environment and data work)

@@ -4,8 +4,8 @@ Per host entry the runner rents up to `max_instances` instances (clouds; an ssh 
 one machine, so one) and each instance takes jobs from the entry's queue one after another. An
 instance boots once, gets its environment once (bootstrap finds it on the second job), stages
 each dataset once, and while one job trains the next job is made ready beside it (payload,
-environment check, its dataset staged), so between two jobs there is only the pull and the
-start. It is
+environment check, its dataset staged), and the finished job's pull runs beside the next job,
+so between two jobs the GPU waits only for the start. It is
 released as soon as the queue is empty. A job that fails leaves the instance running for the
 next one unless the instance itself is the cause (it is gone, or it no longer answers); then it
 is released and the job goes back to the queue for a new instance.
@@ -290,6 +290,7 @@ class _Session:
     ahead: deque[JobPlan] = field(default_factory=deque)   # claimed from the queue (the first, those staged ahead)
     prestages: list[threading.Thread] = field(default_factory=list)
     prepared: dict[str, _Ahead] = field(default_factory=dict)   # job id -> its host made ready ahead
+    freed: dict[str, threading.Event] = field(default_factory=dict)   # job id -> set when its lane may go on
     guard_dir: str = ""                           # the finished job whose watchdog still guards
     guard_pid: int = 0
     lost: bool = False
@@ -437,27 +438,67 @@ class SessionRunner(Runner):
             raise errors[0]
 
     def _lane(self, sess: _Session, gpu: int, first: JobPlan, outcomes: dict[str, JobOutcome]) -> None:
-        """One GPU of the instance: its jobs one after another."""
-        while not sess.lost:
-            job = sess.claim()
-            if job is None:
-                return
-            if self.stop.is_set():
-                sess.queue.put_back(job)
-                return
-            if job is not first and not self.guard.may_start(job.job_id, job.estimate_cost):
-                outcomes[job.job_id] = self._finish(
-                    job, "budget_stopped", None, "not started: it would cross the budget (spent + running estimates)")
-                continue
-            if sess.host is not None and job.host.name != sess.host.name:   # failed over to another entry
-                job = replace(job, host_name=sess.host.name, host=sess.host)
-            with sess.lock:
-                sess.lane_of[job.job_id] = gpu
-            outcome = self._session_job(sess, job)
-            if outcome is None:        # the instance was the cause: the job goes back to the queue
-                sess.queue.put_back(job)
-                return
-            outcomes[job.job_id] = outcome
+        """One GPU of the instance: its jobs one after another. A job's pull (and its
+        bookkeeping) runs beside the next job: the lane takes the next one as soon as the
+        pipeline has exited successfully (`_gpu_free`); any other ending frees it only once the
+        job is fully handled, as before."""
+        pending: list[threading.Thread] = []
+        try:
+            while not sess.lost:
+                job = sess.claim()
+                if job is None:
+                    return
+                if self.stop.is_set():
+                    sess.queue.put_back(job)
+                    return
+                if job is not first and not self.guard.may_start(job.job_id, job.estimate_cost):
+                    outcomes[job.job_id] = self._finish(
+                        job, "budget_stopped", None,
+                        "not started: it would cross the budget (spent + running estimates)")
+                    continue
+                if sess.host is not None and job.host.name != sess.host.name:   # failed over to another entry
+                    job = replace(job, host_name=sess.host.name, host=sess.host)
+                freed = threading.Event()
+                with sess.lock:
+                    sess.lane_of[job.job_id] = gpu
+                    sess.freed[job.job_id] = freed
+
+                def run_one(job: JobPlan = job, freed: threading.Event = freed) -> None:
+                    try:
+                        outcome = self._session_job(sess, job)
+                        if outcome is None:        # the instance was the cause: the job goes back to the queue
+                            sess.queue.put_back(job)
+                        else:
+                            outcomes[job.job_id] = outcome
+                    finally:
+                        with sess.lock:
+                            sess.freed.pop(job.job_id, None)
+                        freed.set()
+
+                th = threading.Thread(target=run_one, name=f"job-{job.job_id}", daemon=True)
+                pending.append(th)
+                th.start()
+                freed.wait()
+        finally:
+            for th in pending:    # pulls still under way end before the instance is released
+                th.join()
+
+    def _watch(self, job: JobPlan, prov: Provisioned, t: Transport, attempt: _Attempt,
+               status: pl.RemoteStatus | None) -> None:
+        super()._watch(job, prov, t, attempt, status)
+        self._gpu_free(job, attempt)
+
+    def _gpu_free(self, job: JobPlan, attempt: _Attempt) -> None:
+        """The pipeline exited with success: its watchdog guards the instance from now until the
+        next job's runs, and the lane may start the next job while this one is pulled."""
+        sess = self._sessions.get(job.job_id)
+        if sess is None:
+            return
+        self._keep_as_guard(sess, attempt)
+        with sess.lock:
+            freed = sess.freed.pop(job.job_id, None)
+        if freed is not None:
+            freed.set()
 
     def _session_job(self, sess: _Session, job: JobPlan) -> JobOutcome | None:
         """One job on the session's instance (mirrors `Runner._run_job` without provisioning or
@@ -625,9 +666,11 @@ class SessionRunner(Runner):
 
     # -- the guard between jobs ------------------------------------------------------------
     def _keep_as_guard(self, sess: _Session, attempt: _Attempt) -> None:
-        """The finished job's watchdog keeps guarding the instance until the next one runs."""
-        if not attempt.watchdog_pid or not attempt.job_dir:
+        """The finished job's watchdog keeps guarding the instance until the next one runs
+        (once per attempt: after the next job ended it, the pid may belong to another process)."""
+        if not attempt.watchdog_pid or not attempt.job_dir or attempt.guard_kept:
             return
+        attempt.guard_kept = True
         with sess.lock:
             old = (sess.guard_dir, sess.guard_pid)
             sess.guard_dir, sess.guard_pid = attempt.job_dir, attempt.watchdog_pid
