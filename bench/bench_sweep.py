@@ -1,15 +1,18 @@
 """Benchmark: an 8-scene sweep on the fake cloud (vastai provider), one instance per job against
 instance sessions, in the same run.
 
-    python bench/bench_sweep.py [--steps 5] [--size 16] [--scale 0.25]
+    python bench/bench_sweep.py [--steps 1000] [--size 16] [--scale 0.25] [--timeline]
 
-The fake cloud's instances are real sshd processes on this machine; what a real host spends
-on boot, environment and staging is simulated by delays scaled from the catalog
-(orchestrator/catalog/phases.csv: vastai boot 120 s, set-up 60 s, staging a mirrored scene
-60 s; × --scale): the boot by the fake cloud's `boot_s`, the environment by the host's
-interpreter sleeping on the first `remote_payload bootstrap` of each instance, staging by it
-sleeping on every scene generation. Training, evaluation, pulls and every controller step are
-real (tiny scenes on the CPU).
+The fake cloud's instances are real sshd processes on this machine, each with its own home (so
+`~/orchestrate` is per instance: every new instance builds its environment and downloads its
+data, as a rented one does). What a real host spends on boot, environment and staging is
+simulated from the catalog (orchestrator/catalog/phases.csv: vastai boot 120 s, set-up 60 s,
+staging a mirrored dataset 60 s; × --scale): the boot by the fake cloud's `boot_s`; the
+environment by the host's interpreter sleeping on each instance's first environment build
+(`remote_payload env`); staging by a real download: each dataset is an archive of its four
+generated scenes, padded to take the staging time through a throttled loopback mirror
+(`MirrorServer`). Training, evaluation, pulls and every controller step are real (tiny scenes
+on the CPU).
 
 Per mode: instances created, billed GPU seconds (the ledger's billing intervals), the useful
 seconds (train + eval phases) and their ratio. Targets (issue 15): sessions ≥ 85 % useful
@@ -37,26 +40,48 @@ sys.path.insert(0, str(REPO))
 CATALOG_S = {"boot": 120.0, "setup": 60.0, "staging": 60.0}   # vastai rows of phases.csv
 SCENES = ("default", "spheres", "rods", "blocks")
 
+MIRROR_RATE = 20e6          # bytes/s of the loopback mirror (a dataset is padded to take the staging time)
+
 WRAPPER = """#!/bin/sh
 # the host's interpreter, slowed as a real host would be (see bench/bench_sweep.py)
 case "$*" in
-  *"remote_payload bootstrap"*)
-    marker="{root}/.bench-env-$CONTAINER_ID"
+  *"remote_payload env"*)
+    marker="$HOME/.bench-env-$CONTAINER_ID"
     if [ ! -e "$marker" ]; then sleep {env_s}; touch "$marker"; fi ;;
-  *"ngp_train synth"*) sleep {stage_s} ;;
 esac
 exec {python} "$@"
 """
 
 
-def write_config(path: Path, fc, root: Path, python: Path, *, steps: int, size: int, max_instances: int) -> None:
+def build_archive(work: Path, name: str, seed: int, size: int, pad_bytes: int) -> Path:
+    """A NeRF-synthetic archive of SCENES (generated with `seed`), padded with incompressible
+    bytes so that its download takes the staging time at MIRROR_RATE."""
+    import zipfile
+
+    from ngp_train.synth import generate_scene
+    arc = work / f"{name}.zip"
+    with zipfile.ZipFile(arc, "w", zipfile.ZIP_STORED) as zf:
+        for scene in SCENES:
+            d = generate_scene(work / "src" / name / scene, scene=scene, size=size, seed=seed)
+            for p in sorted(d.rglob("*")):
+                if p.is_file():
+                    zf.writestr(f"{name}/{scene}/{p.relative_to(d)}", p.read_bytes())
+        block = 4 * 1024 * 1024
+        for k in range(max(1, pad_bytes // block)):
+            zf.writestr(f"{name}/extra/blob_{k:03d}.bin", os.urandom(block))
+    return arc
+
+
+def write_config(path: Path, fc, mirrors: dict[str, str], python: Path, *, steps: int,
+                 max_instances: int) -> None:
     host = {"provider": "vastai", "gpu": "RTX 4090", "api_base": fc.url, "api_key_env": "FAKECLOUD_API_KEY",
             "identity_file": str(fc.client_key_path), "user": os.environ.get("USER") or "root",
-            "python": str(python), "root": str(root), "idle_timeout_s": 300, "max_instances": max_instances}
+            "python": str(python), "root": "~/orchestrate", "idle_timeout_s": 300, "max_instances": max_instances}
     doc = {"name": "sweep", "budget": {"max_cost": 20, "currency": "USD"}, "hosts": {"cloud": host},
-           "datasets": {f"d{seed}": {"generate": {"size": size, "seed": seed}} for seed in (0, 1)},
-           "experiments": [{"name": f"s{seed}", "dataset": f"d{seed}", "scenes": list(SCENES), "hosts": ["cloud"],
-                            "steps": steps, "device": "cpu", "backend": "torch"} for seed in (0, 1)]}
+           "datasets": {name: {"mirrors": [url], "scenes": list(SCENES)} for name, url in mirrors.items()},
+           "experiments": [{"name": f"s{k}", "dataset": name, "scenes": list(SCENES), "hosts": ["cloud"],
+                            "steps": steps, "device": "cpu", "backend": "torch"}
+                           for k, name in enumerate(mirrors)]}
     path.write_text(json.dumps(doc, indent=1))
 
 
@@ -110,18 +135,27 @@ def _timeline(con: sqlite3.Connection, run_id: str) -> list[str]:
     return lines
 
 
-def run_mode(work: Path, fc, env: dict[str, str], extra: list[str], *, steps: int, size: int,
+def run_mode(work: Path, fc, env: dict[str, str], extra: list[str], *, steps: int, mirrors: dict[str, str],
              max_instances: int, python: Path, concurrency: int) -> dict[str, float]:
     name = "one-per-job" if "--one-per-job" in extra else "sessions"
     cfg = work / f"{name}.yaml"
-    write_config(cfg, fc, work / "host", python, steps=steps, size=size, max_instances=max_instances)
+    write_config(cfg, fc, mirrors, python, steps=steps, max_instances=max_instances)
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--yes", "--json",
                           "--concurrency", str(concurrency), "--runs-dir", str(work / "runs"), *extra],
                          env=env, capture_output=True, text=True, timeout=7200)
     wall = time.monotonic() - t0
     if res.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {res.returncode}): {res.stderr[-2000:]}")
+        errors = ""
+        ledger = Path(env["ORCHESTRATE_HOME"]) / "ledger.sqlite"
+        if ledger.exists():
+            con = sqlite3.connect(ledger)
+            try:
+                errors = "\n".join(f"  {j}: {st}: {e}" for j, st, e in con.execute(
+                    "SELECT job_id, status, error FROM jobs WHERE status != 'succeeded'"))
+            finally:
+                con.close()
+        raise SystemExit(f"{name} failed (exit {res.returncode}):\n{errors}\n{res.stderr[-2000:]}")
     out = json.loads(res.stdout)
     m = measure(Path(env["ORCHESTRATE_HOME"]), out["run_id"])
     m["wall_s"] = wall
@@ -130,7 +164,7 @@ def run_mode(work: Path, fc, env: dict[str, str], extra: list[str], *, steps: in
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--scale", type=float, default=0.25, help="catalog seconds × this = simulated seconds")
     ap.add_argument("--max-instances", type=int, default=1, help="sessions: max_instances of the host entry")
@@ -145,12 +179,16 @@ def main() -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("one-per-job", "sessions") for m in modes):
         ap.error(f"--modes: {args.modes!r}; choose from one-per-job,sessions")
+    from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
     from orchestrator.testing.fakecloud import FakeCloud
-
     delays = {k: v * args.scale for k, v in CATALOG_S.items()}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         work = Path(tmp)
-        with FakeCloud(work / "fc") as fc:
+        pad = int(delays["staging"] * MIRROR_RATE)
+        archives = {f"d{seed}": build_archive(work, f"d{seed}", seed, args.size, pad) for seed in (0, 1)}
+        files = {f"/{a.name}": a for a in archives.values()}
+        with FakeCloud(work / "fc") as fc, MirrorServer(files, MirrorBehaviour(rate_bytes_per_s=MIRROR_RATE)) as mirror:
+            mirrors = {name: mirror.url(f"/{a.name}") for name, a in archives.items()}
             fc.world.catalog = {**fc.world.catalog, "vastai": [(str(7100 + k), "RTX 4090", 0.44 + 0.01 * k)
                                                                for k in range(10)]}
             fc.set_faults(boot_s=delays["boot"])
@@ -158,16 +196,16 @@ def main() -> int:
             for mode in modes:
                 extra = ["--one-per-job"] if mode == "one-per-job" else []
                 mdir = work / mode
-                (mdir / "host").mkdir(parents=True)
+                mdir.mkdir(parents=True)
                 python = mdir / "python"
-                python.write_text(WRAPPER.format(root=mdir / "host", env_s=delays["setup"],
-                                                 stage_s=delays["staging"], python=sys.executable))
+                python.write_text(WRAPPER.format(env_s=delays["setup"], python=sys.executable))
                 python.chmod(0o755)
                 env = {**os.environ, "ORCHESTRATE_HOME": str(mdir / "home"), "FAKECLOUD_API_KEY": fc.api_key}
-                results[mode] = run_mode(mdir, fc, env, extra, steps=args.steps, size=args.size,
+                results[mode] = run_mode(mdir, fc, env, extra, steps=args.steps, mirrors=mirrors,
                                          max_instances=args.max_instances, python=python,
                                          concurrency=args.concurrency)
             leaked = fc.live_count()
+            downloads = sum(1 for r in mirror.requests if r.method == "GET")
     s, o = results.get("sessions"), results.get("one-per-job")
     both = s is not None and o is not None and bool(o["billed_s"])
     per_job_useful = (s or o or {}).get("useful_s", 0.0) / 8
@@ -183,7 +221,7 @@ def main() -> int:
               "catalog_equivalent_scale": per_job_useful / catalog_train_s,
               "results": {k: {kk: vv for kk, vv in v.items() if kk != "timeline"} for k, v in results.items()},
               "billed_ratio": s["billed_s"] / o["billed_s"] if both else None,
-              "leaked": leaked, "targets": targets}
+              "leaked": leaked, "dataset_downloads": downloads, "targets": targets}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -198,6 +236,8 @@ def main() -> int:
         print(f"sessions billed / one-per-job billed = {report['billed_ratio']:.2f}; leaked {leaked}")
     else:
         print(f"one mode only: no billed ratio; leaked {leaked}")
+    print(f"dataset archives served by the mirror: {downloads} GET requests "
+          f"({pad / 1e6:.0f} MB each at {MIRROR_RATE / 1e6:.0f} MB/s)")
     print(f"train+eval per job here {per_job_useful:.0f} s = {report['catalog_equivalent_scale']:.2f} × the "
           f"catalog's RTX 4090 job ({catalog_train_s:.0f} s); the delays use × {args.scale:g}")
     if args.timeline:
