@@ -293,6 +293,7 @@ class _Session:
     freed: dict[str, threading.Event] = field(default_factory=dict)   # job id -> set when its lane may go on
     guard_dir: str = ""                           # the finished job whose watchdog still guards
     guard_pid: int = 0
+    guard_stop: str = ""                          # ... and the command that ends its processes
     lost: bool = False
     failed_jobs: int = 0
     running: dict[str, tuple[JobPlan, _Attempt]] = field(default_factory=dict)  # now (their snapshots come home)
@@ -674,12 +675,24 @@ class SessionRunner(Runner):
         with sess.lock:
             old = (sess.guard_dir, sess.guard_pid)
             sess.guard_dir, sess.guard_pid = attempt.job_dir, attempt.watchdog_pid
+            sess.guard_stop = attempt.stop_command
         if old[1] and old[1] != attempt.watchdog_pid:
             self._kill_watchdog(sess, old[1])
 
-    def _end_guard(self, sess: _Session) -> None:
+    def _end_guard(self, sess: _Session, *, last: bool = False) -> None:
+        """End the guarding watchdog (a new job's watchdog guards now). At the end of the
+        session (`last`) the guard job's own stop command ends it and whatever of that job still
+        runs (a pipeline that reported its exit may still be shutting down), as one-per-job
+        teardown does."""
         with sess.lock:
             pid, sess.guard_pid, sess.guard_dir = sess.guard_pid, 0, ""
+            stop, sess.guard_stop = sess.guard_stop, ""
+        if last and stop:
+            try:
+                sess.transport.run(stop, check=False, timeout_s=60)
+                return
+            except OrchestratorError as exc:
+                log.warning("%s: could not end the last job's processes: %s", sess.host_name, exc)
         if pid:
             self._kill_watchdog(sess, pid)
 
@@ -747,7 +760,7 @@ class SessionRunner(Runner):
         for th in prestages:
             th.join(timeout=120)
         try:
-            self._end_guard(sess)
+            self._end_guard(sess, last=True)
             keep = bool(sess.prov and self._host_of(sess).keep_on_failure) and sess.failed_jobs > 0 \
                 and not self.stop.is_set() and not sess.lost
             release(sess.provider, sess.prov.instance_id, sess.prov.row_id, ledger=self.ledger,
