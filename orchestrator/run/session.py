@@ -31,7 +31,6 @@ next job's watchdog runs, so a controller that dies in the gap still leaves a gu
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import shlex
 import threading
@@ -313,6 +312,13 @@ class _Session:
         return self.queue.take()
 
 
+def _on_entry(sess: _Session, job: JobPlan) -> JobPlan:
+    """`job` as run on the session's host entry (another one than planned after a failover)."""
+    if sess.host is not None and job.host.name != sess.host.name:
+        return replace(job, host_name=sess.host.name, host=sess.host)
+    return job
+
+
 class SessionRunner(Runner):
     """`Runner` with instance sessions: the same job steps, a different outer flow."""
 
@@ -457,8 +463,7 @@ class SessionRunner(Runner):
                         job, "budget_stopped", None,
                         "not started: it would cross the budget (spent + running estimates)")
                     continue
-                if sess.host is not None and job.host.name != sess.host.name:   # failed over to another entry
-                    job = replace(job, host_name=sess.host.name, host=sess.host)
+                job = _on_entry(sess, job)
                 freed = threading.Event()
                 with sess.lock:
                     sess.lane_of[job.job_id] = gpu
@@ -623,8 +628,7 @@ class SessionRunner(Runner):
             nxt = sess.queue.take()
             if nxt is None:
                 return
-            if sess.host is not None and nxt.host.name != sess.host.name:   # failed over to another entry
-                nxt = replace(nxt, host_name=sess.host.name, host=sess.host)
+            nxt = _on_entry(sess, nxt)
             sess.ahead.append(nxt)
             slot = sess.prepared[nxt.job_id] = _Ahead()
         with self._slock:
@@ -654,8 +658,10 @@ class SessionRunner(Runner):
         """What was made ready ahead for this job (waiting for it if it is still under way),
         else the preparation now."""
         sess = self._sessions.get(job.job_id)
-        with sess.lock if sess is not None else contextlib.nullcontext():
-            slot = sess.prepared.pop(job.job_id, None) if sess is not None else None
+        slot = None
+        if sess is not None:
+            with sess.lock:
+                slot = sess.prepared.pop(job.job_id, None)
         if slot is not None:
             if slot.thread is not None:
                 slot.thread.join()
