@@ -173,7 +173,11 @@ def test_ctrl_c_during_a_session_releases_cancels_and_the_rerun_resumes(fake_clo
     while not cond() and time.monotonic() < deadline and h.proc.poll() is None:
         time.sleep(0.05)
     assert cond(), "training never started"
-    time.sleep(3)      # a few steps, so there is a snapshot worth resuming
+    # a few steps, so there is a snapshot worth resuming: the phase turns "train" before the
+    # first step (the model and the data load first), so a fixed sleep raced a loaded machine
+    while (h.job_status() or {}).get("step", 0) < 2 and time.monotonic() < deadline and h.proc.poll() is None:
+        time.sleep(0.05)
+    assert (h.job_status() or {}).get("step", 0) >= 2, h.job_status()
     h.proc.send_signal(signal.SIGINT)
     assert h.proc.wait(timeout=300) == 130
     assert fake_cloud.live_count() == 0 and fake_cloud.bill()["created"] == 1

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from orchestrator.config import DatasetConfig
+from orchestrator.config.model import GenerateSpec
 from orchestrator.errors import DatasetInvalid, StagingError
-from orchestrator.staging import StageTuning, content_key, estimate_staging_seconds, stage_dataset
+from orchestrator.staging import StageTuning, content_key, estimate_staging_seconds, prefetch_dataset, stage_dataset
 from orchestrator.staging.estimate import ASSUMED_RATE_BYTES_PER_S, ASSUMED_SIZE_BYTES
 from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
 from orchestrator.staging.mirrored import dataset_key
@@ -191,3 +192,43 @@ def test_preflight_rejects_hopeless_declarations_before_renting(scene_dir: Path,
         with pytest.raises(StagingError, match=message) as err:
             preflight(ds, scenes)
         assert "\n" not in str(err.value)
+
+
+BARE_PYTHON = "/usr/bin/python3"     # the distribution's python: no numpy, no PIL, no torch
+
+
+@pytest.mark.skipif(not Path(BARE_PYTHON).is_file(), reason="no /usr/bin/python3 to stand in for a bare host")
+def test_prefetch_with_a_bare_python_downloads_and_staging_then_only_validates(transport: LocalTransport,
+                                                                               scene_dir: Path) -> None:
+    import subprocess
+    bare = subprocess.run([BARE_PYTHON, "-c", "import numpy"], capture_output=True)
+    assert bare.returncode != 0, "the stand-in for a bare host has numpy"
+    archive = zip_dir(scene_dir, "nerf_synthetic/lego")
+    with MirrorServer({"/ns.zip": archive}) as m:
+        ds = dataset("nerf", [m.url("/ns.zip")])
+        assert prefetch_dataset(transport, ds, "lego", python=BARE_PYTHON, payload_dir=str(REPO))
+        dest = Path(transport.root) / "cache" / "datasets" / dataset_key(ds, content_key)
+        assert (dest / "lego" / "transforms_train.json").is_file()
+        assert not (dest / ".complete-lego").exists()          # fetched, not validated
+        fetched = len(m.gets("/ns.zip"))
+        assert fetched >= 1
+        path = stage(transport, ds)                             # the environment's python validates
+        assert path == str(dest / "lego") and (dest / ".complete-lego").is_file()
+        assert len(m.gets("/ns.zip")) == fetched                 # nothing downloaded again
+        assert not prefetch_dataset(transport, ds, "lego", python=BARE_PYTHON, payload_dir=str(REPO))  # cached
+
+
+def test_prefetch_is_best_effort_and_cancellable(transport: LocalTransport, scene_dir: Path) -> None:
+    import threading
+    archive = zip_dir(scene_dir, "nerf_synthetic/lego")
+    assert not prefetch_dataset(transport, dataset("gen", [], generate=GenerateSpec(size=16)), "lego",
+                                python=sys.executable, payload_dir=str(REPO))    # generated: nothing to fetch
+    assert not prefetch_dataset(transport, dataset("nerf", ["http://127.0.0.1:9/ns.zip"]), "lego",
+                                python=sys.executable, payload_dir=str(REPO))    # no mirror answers: False
+    with MirrorServer({"/ns.zip": archive}, MirrorBehaviour(rate_bytes_per_s=100_000)) as m:
+        ds = dataset("nerf", [m.url("/ns.zip")])
+        stop = threading.Event()
+        threading.Timer(1.5, stop.set).start()
+        assert not prefetch_dataset(transport, ds, "lego", python=sys.executable, payload_dir=str(REPO), stop=stop)
+        dest = Path(transport.root) / "cache" / "datasets" / dataset_key(ds, content_key)
+        assert not (dest / "lego").exists() and not (dest / ".complete-lego").exists()

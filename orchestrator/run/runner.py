@@ -31,7 +31,7 @@ from ..ledger import Ledger
 from ..providers import make_provider
 from ..providers.base import Provider, make_label
 from ..secrets import redact
-from ..staging import stage_dataset
+from ..staging import prefetch_dataset, stage_dataset
 from ..transport import connect
 from ..transport.base import Transport
 from . import hostenv
@@ -245,9 +245,21 @@ class Runner:
         jid = job.job_id
         python = host_python(job.host, provider)
         setup = None
+        prefetch = None
         if provider.transport_kind != "local":   # a rented host: its own environment, checked first
-            setup = hostenv.set_up_host(t, job, provider, prov, payload_dir=payload_dir,
-                                        ledger=self.ledger, run_id=self.run_id, view=self.view)
+            # A mirrored scene's download needs only the host's own python: it runs while the
+            # environment is built (on a fresh instance the two longest waits before training).
+            # Validation needs the environment, so stage() below still validates; a preflight
+            # failure cancels the download (the instance is released either way).
+            if job.dataset.generate is None and job.dataset.mirrors:
+                prefetch = _Prefetch(t, job, python, payload_dir, self.stop)
+            try:
+                setup = hostenv.set_up_host(t, job, provider, prov, payload_dir=payload_dir,
+                                            ledger=self.ledger, run_id=self.run_id, view=self.view)
+            except BaseException:
+                if prefetch is not None:
+                    prefetch.cancel()
+                raise
             python = setup.python
             self._check_stop()
         with self._plock:   # two jobs staging the same scene on one host: one does it
@@ -260,8 +272,12 @@ class Runner:
                                      payload_dir=payload_dir, progress=None, stop=self.stop)
 
         ready = pl.bootstrap_and_stage(t, python=python, payload_dir=payload_dir, stage=stage)
+        staging_started = ready.staging_started
+        if prefetch is not None:    # stage() waited on the host's cache lock for the download
+            prefetch.cancel()
+            staging_started = min(staging_started, prefetch.started)
         self.ledger.record_phase(self.run_id, jid, "setup", setup_t0, ready.setup_ended)
-        self.ledger.record_phase(self.run_id, jid, "staging", ready.staging_started, ready.staging_ended)
+        self.ledger.record_phase(self.run_id, jid, "staging", staging_started, ready.staging_ended)
         attempt.env_data_s = ready.env_data_s
         if ready.error is not None:
             raise ready.error
@@ -510,6 +526,34 @@ class _Attempt:
     teardown_started: float = 0.0
     released: float = 0.0            # instance released (billing closed)
     final_status: Any = None
+
+
+class _Prefetch:
+    """`prefetch_dataset` in a thread: a mirrored scene downloading while the environment is
+    built. Best effort: its failures are the full staging's to report."""
+
+    def __init__(self, t: Transport, job: JobPlan, python: str, payload_dir: str, stop: Any) -> None:
+        self.started = time.time()
+        self._cancel = threading.Event()
+        outer, cancel = stop, self._cancel
+
+        class _Either:   # the run's Ctrl-C or this job's cancel: either ends the download
+            def is_set(self) -> bool:
+                return cancel.is_set() or (outer is not None and outer.is_set())
+
+        def work() -> None:
+            try:
+                prefetch_dataset(t, job.dataset, job.scene, python=python, payload_dir=payload_dir, stop=_Either())
+            except Exception as exc:  # noqa: BLE001 - best effort: the full staging tries again and reports
+                log.debug("%s: prefetch: %s", job.job_id, redact(str(exc)))
+
+        self._thread = threading.Thread(target=work, name=f"prefetch-{job.job_id}", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Stop a download still running (the host's stage process is killed) and wait for it."""
+        self._cancel.set()
+        self._thread.join(timeout=120)
 
 
 def host_python(host: HostConfig, provider: Provider) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .common import StageProgress, check_remote, content_key, payload_cmd
 from .estimate import estimate_staging_seconds
 from .generated import stage_generated
-from .mirrored import StageTuning, stage_mirrored
+from .mirrored import StageTuning, prefetch_mirrored, stage_mirrored
 from .preflight import mirror_problem, preflight
 
 if TYPE_CHECKING:
@@ -34,5 +34,14 @@ def stage_dataset(transport: Transport, dataset: DatasetConfig, scene: str, *, p
                           progress=progress, content_key=content_key, tuning=tuning, stop=stop)
 
 
+def prefetch_dataset(transport: Transport, dataset: DatasetConfig, scene: str, *, python: str,
+                     payload_dir: str, stop: Any = None) -> bool:
+    """Download a mirrored scene with any python the host has (no validation, no packages), so
+    that a download overlaps the building of the environment; `stage_dataset` then validates.
+    False (and nothing raised) for generated data, a cached scene, or any failure."""
+    return prefetch_mirrored(transport, dataset, scene, python=python, payload_dir=payload_dir,
+                             content_key=content_key, stop=stop)
+
+
 __all__ = ["StageProgress", "StageTuning", "check_remote", "content_key", "estimate_staging_seconds",
-           "mirror_problem", "payload_cmd", "preflight", "stage_dataset", "stage_generated"]
+           "mirror_problem", "payload_cmd", "prefetch_dataset", "preflight", "stage_dataset", "stage_generated"]

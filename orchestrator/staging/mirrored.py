@@ -72,7 +72,7 @@ def dataset_key(dataset: DatasetConfig, content_key: Callable[[Any], str]) -> st
 
 
 def _stage_args(dest: str, scene: str, mirrors: list[str], sha256: dict[str, str], tuning: StageTuning,
-                status: str, from_local: str | None = None) -> str:
+                status: str, from_local: str | None = None, fetch_only: bool = False) -> str:
     args = ["remote_payload", "stage", "--dest", dest, "--scene", scene, "--status-file", status,
             "--timeout-s", f"{tuning.timeout_s:g}", "--stall-period-s", f"{tuning.stall_period_s:g}",
             "--stall-floor-bytes-per-s", f"{tuning.stall_floor_bytes_per_s:g}",
@@ -83,19 +83,22 @@ def _stage_args(dest: str, scene: str, mirrors: list[str], sha256: dict[str, str
         args += ["--sha256", f"{k}={v}"]
     if from_local:
         args += ["--from-local", from_local]
+    if fetch_only:
+        args.append("--fetch-only")
     return " ".join(shlex.quote(a) for a in args)
 
 
 def run_host_stage(transport: Transport, *, python: str, payload_dir: str, dest: str, scene: str,
                    mirrors: list[str], sha256: dict[str, str], tuning: StageTuning,
                    progress: StageProgress | None, from_local: str | None = None,
-                   stop: Any = None) -> HostStageResult:
+                   stop: Any = None, fetch_only: bool = False) -> HostStageResult:
     """Start `remote_payload stage` detached on the host and follow it to its end (bounded)."""
 
     tag = uuid.uuid4().hex[:8]
     status = f"{dest}/.stage-{scene}-{tag}.json"
     rc_path = status + ".rc"
-    cmd = (payload_cmd(python, payload_dir, _stage_args(dest, scene, mirrors, sha256, tuning, status, from_local))
+    cmd = (payload_cmd(python, payload_dir, _stage_args(dest, scene, mirrors, sha256, tuning, status, from_local,
+                                                          fetch_only))
            + f"; echo $? > {shlex.quote(rc_path)}.tmp && mv {shlex.quote(rc_path)}.tmp {shlex.quote(rc_path)}")
     pid = _start_detached(transport, cmd, f"{dest}/.stage-{scene}-{tag}.log")
     deadline = time.monotonic() + tuning.timeout_s + 120
@@ -257,3 +260,28 @@ def stage_mirrored(transport: Transport, dataset: DatasetConfig, scene: str, *, 
     path, _ = upload_local(transport, dataset, scene, dest, python=python, payload_dir=payload_dir,
                               tuning=tuning, progress=progress)
     return path
+
+
+def prefetch_mirrored(transport: Transport, dataset: DatasetConfig, scene: str, *, python: str,
+                      payload_dir: str, content_key: Callable[[Any], str], stop: Any = None,
+                      tuning: StageTuning | None = None) -> bool:
+    """Download a mirrored scene with the host's own python while the job's environment is built
+    (`stage --fetch-only`: standard library only). Best effort: True when the files are on the
+    host; on any failure False, and the full staging that follows tries again and reports."""
+    if not dataset.mirrors or dataset.generate is not None:
+        return False
+    network = [m for m in dataset.mirrors if not is_local_mirror(m)]
+    dest = f"{transport.root}/cache/datasets/{dataset_key(dataset, content_key)}"
+    if not network or transport.read_text(f"{dest}/.complete-{scene}") is not None:
+        return False
+    try:
+        res = run_host_stage(transport, python=python, payload_dir=payload_dir, dest=dest, scene=scene,
+                             mirrors=network, sha256=dict(dataset.sha256 or {}), tuning=tuning or StageTuning(),
+                             progress=None, stop=stop, fetch_only=True)
+    except StagingError as exc:
+        log.debug("dataset %s scene %s: prefetch stopped: %s", dataset.name, scene, exc)
+        return False
+    if res.exit_code != 0:
+        log.debug("dataset %s scene %s: prefetch failed (%s); staging will try again",
+                  dataset.name, scene, res.message)
+    return res.exit_code == 0

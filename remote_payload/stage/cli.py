@@ -122,8 +122,13 @@ def _fetch_tree(sources: list[Source], scene: str, tree: Path, policy: FetchPoli
 
 
 def stage(dest: Path, scene: str, mirrors: list[str], checksums: dict[str, str], *, policy: FetchPolicy,
-          timeout_s: float, emit: Emit, from_local: Path | None = None, refresh: bool = False) -> Path:
-    """Make `<dest>/<scene>` a validated scene; return it. Raises StageError subclasses."""
+          timeout_s: float, emit: Emit, from_local: Path | None = None, refresh: bool = False,
+          fetch_only: bool = False) -> Path:
+    """Make `<dest>/<scene>` a validated scene; return it. Raises StageError subclasses.
+
+    `fetch_only`: download, extract and verify checksums, but neither validate nor mark the
+    scene complete. Validation decodes images (numpy, PIL); this part needs only the standard
+    library, so a host's own python can fetch while the job's environment is still being built."""
     deadline = time.monotonic() + timeout_s
     scene = safe_relpath(scene, "scene name")
     scene_dir, marker = dest / scene, dest / f".complete-{scene}"
@@ -156,10 +161,11 @@ def stage(dest: Path, scene: str, mirrors: list[str], checksums: dict[str, str],
         emit({"event": "progress", "phase": "validate", "bytes": 0, "total": None,
               "rate_bytes_per_s": 0.0, "eta_s": None, "mirror": None})
         cache.verify_files(dest, scene, checksums)
-        validate(scene_dir, scene)
-        marker.write_text(json.dumps({"scene": scene, "mirror": used, "at": time.time()}))
+        if not fetch_only:
+            validate(scene_dir, scene)
+            marker.write_text(json.dumps({"scene": scene, "mirror": used, "at": time.time()}))
     seconds = time.monotonic() - t0
-    emit({"event": "done", "scene_dir": str(scene_dir), "cached": False,
+    emit({"event": "done", "scene_dir": str(scene_dir), "cached": False, "validated": not fetch_only,
           "bytes": dl.fetched_bytes if dl else 0, "seconds": round(seconds, 3),
           "rate_bytes_per_s": round(dl.rate_bytes_per_s, 1) if dl else 0.0, "mirror": used})
     return scene_dir
@@ -265,6 +271,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--sha256", action="append", default=[], help="NAME=HEX for an archive or <scene>/<file>")
     p.add_argument("--from-local", type=Path, help="an archive or directory the controller uploaded")
     p.add_argument("--refresh", action="store_true", help="drop what is cached and stage again")
+    p.add_argument("--fetch-only", action="store_true",
+                   help="download and verify checksums only (standard library); a later stage validates")
     p.add_argument("--timeout-s", type=float, default=6 * 3600.0)
     p.add_argument("--probe-bytes", type=int, default=_DEFAULT.probe_bytes)
     p.add_argument("--probe-timeout-s", type=float, default=_DEFAULT.probe_timeout_s)
@@ -297,7 +305,8 @@ def run(args: argparse.Namespace, emit: Emit = _emit_stdout) -> int:
                              stall_floor_bytes_per_s=args.stall_floor_bytes_per_s,
                              stall_period_s=args.stall_period_s)
         stage(Path(args.dest), args.scene, args.mirror, _parse_checksums(args.sha256), policy=policy,
-              timeout_s=args.timeout_s, emit=emit, from_local=args.from_local, refresh=args.refresh)
+              timeout_s=args.timeout_s, emit=emit, from_local=args.from_local, refresh=args.refresh,
+              fetch_only=args.fetch_only)
     except StageError as exc:
         emit({"event": "error", "exit_code": exc.exit_code, "message": str(exc)})
         sys.stderr.write(f"{exc}\n")
