@@ -18,7 +18,9 @@ Per mode: instances created, billed GPU seconds (the ledger's billing intervals)
 seconds (train + eval phases) and their ratio. Targets (issue 15): sessions ≥ 85 % useful
 with at most 2 instances; sessions billed ≤ 0.6 × one instance per job. Training here is
 orders of magnitude shorter than the catalog's (its scale is printed), so the useful fraction
-says how well the gaps between jobs are hidden, at the given scale.
+says how well the gaps between jobs are hidden, at the given scale. When `--scale` equals the
+printed training scale, overheads and training stand in the catalog's proportions (about
+`--scale 0.13 --steps 1300` on a 2-core machine); a larger --scale weighs the overheads more.
 """
 from __future__ import annotations
 
