@@ -1,11 +1,12 @@
 """Estimate error on a small matrix after calibration (target: within ±10% of actual).
 
-    python bench/bench_calibration.py [--calibration-runs 2] [--size 16] [--steps 40 120]
+    python bench/bench_calibration.py [--calibration-runs 2] [--size 16] [--steps 100 300]
 
 Two calibration passes put 4 finished jobs behind each estimate (the median of 4 damps one
-slow run on a shared machine); 40 and 120 steps keep the jobs 10-20 s, long enough that a
+slow run on a shared machine); 100 and 300 steps keep the jobs ~10-20 s, long enough that a
 second of scheduling jitter is not the whole error (with 1 pass at 10/30 steps, 6-10 s jobs,
-the worst job was off by 17%).
+the worst job was off by 17%; 40/120 steps gave 10-20 s jobs until the CPU step got faster,
+then 6-9 s jobs and a worst error of 18%).
 
 On the local provider (CPU), in a fresh ORCHESTRATE_HOME (after one warm-up pass under another
 ledger that fills the host's caches): run the matrix (scenes × step counts)
@@ -72,7 +73,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibration-runs", type=int, default=2)
     ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--steps", type=int, nargs="+", default=[40, 120])
+    ap.add_argument("--steps", type=int, nargs="+", default=[100, 300])
     ap.add_argument("--scenes", nargs="+", default=["default", "spheres"])
     ap.add_argument("--price-per-hour", type=float, default=36.0)
     args = ap.parse_args()

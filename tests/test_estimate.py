@@ -178,8 +178,9 @@ def test_currencies_are_not_mixed(tiny_catalog: Path) -> None:
 
 
 def _past_job(ledger: Ledger, run: str, job: str, *, gpu: str, steps: int, phases: dict[str, float],
-              status: str = "succeeded", provider: str = "vastai", dataset: str = "gen") -> None:
-    ledger.add_job(run, job, experiment="a", scene="default", host_name="vx", provider=provider, gpu=gpu,
+              status: str = "succeeded", provider: str = "vastai", dataset: str = "gen",
+              scene: str = "default") -> None:
+    ledger.add_job(run, job, experiment="a", scene=scene, host_name="vx", provider=provider, gpu=gpu,
                    steps=steps, backend="auto", dataset=dataset)
     t = 1_700_000_000.0
     for name, secs in phases.items():
@@ -229,6 +230,26 @@ def test_history_of_two_step_counts_separates_start_up_from_steps(tiny_catalog: 
     train = estimate_job(job, ledger).phase("train")
     assert train.seconds == pytest.approx(5.0 + 80 * 0.1) and train.source == "history (median of 4)"
     assert "a line through finished jobs at 40, 120 steps" in train.detail
+    ledger.close()
+
+
+def test_history_of_the_same_scene_comes_first(tiny_catalog: Path, tmp_path: Path) -> None:
+    """Two scenes of one dataset that train at different speeds: each job is estimated from its
+    own scene's jobs; a scene never trained falls back to the dataset's median."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for i, (scene, train_s) in enumerate([("default", 40.0), ("default", 42.0), ("spheres", 20.0),
+                                          ("spheres", 22.0), ("spheres", 21.0)]):
+        _past_job(ledger, f"r{i}", f"old{i}", gpu="GPU X", steps=1000, phases={"train": train_s}, scene=scene)
+    text = config(more=", scenes: [default, spheres, rods]")
+    est = {j.scene: estimate_job(j, ledger).phase("train") for j in expand(parse_config(text))}
+    assert (est["default"].seconds, est["default"].source) == (41.0, "history (median of 2)")
+    assert "scene default" in est["default"].detail
+    assert (est["spheres"].seconds, est["spheres"].source) == (21.0, "history (median of 3)")
+    assert (est["rods"].seconds, est["rods"].source) == (22.0, "history (median of 5)")   # the dataset's
+    # a line through the scene's own two step counts, not the other scene's points
+    _past_job(ledger, "r9", "old9", gpu="GPU X", steps=3000, phases={"train": 100.0}, scene="default")
+    (job,) = [j for j in expand(parse_config(config(steps="2000", more=", scenes: [default]")))]
+    assert estimate_job(job, ledger).phase("train").seconds == pytest.approx(41.0 + (100.0 - 41.0) / 2)
     ledger.close()
 
 

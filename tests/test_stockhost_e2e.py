@@ -187,6 +187,39 @@ def test_bare_python_stops_before_staging_naming_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_bare_python_cancels_the_download_that_ran_beside_the_environment(tmp_path: Path) -> None:
+    """A mirrored scene downloads with the host's python while the environment is built; the
+    preflight's failure ends that download: no process left on the host, nothing marked staged."""
+    import io
+    import zipfile
+
+    from ngp_train.synth import generate_scene
+    from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
+    scene = generate_scene(tmp_path / "src" / "default", scene="default", size=16, seed=0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(scene.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"demo/default/{p.relative_to(scene)}")
+        zf.writestr("demo/padding.bin", os.urandom(4_000_000))       # ~40 s at the mirror's rate
+    with MirrorServer({"/demo.zip": buf.getvalue()}, MirrorBehaviour(rate_bytes_per_s=100_000)) as m, \
+            host(tmp_path) as srv:
+        text = config(tmp_path, srv, BARE_PYTHON).replace(
+            "  demo: {generate: {size: 16, seed: 0}}", f"  demo: {{mirrors: [{m.url('/demo.zip')}]}}")
+        (tmp_path / "experiments.yaml").write_text(text)
+        res = run(tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    job = last_job(tmp_path)
+    assert job["status"] == "failed" and "has no torch" in job["error"], job["error"]
+    # the download was started on the host (its log is kept) before the preflight failed ...
+    assert len(list((tmp_path / "hostroot").glob("cache/datasets/*/.stage-default-*.log"))) == 1
+    assert host_processes(tmp_path) == []                                # ... and was ended
+    assert list((tmp_path / "hostroot").glob("cache/datasets/*/.complete-*")) == []
+    assert "staging" not in {r["phase"] for r in rows(tmp_path, "SELECT phase FROM phases")}
+    assert_released(tmp_path)
+
+
+@pytest.mark.timeout(300)
 def test_no_usable_interpreter_stops_before_staging(tmp_path: Path) -> None:
     with host(tmp_path) as srv:
         (tmp_path / "experiments.yaml").write_text(config(tmp_path, srv, "/opt/no-such/python3"))

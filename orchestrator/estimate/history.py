@@ -2,9 +2,11 @@
 
 A job's recorded phases (ledger `phases` rows) are summed per estimate phase, then the median
 over matching succeeded jobs is used. Matching goes from the closest to the broadest scope:
-same provider, GPU, steps and dataset first; then, for phases that do not depend on the job's
-size, the same provider (and GPU); training falls back to a start-up + per-step line through the same
-GPU's finished jobs of other step counts.
+same provider, GPU, steps, dataset and scene first (scenes of one dataset train at different
+speeds: the occupancy grid leaves more or less of each); then the same without the scene;
+then, for phases that do not depend on the job's size, the same provider (and GPU); training
+falls back to a start-up + per-step line through the same GPU's finished jobs of other step
+counts (this scene's, when it has two step counts).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class _Past:
     gpu: str
     steps: int
     dataset: str
+    scene: str
     phases: dict[str, float]
 
 
@@ -58,7 +61,7 @@ class History:
         for j in ledger.jobs():
             phases = by_job.get((j.run_id, j.job_id))
             if j.status == SUCCEEDED and phases:
-                past.append(_Past(j.provider, j.gpu, int(j.steps or 0), j.dataset, dict(phases)))
+                past.append(_Past(j.provider, j.gpu, int(j.steps or 0), j.dataset, str(j.scene or ""), dict(phases)))
         return cls(past)
 
     def _median(self, phase: str, match: Any) -> tuple[float, int] | None:
@@ -69,8 +72,10 @@ class History:
 
     def phase_seconds(self, job: Job, phase: str) -> tuple[float, int, str] | None:
         """(median seconds, count, scope) for `phase` of jobs like `job`, or None."""
-        prov, gpu, ds = job.host.provider, job.host.gpu, job.dataset.name
+        prov, gpu, ds, scene = job.host.provider, job.host.gpu, job.dataset.name, job.scene
         scopes: list[tuple[str, Any]] = [
+            (f"{prov}/{gpu}, {job.steps} steps, dataset {ds}, scene {scene}",
+             lambda p: (p.provider, p.gpu, p.steps, p.dataset, p.scene) == (prov, gpu, job.steps, ds, scene)),
             (f"{prov}/{gpu}, {job.steps} steps, dataset {ds}",
              lambda p: (p.provider, p.gpu, p.steps, p.dataset) == (prov, gpu, job.steps, ds))]
         if phase in ("boot", "setup", "teardown", "pull"):
@@ -90,7 +95,9 @@ class History:
         """(steps, median training seconds, count) per step count of succeeded jobs on the same
         GPU and device: what a start-up + per-step line is fitted to."""
         by_steps: dict[int, list[float]] = defaultdict(list)
-        for p in self.past:
-            if p.gpu == job.host.gpu and p.steps > 0 and p.phases.get("train", 0) > 0:
-                by_steps[p.steps].append(p.phases["train"])
+        same_gpu = [p for p in self.past if p.gpu == job.host.gpu and p.steps > 0 and p.phases.get("train", 0) > 0]
+        same_scene = [p for p in same_gpu if (p.dataset, p.scene) == (job.dataset.name, job.scene)]
+        # this scene's own pace when it has trained here at two step counts (a line needs two)
+        for p in same_scene if len({q.steps for q in same_scene}) >= 2 else same_gpu:
+            by_steps[p.steps].append(p.phases["train"])
         return [(s, statistics.median(v), len(v)) for s, v in sorted(by_steps.items())]
