@@ -8,10 +8,10 @@ The fake cloud's instances are real sshd processes on this machine, each with it
 data, as a rented one does). What a real host spends on boot, environment and staging is
 simulated from the catalog (orchestrator/catalog/phases.csv: vastai boot 120 s, set-up 60 s,
 staging a mirrored dataset 60 s; × --scale): the boot by the fake cloud's `boot_s`; the
-environment by the host's interpreter sleeping on each instance's first environment build
-(`remote_payload env`); staging by a real download: each dataset is an archive of its four
-generated scenes, padded to take the staging time through a throttled loopback mirror
-(`MirrorServer`). Training, evaluation, pulls and every controller step are real (tiny scenes
+environment by the host's interpreter sleeping after each instance's first environment build
+(`remote_payload env`) until the build, its real work included, took the catalog's time;
+staging by a real download: each dataset is an archive of its four generated scenes, padded
+to take the staging time through a throttled loopback mirror (`MirrorServer`). Training, evaluation, pulls and every controller step are real (tiny scenes
 on the CPU).
 
 Per mode: instances created, billed GPU seconds (the ledger's billing intervals), the useful
@@ -19,8 +19,10 @@ seconds (train + eval phases) and their ratio. Targets (issue 15): sessions ≥ 
 with at most 2 instances; sessions billed ≤ 0.6 × one instance per job. Training here is
 orders of magnitude shorter than the catalog's (its scale is printed), so the useful fraction
 says how well the gaps between jobs are hidden, at the given scale. When `--scale` equals the
-printed training scale, overheads and training stand in the catalog's proportions (about
-`--scale 0.13 --steps 1300` on a 2-core machine); a larger --scale weighs the overheads more.
+printed training scale, overheads and training stand in the catalog's proportions for that GPU
+(on a 2-core machine about `--scale 0.13 --steps 1300` for an RTX 4090, `--scale 0.25
+--steps 1300` for an H100; the billed ratio grows with the training's share: a longer job
+gains less from a warm instance).
 """
 from __future__ import annotations
 
@@ -45,11 +47,18 @@ SCENES = ("default", "spheres", "rods", "blocks")
 MIRROR_RATE = 20e6          # bytes/s of the loopback mirror (a dataset is padded to take the staging time)
 
 WRAPPER = """#!/bin/sh
-# the host's interpreter, slowed as a real host would be (see bench/bench_sweep.py)
+# the host's interpreter, slowed as a real host would be (see bench/bench_sweep.py): an
+# instance's first environment build takes {env_s} s in all, its real work included
 case "$*" in
   *"remote_payload env"*)
     marker="$HOME/.bench-env-$CONTAINER_ID"
-    if [ ! -e "$marker" ]; then sleep {env_s}; touch "$marker"; fi ;;
+    if [ ! -e "$marker" ]; then
+      t0=$(date +%s.%N)
+      {python} "$@"; rc=$?
+      sleep "$(awk -v t0="$t0" -v now="$(date +%s.%N)" 'BEGIN {{ r = {env_s} - (now - t0); print (r > 0 ? r : 0) }}')"
+      touch "$marker"
+      exit $rc
+    fi ;;
 esac
 exec {python} "$@"
 """
@@ -212,8 +221,11 @@ def main() -> int:
     both = s is not None and o is not None and bool(o["billed_s"])
     per_job_useful = (s or o or {}).get("useful_s", 0.0) / 8
     from orchestrator.catalog import runtimes
-    rtx = runtimes()["RTX 4090"]     # the catalog's own figures for this payload on the sweep's GPU
-    catalog_train_s = 30000 / rtx.steps_per_second + 200 * 0.64 / rtx.eval_megapixels_per_second + 5
+    def catalog_job_s(gpu: str) -> float:     # the catalog's own figures for this payload: 30k steps, 200 views
+        row = runtimes()[gpu]
+        return 30000 / row.steps_per_second + 200 * 0.64 / row.eval_megapixels_per_second + 5
+    catalog_train_s = catalog_job_s("RTX 4090")   # the sweep's GPU
+    h100_train_s = catalog_job_s("H100 SXM")
     targets: dict[str, bool | None] = {
         "sessions_useful>=0.85": s["useful"] >= 0.85 if s else None,
         "sessions_instances<=2": s["instances"] <= 2 if s else None,
@@ -221,6 +233,7 @@ def main() -> int:
     report = {"delays_s": delays, "scale": args.scale, "steps": args.steps, "size": args.size,
               "train_eval_per_job_s": per_job_useful,
               "catalog_equivalent_scale": per_job_useful / catalog_train_s,
+              "catalog_equivalent_scale_h100": per_job_useful / h100_train_s,
               "results": {k: {kk: vv for kk, vv in v.items() if kk != "timeline"} for k, v in results.items()},
               "billed_ratio": s["billed_s"] / o["billed_s"] if both else None,
               "leaked": leaked, "dataset_downloads": downloads, "targets": targets}
@@ -241,7 +254,8 @@ def main() -> int:
     print(f"dataset archives served by the mirror: {downloads} GET requests "
           f"({pad / 1e6:.0f} MB each at {MIRROR_RATE / 1e6:.0f} MB/s)")
     print(f"train+eval per job here {per_job_useful:.0f} s = {report['catalog_equivalent_scale']:.2f} × the "
-          f"catalog's RTX 4090 job ({catalog_train_s:.0f} s); the delays use × {args.scale:g}")
+          f"catalog's RTX 4090 job ({catalog_train_s:.0f} s), {report['catalog_equivalent_scale_h100']:.2f} × "
+          f"its H100 SXM job ({h100_train_s:.0f} s); the delays use × {args.scale:g}")
     if args.timeline:
         for mode, m in results.items():
             print(f"-- {mode}: seconds from the first billing start of the job's instance")
