@@ -11,8 +11,8 @@ staging a mirrored dataset 60 s; × --scale): the boot by the fake cloud's `boot
 environment by the host's interpreter sleeping after each instance's first environment build
 (`remote_payload env`) until the build, its real work included, took the catalog's time;
 staging by a real download: each dataset is an archive of its four generated scenes, padded
-to take the staging time through a throttled loopback mirror (`MirrorServer`). Training, evaluation, pulls and every controller step are real (tiny scenes
-on the CPU).
+to take the staging time through a throttled loopback mirror (`MirrorServer`). Training,
+evaluation, pulls and every controller step are real (tiny scenes on the CPU).
 
 Per mode: instances created, billed GPU seconds (the ledger's billing intervals), the useful
 seconds (train + eval phases) and their ratio. Targets (issue 15): sessions ≥ 85 % useful
