@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -200,7 +202,6 @@ BARE_PYTHON = "/usr/bin/python3"     # the distribution's python: no numpy, no P
 @pytest.mark.skipif(not Path(BARE_PYTHON).is_file(), reason="no /usr/bin/python3 to stand in for a bare host")
 def test_prefetch_with_a_bare_python_downloads_and_staging_then_only_validates(transport: LocalTransport,
                                                                                scene_dir: Path) -> None:
-    import subprocess
     bare = subprocess.run([BARE_PYTHON, "-c", "import numpy"], capture_output=True)
     assert bare.returncode != 0, "the stand-in for a bare host has numpy"
     archive = zip_dir(scene_dir, "nerf_synthetic/lego")
@@ -219,7 +220,6 @@ def test_prefetch_with_a_bare_python_downloads_and_staging_then_only_validates(t
 
 
 def test_prefetch_is_best_effort_and_cancellable(transport: LocalTransport, scene_dir: Path) -> None:
-    import threading
     archive = zip_dir(scene_dir, "nerf_synthetic/lego")
     assert not prefetch_dataset(transport, dataset("gen", [], generate=GenerateSpec(size=16)), "lego",
                                 python=sys.executable, payload_dir=str(REPO))    # generated: nothing to fetch

@@ -186,27 +186,58 @@ def test_bare_python_stops_before_staging_naming_torch(tmp_path: Path) -> None:
     assert_released(tmp_path)
 
 
-@pytest.mark.timeout(300)
-def test_bare_python_cancels_the_download_that_ran_beside_the_environment(tmp_path: Path) -> None:
-    """A mirrored scene downloads with the host's python while the environment is built; the
-    preflight's failure ends that download: no process left on the host, nothing marked staged."""
+def mirrored_archive(tmp: Path, pad_bytes: int) -> bytes:
+    """A NeRF-synthetic zip holding scene `default` as `demo/default/...`, padded with random bytes."""
     import io
     import zipfile
 
     from ngp_train.synth import generate_scene
-    from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
-    scene = generate_scene(tmp_path / "src" / "default", scene="default", size=16, seed=0)
+    scene = generate_scene(tmp / "src" / "default", scene="default", size=16, seed=0)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for p in sorted(scene.rglob("*")):
             if p.is_file():
                 zf.write(p, f"demo/default/{p.relative_to(scene)}")
-        zf.writestr("demo/padding.bin", os.urandom(4_000_000))       # ~40 s at the mirror's rate
-    with MirrorServer({"/demo.zip": buf.getvalue()}, MirrorBehaviour(rate_bytes_per_s=100_000)) as m, \
+        zf.writestr("demo/padding.bin", os.urandom(pad_bytes))
+    return buf.getvalue()
+
+
+def mirrored(text: str, url: str) -> str:
+    return text.replace("  demo: {generate: {size: 16, seed: 0}}", f"  demo: {{mirrors: [{url}]}}")
+
+
+@pytest.mark.timeout(900)
+def test_torch_only_host_downloads_while_its_environment_is_built(tmp_path: Path, torch_only: Path,
+                                                                  local_index: LocalIndex) -> None:
+    from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
+    archive = mirrored_archive(tmp_path, 1_000_000)
+    with MirrorServer({"/demo.zip": archive}, MirrorBehaviour(rate_bytes_per_s=500_000)) as m, \
+            host(tmp_path, local_index.url) as srv:
+        (tmp_path / "experiments.yaml").write_text(mirrored(config(tmp_path, srv, str(torch_only)),
+                                                            m.url("/demo.zip")))
+        res = run(tmp_path, local_index.url)
+        served = sum(r.bytes_sent for r in m.gets("/demo.zip"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert last_job(tmp_path)["status"] == "succeeded"
+    assert len(archive) <= served < 2 * len(archive)        # downloaded once: the staging only validated
+    assert len(list((tmp_path / "hostroot").glob("cache/datasets/*/.complete-default"))) == 1
+    from datetime import datetime
+    [staging] = rows(tmp_path, "SELECT started_at FROM phases WHERE phase='staging'")
+    built = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]["built_at"]
+    # the download began while the environment was being built, not after it
+    assert datetime.fromisoformat(staging["started_at"]) < datetime.fromisoformat(built.replace("Z", "+00:00"))
+    assert_released(tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_bare_python_cancels_the_download_that_ran_beside_the_environment(tmp_path: Path) -> None:
+    """A mirrored scene downloads with the host's python while the environment is built; the
+    preflight's failure ends that download: no process left on the host, nothing marked staged."""
+    from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
+    archive = mirrored_archive(tmp_path, 4_000_000)                     # ~40 s at the mirror's rate
+    with MirrorServer({"/demo.zip": archive}, MirrorBehaviour(rate_bytes_per_s=100_000)) as m, \
             host(tmp_path) as srv:
-        text = config(tmp_path, srv, BARE_PYTHON).replace(
-            "  demo: {generate: {size: 16, seed: 0}}", f"  demo: {{mirrors: [{m.url('/demo.zip')}]}}")
-        (tmp_path / "experiments.yaml").write_text(text)
+        (tmp_path / "experiments.yaml").write_text(mirrored(config(tmp_path, srv, BARE_PYTHON), m.url("/demo.zip")))
         res = run(tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
     job = last_job(tmp_path)

@@ -530,29 +530,29 @@ class _Attempt:
 
 class _Prefetch:
     """`prefetch_dataset` in a thread: a mirrored scene downloading while the environment is
-    built. Best effort: its failures are the full staging's to report."""
+    built. Best effort: its failures are the full staging's to report. It is its own stop flag:
+    the run's Ctrl-C or this job's cancel() ends the download."""
 
     def __init__(self, t: Transport, job: JobPlan, python: str, payload_dir: str, stop: Any) -> None:
         self.started = time.time()
-        self._cancel = threading.Event()
-        outer, cancel = stop, self._cancel
-
-        class _Either:   # the run's Ctrl-C or this job's cancel: either ends the download
-            def is_set(self) -> bool:
-                return cancel.is_set() or (outer is not None and outer.is_set())
+        self._cancelled = threading.Event()
+        self._run_stop = stop
 
         def work() -> None:
             try:
-                prefetch_dataset(t, job.dataset, job.scene, python=python, payload_dir=payload_dir, stop=_Either())
+                prefetch_dataset(t, job.dataset, job.scene, python=python, payload_dir=payload_dir, stop=self)
             except Exception as exc:  # noqa: BLE001 - best effort: the full staging tries again and reports
                 log.debug("%s: prefetch: %s", job.job_id, redact(str(exc)))
 
         self._thread = threading.Thread(target=work, name=f"prefetch-{job.job_id}", daemon=True)
         self._thread.start()
 
+    def is_set(self) -> bool:
+        return self._cancelled.is_set() or (self._run_stop is not None and self._run_stop.is_set())
+
     def cancel(self) -> None:
         """Stop a download still running (the host's stage process is killed) and wait for it."""
-        self._cancel.set()
+        self._cancelled.set()
         self._thread.join(timeout=120)
 
 

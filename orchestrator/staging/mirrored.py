@@ -230,16 +230,28 @@ def upload_local(transport: Transport, dataset: DatasetConfig, scene: str, dest:
                        hint="add a mirror the host can reach, or a file:// path to a local copy")
 
 
+def _host_cache(transport: Transport, dataset: DatasetConfig, scene: str,
+                content_key: Callable[[Any], str]) -> tuple[str, bool]:
+    """The dataset's cache directory on the host, and whether `scene` is staged there (validated)."""
+    dest = f"{transport.root}/cache/datasets/{dataset_key(dataset, content_key)}"
+    return dest, transport.read_text(f"{dest}/.complete-{scene}") is not None
+
+
+def _network_mirrors(dataset: DatasetConfig) -> list[str]:
+    """The mirrors the host downloads from itself (file:// copies are the controller's to upload)."""
+    return [m for m in dataset.mirrors or () if not is_local_mirror(m)]
+
+
 def stage_mirrored(transport: Transport, dataset: DatasetConfig, scene: str, *, python: str,
                    payload_dir: str, progress: StageProgress | None, content_key: Callable[[Any], str],
                    tuning: StageTuning | None = None, stop: Any = None) -> str:
     tuning = tuning or StageTuning()
-    dest = f"{transport.root}/cache/datasets/{dataset_key(dataset, content_key)}"
+    dest, staged = _host_cache(transport, dataset, scene, content_key)
     scene_dir = f"{dest}/{scene}"
-    if transport.read_text(f"{dest}/.complete-{scene}") is not None:
+    if staged:
         log.info("dataset %s scene %s: cached on the host at %s", dataset.name, scene, scene_dir)
         return scene_dir
-    network = [m for m in dataset.mirrors or () if not is_local_mirror(m)]
+    network = _network_mirrors(dataset)
     has_local = any(is_local_mirror(m) for m in dataset.mirrors or ())
     if not network and not has_local:
         raise StagingError(f"dataset {dataset.name!r} declares neither mirrors nor generate:",
@@ -268,11 +280,11 @@ def prefetch_mirrored(transport: Transport, dataset: DatasetConfig, scene: str, 
     """Download a mirrored scene with the host's own python while the job's environment is built
     (`stage --fetch-only`: standard library only). Best effort: True when the files are on the
     host; on any failure False, and the full staging that follows tries again and reports."""
-    if not dataset.mirrors or dataset.generate is not None:
+    network = _network_mirrors(dataset)
+    if not network or dataset.generate is not None:
         return False
-    network = [m for m in dataset.mirrors if not is_local_mirror(m)]
-    dest = f"{transport.root}/cache/datasets/{dataset_key(dataset, content_key)}"
-    if not network or transport.read_text(f"{dest}/.complete-{scene}") is not None:
+    dest, staged = _host_cache(transport, dataset, scene, content_key)
+    if staged:
         return False
     try:
         res = run_host_stage(transport, python=python, payload_dir=payload_dir, dest=dest, scene=scene,
