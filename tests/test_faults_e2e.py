@@ -56,7 +56,10 @@ def test_run_with_each_provider_kind_bill_matches_ledger(fake_cloud, tmp_path):
 def test_sigkill_then_down_orphans_leaves_nothing(fake_cloud, tmp_path, provider, point):
     r = run_point(tmp_path, fake_cloud, provider, point, "down")
     assert r.killed, r.note
-    assert r.created == 1 and r.leaked == 0, table([r])
+    # killed right after the intent row, the create may or may not have reached the provider
+    # (CI once saw it not sent); either way nothing may be left running
+    assert r.leaked == 0, table([r])
+    assert r.created == 1 or (point == "after_intent" and r.created == 0), table([r])
     assert fake_cloud.live_count() == 0
 
 
