@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-frames", type=int, default=5, help="test views for the curves (full set at the end)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--precision", default="auto", help="TrainConfig.precision of both fields (auto, fp32, bf16)")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="budget and curves in wall time (default) or this process's CPU time; with "
                          "--threads 1, process time approximates a quiet single core on a loaded machine")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scene {args.scene} {args.size}px, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"matmul {gflops:.0f} GFLOPS")
-    common = dict(steps=10 ** 9, device="cpu", backend="torch", seed=args.seed, eval=False)
+    common = dict(steps=10 ** 9, device="cpu", backend="torch", seed=args.seed, eval=False, precision=args.precision)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"clock: {args.clock} time")
     ngp = run("ngp", scene, TrainConfig(**common), args.seconds, args.eval_frames, clock)
