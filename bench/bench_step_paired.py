@@ -95,14 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     a, b = times["base"], times["new"]
     same = trainers["base"].last_loss == trainers["new"].last_loss
     res = {"base": args.base, "start": args.start, "steps": args.steps, "grid_updates": not args.no_grid,
-           "threads": args.threads, "clock": args.clock, "base_median_ms": 1e3 * statistics.median(a), "new_median_ms": 1e3 * statistics.median(b),
+           "threads": args.threads, "clock": args.clock,
+           "base_median_ms": 1e3 * statistics.median(a), "new_median_ms": 1e3 * statistics.median(b),
            "base_mean_ms": 1e3 * statistics.fmean(a), "new_mean_ms": 1e3 * statistics.fmean(b),
            "median_paired_ratio": statistics.median(x / y for x, y in zip(a, b)), "total_ratio": sum(a) / sum(b),
            "same_loss": same, "load_average_1m": os.getloadavg()[0]}
     print(f"steps {args.start}-{args.start + args.steps}{'' if res['grid_updates'] else ' (no grid updates)'}: "
           f"{args.base} median {res['base_median_ms']:.1f} ms, mean {res['base_mean_ms']:.1f} -> this tree median "
           f"{res['new_median_ms']:.1f} ms, mean {res['new_mean_ms']:.1f}; per-step ratio x{res['median_paired_ratio']:.3f}, "
-          f"total x{res['total_ratio']:.3f} ({args.clock} time, {args.threads} thread(s)); training {'identical' if same else 'DIFFERS'} (last loss); "
+          f"total x{res['total_ratio']:.3f} ({args.clock} time, {args.threads} thread(s)); "
+          f"training {'identical' if same else 'DIFFERS'} (last loss); "
           f"load average {res['load_average_1m']:.2f}")
     print(json.dumps(res))
     return 0
