@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ngp_train.contract import PRECISIONS  # noqa: E402
 from ngp_train.synth import generate_scene  # noqa: E402
 from ngp_train.train import TrainConfig, Trainer  # noqa: E402
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-frames", type=int, default=5, help="test views for the curves (full set at the end)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--precision", default="auto", help="TrainConfig.precision of both fields (auto, fp32, bf16)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="TrainConfig.precision of both fields (default auto: fp32 on CPU)")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="budget and curves in wall time (default) or this process's CPU time; with "
                          "--threads 1, process time approximates a quiet single core on a loaded machine")
