@@ -11,16 +11,21 @@ any request that is not to loopback meets a dead proxy.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
 import subprocess
 import sys
 import time
+import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from ngp_train.synth import generate_scene
+from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
 from orchestrator.testing import pypi
 from orchestrator.testing.pypi import LocalIndex
 from orchestrator.testing.sshd import SSHServer, find_sshd
@@ -188,10 +193,6 @@ def test_bare_python_stops_before_staging_naming_torch(tmp_path: Path) -> None:
 
 def mirrored_archive(tmp: Path, pad_bytes: int) -> bytes:
     """A NeRF-synthetic zip holding scene `default` as `demo/default/...`, padded with random bytes."""
-    import io
-    import zipfile
-
-    from ngp_train.synth import generate_scene
     scene = generate_scene(tmp / "src" / "default", scene="default", size=16, seed=0)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
@@ -209,7 +210,6 @@ def mirrored(text: str, url: str) -> str:
 @pytest.mark.timeout(900)
 def test_torch_only_host_downloads_while_its_environment_is_built(tmp_path: Path, torch_only: Path,
                                                                   local_index: LocalIndex) -> None:
-    from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
     archive = mirrored_archive(tmp_path, 1_000_000)
     with MirrorServer({"/demo.zip": archive}, MirrorBehaviour(rate_bytes_per_s=500_000)) as m, \
             host(tmp_path, local_index.url) as srv:
@@ -221,7 +221,6 @@ def test_torch_only_host_downloads_while_its_environment_is_built(tmp_path: Path
     assert last_job(tmp_path)["status"] == "succeeded"
     assert len(archive) <= served < 2 * len(archive)        # downloaded once: the staging only validated
     assert len(list((tmp_path / "hostroot").glob("cache/datasets/*/.complete-default"))) == 1
-    from datetime import datetime
     [staging] = rows(tmp_path, "SELECT started_at FROM phases WHERE phase='staging'")
     built = json.loads((tmp_path / "hostroot" / "env.json").read_text())["environment"]["built_at"]
     # the download began while the environment was being built, not after it
@@ -233,7 +232,6 @@ def test_torch_only_host_downloads_while_its_environment_is_built(tmp_path: Path
 def test_bare_python_cancels_the_download_that_ran_beside_the_environment(tmp_path: Path) -> None:
     """A mirrored scene downloads with the host's python while the environment is built; the
     preflight's failure ends that download: no process left on the host, nothing marked staged."""
-    from orchestrator.staging.mirror_server import MirrorBehaviour, MirrorServer
     archive = mirrored_archive(tmp_path, 4_000_000)                     # ~40 s at the mirror's rate
     with MirrorServer({"/demo.zip": archive}, MirrorBehaviour(rate_bytes_per_s=100_000)) as m, \
             host(tmp_path) as srv:
